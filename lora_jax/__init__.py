@@ -1,0 +1,33 @@
+"""lora_jax: LoRA for JAX and Flax as pure functions over parameter pytrees.
+
+>>> import jax, jax.numpy as jnp, lora_jax as lj
+>>> params = {"dense": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
+>>> adapters = lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2, alpha=2))
+>>> merged = lj.apply_lora(params, adapters)
+>>> jax.tree.map(jnp.shape, merged) == jax.tree.map(jnp.shape, params)
+True
+"""
+
+from lora_jax._adapter import Adapter
+from lora_jax._config import LoraConfig
+from lora_jax._init import init
+from lora_jax._io import load, save
+from lora_jax._merge import apply_lora, unmerge
+from lora_jax._optim import optimizer
+from lora_jax._summary import Summary, TargetSummary, summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "LoraConfig",
+    "Summary",
+    "TargetSummary",
+    "apply_lora",
+    "init",
+    "load",
+    "optimizer",
+    "save",
+    "summary",
+    "unmerge",
+]

@@ -1,0 +1,136 @@
+"""``LoraConfig``: which kernels to adapt, and how."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from lora_jax import _paths
+
+INITS = ("lora", "gaussian")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """What to adapt and how; validated when constructed, hashable (a valid static arg).
+
+    Args:
+      rank: the rank ``r`` of every adapter (≥1) unless ``rank_pattern`` says otherwise.
+      alpha: the LoRA ``alpha`` (>0); the update is scaled by ``alpha / r``.
+      targets: the kernels to adapt: a regex or a list of regexes matched with
+        ``re.fullmatch`` against the ``/``-joined path (e.g. ``".*/(query|value)/kernel"``),
+        or a ``callable(path, leaf) -> bool``. Default: every parameter named ``kernel``.
+      exclude: paths to leave alone even if ``targets`` matches them (same forms).
+      rank_pattern: ``{regex: rank}`` overriding ``rank`` for the targets a regex fully
+        matches (the first matching regex wins).
+      alpha_pattern: ``{regex: alpha}``, likewise for ``alpha``.
+      use_rslora: scale by ``alpha / √r`` (rsLoRA, Kalajdzievski 2023) instead of ``alpha / r``.
+      init: ``"lora"`` (default): ``a`` uniform in ``±1/√fan_in``, i.e.
+        ``variance_scaling(1/3, "fan_in", "uniform")``, the same as PyTorch's
+        ``kaiming_uniform_(a=√5)`` used by PEFT; ``"gaussian"``: ``a`` normal with std ``1/r``.
+        ``b`` is always zero, so a fresh adapter changes nothing.
+      dropout: dropout rate in ``[0, 1)`` on the LoRA branch input (factored forward only).
+      dtype: floating dtype of ``a`` and ``b`` (float32 by default, also for bf16 bases).
+
+    Raises:
+      ValueError: on a rank < 1, alpha ≤ 0, dropout outside ``[0, 1)``, an invalid regex
+        or an unknown ``init``.
+      TypeError: on a field of the wrong type or a non-floating ``dtype``.
+
+    Example:
+      >>> import lora_jax as lj
+      >>> cfg = lj.LoraConfig(rank=4, alpha=8, targets=r".*/(query|value)/kernel")
+      >>> cfg.rank, cfg.alpha
+      (4, 8.0)
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    targets: str | tuple[str, ...] | Callable[[str, Any], bool] = r"(.*/)?kernel"
+    exclude: str | tuple[str, ...] | Callable[[str, Any], bool] | None = None
+    rank_pattern: tuple[tuple[str, int], ...] | Mapping[str, int] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] | Mapping[str, float] = ()
+    use_rslora: bool = False
+    init: str = "lora"
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("rank", _check_rank(self.rank, "rank"))
+        set_("alpha", _check_alpha(self.alpha, "alpha"))
+        for name in ("targets", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                set_(name, tuple(value))
+            _paths.compile_pattern(getattr(self, name), name)  # raises on a bad pattern
+        set_("rank_pattern", _check_pattern_map(self.rank_pattern, "rank_pattern", _check_rank))
+        set_("alpha_pattern", _check_pattern_map(self.alpha_pattern, "alpha_pattern", _check_alpha))
+        if not isinstance(self.use_rslora, bool):
+            raise TypeError(f"lora_jax.LoraConfig: use_rslora must be a bool, found {self.use_rslora!r}.")
+        if self.init not in INITS:
+            raise ValueError(f"lora_jax.LoraConfig: init must be one of {INITS}, found {self.init!r}.")
+        if not isinstance(self.dropout, numbers.Real) or not 0 <= self.dropout < 1:
+            raise ValueError(f"lora_jax.LoraConfig: dropout must be a number in [0, 1), found {self.dropout!r}.")
+        set_("dropout", float(self.dropout))
+        try:
+            dtype = jnp.dtype(self.dtype)
+        except TypeError:
+            dtype = None
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"lora_jax.LoraConfig: dtype must be a floating dtype such as jnp.float32 or "
+                f"jnp.bfloat16, found {self.dtype!r}."
+            )
+        set_("dtype", dtype)
+
+    def rank_for(self, path: str) -> int:
+        """The rank of the target at ``path`` (``rank_pattern`` first)."""
+        patterns = dict(self.rank_pattern)
+        key = _paths.first_match(patterns, path)
+        return self.rank if key is None else patterns[key]
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha of the target at ``path`` (``alpha_pattern`` first)."""
+        patterns = dict(self.alpha_pattern)
+        key = _paths.first_match(patterns, path)
+        return self.alpha if key is None else patterns[key]
+
+
+def _check_rank(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"lora_jax.LoraConfig: {where} must be an int, found {value!r}.")
+    if value < 1:
+        raise ValueError(f"lora_jax.LoraConfig: {where} must be >= 1, found {value}.")
+    return int(value)
+
+
+def _check_alpha(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"lora_jax.LoraConfig: {where} must be a number, found {value!r}.")
+    if not value > 0:
+        raise ValueError(f"lora_jax.LoraConfig: {where} must be > 0, found {value}.")
+    return float(value)
+
+
+def _check_pattern_map(value: Any, name: str, check: Callable[[Any, str], Any]) -> tuple:
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+        items = tuple((k, v) for k, v in items)
+    except (TypeError, ValueError):
+        raise TypeError(f"lora_jax.LoraConfig: {name} must be a dict {{regex: value}}, found {value!r}.") from None
+    out = []
+    for pattern, v in items:
+        if not isinstance(pattern, str):
+            raise TypeError(f"lora_jax.LoraConfig: {name} keys must be regex strings, found {pattern!r}.")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"lora_jax.LoraConfig: {name} key {pattern!r} is not a valid regex: {e}.") from None
+        out.append((pattern, check(v, f"{name}[{pattern!r}]")))
+    return tuple(out)

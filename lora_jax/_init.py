@@ -1,0 +1,160 @@
+"""``init``: a fresh adapter tree for the targeted kernels of a parameter tree."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax import _adapter, _paths
+from lora_jax._config import LoraConfig
+
+
+def init(
+    key: jax.Array,
+    params: Any,
+    config: LoraConfig,
+    *,
+    roles: Mapping[str, tuple[str, ...]] | None = None,
+) -> dict:
+    """A new adapter tree for ``params``: ``a`` random, ``b`` zero, so nothing changes yet.
+
+    The result mirrors the nesting of ``params`` (a Linen params dict or an NNX ``State``)
+    but holds only the targeted kernels, each an :class:`Adapter`. Pure and jit-able:
+    the same key gives the same adapters, and each kernel draws from its own key
+    (``fold_in`` of its path), so adding a target leaves the others unchanged.
+
+    Args:
+      key: a PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``).
+      params: the base parameters (not modified).
+      config: a :class:`LoraConfig`.
+      roles: ``{path: roles}`` giving, for kernels that are not plain 2-D ``(in, out)``
+        matrices, the role of each axis (``"stack"``, ``"in"``, ``"out"``). Keys are exact
+        paths or regexes (``re.fullmatch``); ``axis_roles(model, ...)`` produces them.
+
+    Returns:
+      A nested dict of :class:`Adapter`, keyed like ``params``.
+
+    Raises:
+      ValueError: if targets match nothing, match a non-floating or <2-D array, an N-D
+        kernel has no roles or roles that do not fit it, a rank exceeds ``min(in, out)``,
+        or a ``rank_pattern``/``alpha_pattern`` key matches no target. One message lists
+        every offending path.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> params = {"dense": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
+      >>> ad = lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2, alpha=2))
+      >>> ad["dense"]["kernel"].a.shape, ad["dense"]["kernel"].b.shape
+      ((8, 2), (2, 4))
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"lora_jax.init: config must be a lora_jax.LoraConfig, found {type(config).__name__}.")
+    plan = plan_targets(params, config, roles, "lora_jax.init")
+    adapters = []
+    for keys, path, shape, kernel_roles in plan:
+        rank = config.rank_for(path)
+        a_shape, b_shape = _adapter.factor_shapes(shape, kernel_roles, rank)
+        fan_in, _ = _adapter.fan_in_out(shape, kernel_roles)
+        kernel_key = jax.random.fold_in(key, zlib.crc32(path.encode()))
+        a = _init_a(kernel_key, a_shape, config.dtype, config.init, fan_in, rank)
+        b = jnp.zeros(b_shape, config.dtype)
+        adapter = _adapter.Adapter(
+            a, b, rank=rank, alpha=config.alpha_for(path), roles=kernel_roles,
+            rslora=config.use_rslora, dropout=config.dropout,
+        )  # fmt: skip
+        adapters.append((keys, adapter))
+    return _paths.nest(adapters)
+
+
+def _init_a(key, shape, dtype, kind: str, fan_in: int, rank: int) -> jax.Array:
+    if kind == "gaussian":
+        return (jax.random.normal(key, shape, jnp.float32) / rank).astype(dtype)
+    # variance_scaling(1/3, "fan_in", "uniform"): bound sqrt(3 · (1/3) / fan_in).
+    bound = fan_in**-0.5
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+def plan_targets(params: Any, config: LoraConfig, roles: Mapping | None, where: str) -> list:
+    """``[(keys, path, shape, roles), ...]`` of the targeted kernels, validated together."""
+    is_target = _paths.compile_pattern(config.targets, "targets")
+    is_excluded = _paths.compile_pattern(config.exclude, "exclude") or (lambda path, leaf: False)
+    leaves = [(keys, _paths.join(keys), leaf) for keys, leaf in _paths.leaves_with_paths(params)]
+    if not leaves:
+        raise ValueError(f"{where}: params has no array leaves; pass the base parameter tree.")
+    targets = [(k, p, leaf) for k, p, leaf in leaves if is_target(p, leaf) and not is_excluded(p, leaf)]
+    if not targets:
+        examples = ", ".join(repr(p) for _, p, _ in leaves[:3])
+        raise ValueError(
+            f"{where}: targets matched no parameter. {len(leaves)} parameters exist, e.g. "
+            f"{examples}. Check the pattern (it must match the whole path)."
+        )
+    problems: dict[str, list[str]] = {}
+    plan = []
+    for keys, path, leaf in targets:
+        shape = tuple(getattr(leaf, "shape", ()))
+        dtype = getattr(leaf, "dtype", None)
+        if len(shape) < 2 or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            problems.setdefault("not_kernel", []).append(f"{path!r} ({_describe(leaf)})")
+            continue
+        kernel_roles = _roles_for(path, shape, roles)
+        if kernel_roles is None:
+            problems.setdefault("no_roles", []).append(f"{path!r} {shape}")
+            continue
+        why = _adapter.roles_problem(kernel_roles, shape)
+        if why:
+            problems.setdefault("bad_roles", []).append(f"{path!r}: {why}")
+            continue
+        kernel_roles = tuple(kernel_roles)
+        rank = config.rank_for(path)
+        fan_in, fan_out = _adapter.fan_in_out(shape, kernel_roles)
+        if rank > min(fan_in, fan_out):
+            problems.setdefault("rank", []).append(f"{path!r}: rank {rank} > min(in={fan_in}, out={fan_out})")
+            continue
+        plan.append((keys, path, shape, kernel_roles))
+    target_paths = [p for _, p, _ in targets]
+    for name, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+        for pattern, _ in patterns:
+            if not any(_paths.first_match({pattern: None}, p) for p in target_paths):
+                problems.setdefault("pattern", []).append(f"{name} key {pattern!r}")
+    if problems:
+        raise ValueError(_problem_message(where, problems))
+    return plan
+
+
+_FIXES = {
+    "not_kernel": "targets matched arrays that are not floating-point kernels with >= 2 axes "
+    "(a bias or a scale?); tighten `targets` or add them to `exclude`:",
+    "no_roles": "these kernels have more than 2 axes and no axis roles; pass "
+    "roles=lj.axis_roles(model, *sample_inputs), or roles={path: ('stack', 'in', 'out'), ...}:",
+    "bad_roles": "the roles given do not fit these kernels:",
+    "rank": "the rank exceeds min(in, out) of these kernels; lower it with `rank_pattern` "
+    "or leave them out with `exclude`:",
+    "pattern": "these patterns match no target (they must match the whole path of a targeted kernel):",
+}
+
+
+def _problem_message(where: str, problems: dict[str, list[str]]) -> str:
+    parts = [f"{where}: invalid targets."]
+    for kind, items in problems.items():
+        parts.append(_FIXES[kind] + "".join(f"\n  {item}" for item in items))
+    return "\n".join(parts)
+
+
+def _roles_for(path: str, shape: tuple[int, ...], roles: Mapping | None):
+    if roles is not None:
+        if path in roles:
+            return roles[path]
+        pattern = _paths.first_match(roles, path)
+        if pattern is not None:
+            return roles[pattern]
+    return _adapter.DEFAULT_ROLES_2D if len(shape) == 2 else None
+
+
+def _describe(leaf: Any) -> str:
+    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+        return f"shape {tuple(leaf.shape)}, dtype {leaf.dtype}"
+    return f"a {type(leaf).__name__}"

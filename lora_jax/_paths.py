@@ -1,0 +1,89 @@
+"""Parameter paths: keys of a pytree joined by ``/`` and regex target matching.
+
+A Linen ``params`` dict gives ``decoder/layers_0/attn/query/kernel``; an NNX ``State``
+gives ``layers/0/attn/query/kernel`` (the ``.value`` attribute of an ``nnx.Variable`` is
+not part of the path).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+
+Key = str | int
+Keys = tuple[Key, ...]
+Pattern = str | Sequence[str] | Callable[[str, Any], bool]
+
+
+def _key_value(entry: Any) -> Key:
+    if isinstance(entry, jax.tree_util.DictKey):
+        return entry.key
+    if isinstance(entry, jax.tree_util.SequenceKey):
+        return entry.idx
+    if isinstance(entry, jax.tree_util.GetAttrKey):
+        return entry.name
+    if isinstance(entry, jax.tree_util.FlattenedIndexKey):
+        return entry.key
+    raise TypeError(f"lora_jax: unsupported pytree key {entry!r}.")
+
+
+def keys_of(keypath: Sequence[Any]) -> Keys:
+    """The plain keys of a JAX key path, without an NNX Variable's trailing ``value``."""
+    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and keypath[-1].name == "value":
+        keypath = keypath[:-1]
+    return tuple(_key_value(entry) for entry in keypath)
+
+
+def join(keys: Iterable[Key]) -> str:
+    """``('a', 0, 'kernel')`` -> ``'a/0/kernel'``."""
+    return "/".join(str(k) for k in keys)
+
+
+def leaves_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[Keys, Any]]:
+    """``[(keys, leaf), ...]`` of a pytree, in flattening order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return [(keys_of(kp), leaf) for kp, leaf in flat]
+
+
+def nest(items: Iterable[tuple[Keys, Any]]) -> dict:
+    """Build nested dicts from ``(keys, value)`` pairs: the inverse of flattening by path."""
+    root: dict = {}
+    for keys, value in items:
+        node = root
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return root
+
+
+def compile_pattern(pattern: Pattern | None, what: str) -> Callable[[str, Any], bool] | None:
+    """A predicate ``(path, leaf) -> bool`` from a regex, a list of regexes or a callable.
+
+    Regexes are matched with ``re.fullmatch`` against the whole path.
+    """
+    if pattern is None:
+        return None
+    if callable(pattern):
+        return pattern
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    compiled = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(
+                f"lora_jax.LoraConfig: {what} must be a regex string, a list of regex strings "
+                f"or a callable(path, leaf) -> bool; found an element {p!r} of type "
+                f"{type(p).__name__}."
+            )
+        try:
+            compiled.append(re.compile(p))
+        except re.error as e:
+            raise ValueError(f"lora_jax.LoraConfig: {what} pattern {p!r} is not a valid regex: {e}.") from None
+    return lambda path, leaf: any(c.fullmatch(path) for c in compiled)
+
+
+def first_match(patterns: Mapping[str, Any], path: str) -> str | None:
+    """The first key of ``patterns`` (regexes, in order) that fully matches ``path``."""
+    return next((p for p in patterns if re.fullmatch(p, path)), None)

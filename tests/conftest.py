@@ -1,0 +1,52 @@
+"""Shared test helpers: independent float64 NumPy references and small models."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+def reference_delta(a, b, roles, scale):
+    """scale · ΔW in float64, by transposing to (stack, in, out), batched matmul, and back."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    roles = list(roles)
+    idx = {r: [i for i, x in enumerate(roles) if x == r] for r in ("stack", "in", "out")}
+    n_stack = len(idx["stack"])
+    stack_shape, in_shape = a.shape[:n_stack], a.shape[n_stack:-1]
+    out_shape = b.shape[n_stack + 1 :]
+    r = a.shape[-1]
+    s = int(np.prod(stack_shape))
+    a3 = a.reshape(s, -1, r)
+    b3 = b.reshape(s, r, -1)
+    d = np.matmul(a3, b3).reshape(*stack_shape, *in_shape, *out_shape)
+    order = idx["stack"] + idx["in"] + idx["out"]  # axis k of d is kernel axis order[k]
+    return scale * np.transpose(d, np.argsort(order))
+
+def reference_merge(w, adapter):
+    return np.asarray(w, np.float64) + reference_delta(adapter.a, adapter.b, adapter.roles, adapter.scale)
+
+def randomize(adapters, key, std=0.5):
+    """A 'trained' adapter tree: every array replaced by random normal values."""
+    leaves, treedef = jax.tree.flatten(adapters)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        treedef, [std * jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype) for k, x in zip(keys, leaves)]
+    )
+
+class MLP(nn.Module):
+    """A small two-layer Linen model used across tests."""
+
+    hidden: int = 16
+    out: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(self.hidden, name="fc1")(x))
+        return nn.Dense(self.out, name="fc2")(x)
+
+@pytest.fixture
+def mlp():
+    model = MLP()
+    x = jax.random.normal(jax.random.key(1), (5, 8))
+    params = model.init(jax.random.key(0), x)["params"]
+    return model, params, x
