@@ -13,7 +13,9 @@ from lora_jax import _paths
 _TRAIN, _FREEZE = "train", "freeze"
 
 
-def optimizer(tx: optax.GradientTransformation, *, trainable: _paths.Pattern | None = None) -> optax.GradientTransformation:
+def optimizer(
+    tx: optax.GradientTransformation, *, trainable: _paths.Pattern | None = None
+) -> optax.GradientTransformation:
     """Wrap ``tx`` to update only ``'lora'`` in a ``{'params': ..., 'lora': ...}`` tree.
 
     Base parameters get zero updates from ``optax.set_to_zero`` and hold no optimizer

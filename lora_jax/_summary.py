@@ -87,8 +87,12 @@ def summary(params: Any, adapters: Any) -> Summary:
     by_path = _merge.adapters_by_path(adapters, "lora_jax.summary")
     targets = tuple(
         TargetSummary(
-            path, ad.kernel_shape, ad.rank, ad.scale,
-            _count(ad.a) + _count(ad.b), _nbytes(ad.a) + _nbytes(ad.b),
+            path,
+            ad.kernel_shape,
+            ad.rank,
+            ad.scale,
+            _count(ad.a) + _count(ad.b),
+            _nbytes(ad.a) + _nbytes(ad.b),
         )  # fmt: skip
         for path, ad in by_path.items()
     )

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+
 def reference_delta(a, b, roles, scale):
     """scale · ΔW in float64, by transposing to (stack, in, out), batched matmul, and back."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -22,8 +23,10 @@ def reference_delta(a, b, roles, scale):
     order = idx["stack"] + idx["in"] + idx["out"]  # axis k of d is kernel axis order[k]
     return scale * np.transpose(d, np.argsort(order))
 
+
 def reference_merge(w, adapter):
     return np.asarray(w, np.float64) + reference_delta(adapter.a, adapter.b, adapter.roles, adapter.scale)
+
 
 def randomize(adapters, key, std=0.5):
     """A 'trained' adapter tree: every array replaced by random normal values."""
@@ -32,6 +35,7 @@ def randomize(adapters, key, std=0.5):
     return jax.tree.unflatten(
         treedef, [std * jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype) for k, x in zip(keys, leaves)]
     )
+
 
 class MLP(nn.Module):
     """A small two-layer Linen model used across tests."""
@@ -43,6 +47,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         x = nn.relu(nn.Dense(self.hidden, name="fc1")(x))
         return nn.Dense(self.out, name="fc2")(x)
+
 
 @pytest.fixture
 def mlp():

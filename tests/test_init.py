@@ -28,7 +28,13 @@ def test_structure_shapes_dtypes():
     assert set(ad) == {"enc", "stack"} and set(ad["enc"]) == {"q", "v"}
     q = ad["enc"]["q"]["kernel"]
     assert (q.a.shape, q.b.shape, q.a.dtype, q.roles, q.rank, q.alpha) == (
-        (16, 4), (4, 8), jnp.float32, ("in", "out"), 4, 8.0)
+        (16, 4),
+        (4, 8),
+        jnp.float32,
+        ("in", "out"),
+        4,
+        8.0,
+    )
     s = ad["stack"]["kernel"]
     assert (s.a.shape, s.b.shape, s.roles) == ((3, 16, 4), (3, 4, 8), ("stack", "in", "out"))
     assert all(not jnp.any(x.b) for x in jax.tree.leaves(ad, is_leaf=lambda x: isinstance(x, lj.Adapter)))
@@ -41,8 +47,16 @@ def test_roles_by_regex():
 
 
 def test_rank_and_alpha_patterns_and_options():
-    cfg = lj.LoraConfig(rank=4, alpha=8, targets=r"enc/.*/kernel", rank_pattern={"enc/v/kernel": 2},
-                        alpha_pattern={"enc/q/kernel": 1.0}, use_rslora=True, dropout=0.1, dtype=jnp.bfloat16)
+    cfg = lj.LoraConfig(
+        rank=4,
+        alpha=8,
+        targets=r"enc/.*/kernel",
+        rank_pattern={"enc/v/kernel": 2},
+        alpha_pattern={"enc/q/kernel": 1.0},
+        use_rslora=True,
+        dropout=0.1,
+        dtype=jnp.bfloat16,
+    )
     ad = lj.init(jax.random.key(1), _params(), cfg)
     q, v = ad["enc"]["q"]["kernel"], ad["enc"]["v"]["kernel"]
     assert (q.rank, q.alpha, v.rank, v.alpha) == (4, 1.0, 2, 8.0)
@@ -131,14 +145,20 @@ def test_nnx_state():
 
 
 def test_targets_match_nothing_lists_existing_paths():
-    with pytest.raises(ValueError, match=r"targets matched no parameter\. 6 parameters exist, e\.g\. "
-                                         r"'enc/q/bias', 'enc/q/kernel', 'enc/v/bias'\. Check the pattern"):
+    with pytest.raises(
+        ValueError,
+        match=r"targets matched no parameter\. 6 parameters exist, e\.g\. "
+        r"'enc/q/bias', 'enc/q/kernel', 'enc/v/bias'\. Check the pattern",
+    ):
         lj.init(jax.random.key(0), _params(), lj.LoraConfig(targets="q/kernel"))
 
 
 def test_bias_target_is_an_error():
-    with pytest.raises(ValueError, match=r"not floating-point kernels with >= 2 axes[^\n]*\n"
-                                         r"  'enc/q/bias' \(shape \(8,\), dtype float32\)\n  'enc/v/bias'"):
+    with pytest.raises(
+        ValueError,
+        match=r"not floating-point kernels with >= 2 axes[^\n]*\n"
+        r"  'enc/q/bias' \(shape \(8,\), dtype float32\)\n  'enc/v/bias'",
+    ):
         lj.init(jax.random.key(0), _params(), lj.LoraConfig(targets=r"enc/.*"))
 
 
@@ -149,7 +169,9 @@ def test_integer_target_is_an_error():
 
 
 def test_nd_target_without_roles_says_how_to_fix():
-    with pytest.raises(ValueError, match=r"pass roles=lj\.axis_roles\(model, \*sample_inputs\).*\n  'stack/kernel' \(3, 16, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"pass roles=lj\.axis_roles\(model, \*sample_inputs\).*\n  'stack/kernel' \(3, 16, 8\)"
+    ):
         lj.init(jax.random.key(0), _params(), lj.LoraConfig(rank=2))
 
 
@@ -159,10 +181,13 @@ def test_roles_that_do_not_fit():
 
 
 def test_rank_too_large_lists_every_path():
-    with pytest.raises(ValueError, match=r"lower it with `rank_pattern` or leave them out with `exclude`:\n"
-                                         r"  'enc/q/kernel': rank 9 > min\(in=16, out=8\)\n"
-                                         r"  'enc/v/kernel': rank 9 > min\(in=16, out=8\)\n"
-                                         r"  'head/kernel': rank 9 > min\(in=8, out=4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"lower it with `rank_pattern` or leave them out with `exclude`:\n"
+        r"  'enc/q/kernel': rank 9 > min\(in=16, out=8\)\n"
+        r"  'enc/v/kernel': rank 9 > min\(in=16, out=8\)\n"
+        r"  'head/kernel': rank 9 > min\(in=8, out=4\)",
+    ):
         lj.init(jax.random.key(0), _params(), lj.LoraConfig(rank=9, exclude="stack/kernel"))
 
 

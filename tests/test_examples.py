@@ -1,0 +1,19 @@
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_seed_example_runs():
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "seed_lora_linear.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    assert "output shape (3, 4); fresh adapter changes nothing: True" in out
+    assert "base parameters bit-identical after training: True" in out
+    losses = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("step")]
+    assert losses[-1] < 0.01 * losses[0]
