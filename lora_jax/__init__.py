@@ -12,6 +12,7 @@ from lora_jax._adapter import Adapter
 from lora_jax._config import LoraConfig
 from lora_jax._init import init
 from lora_jax._io import load, save
+from lora_jax._linen import axis_roles, wrap
 from lora_jax._merge import apply_lora, unmerge
 from lora_jax._optim import optimizer
 from lora_jax._summary import Summary, TargetSummary, summary
@@ -24,10 +25,12 @@ __all__ = [
     "Summary",
     "TargetSummary",
     "apply_lora",
+    "axis_roles",
     "init",
     "load",
     "optimizer",
     "save",
     "summary",
     "unmerge",
+    "wrap",
 ]
