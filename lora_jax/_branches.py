@@ -12,6 +12,7 @@ compiles to a single GEMM instead of a much slower multi-axis contraction.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -62,6 +63,41 @@ def _scaled(u: jax.Array, ad: Adapter) -> jax.Array:
     return u * jnp.asarray(ad.scale, u.dtype)
 
 
+_OUTER_MAX_RANK = 16
+
+
+def _outer(u: jax.Array, v: jax.Array) -> jax.Array:
+    """``u ⋅ v`` for ``u (n, r)``, ``v (r, m)`` with a small ``r``, as ``r`` broadcast
+    multiply-adds: XLA fuses them with the addition that consumes the result into one pass
+    over ``(n, m)``, where a rank-``r`` GEMM would first write its own ``(n, m)`` output."""
+    if u.shape[-1] > _OUTER_MAX_RANK:
+        return u @ v
+    return sum(u[:, i, None] * v[i] for i in range(u.shape[-1]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _lowrank(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """``scale · (x ⋅ a) ⋅ b`` for 2-D ``x (n, in)``, ``a (in, r)``, ``b (r, out)``."""
+    return _lowrank_fwd(x, a, b, scale)[0]
+
+
+def _lowrank_fwd(x, a, b, scale):
+    u = (x @ a) * jnp.asarray(scale, x.dtype)
+    return _outer(u, b), (x, a, b, u)
+
+
+def _lowrank_bwd(scale, res, g):
+    x, a, b, u = res
+    # The optimization barriers keep XLA from rewriting these into transposed-operand GEMMs:
+    # on CPU, (g_uᵀ x)ᵀ runs ~5x faster than xᵀ g_u for a thin g_u.
+    g_u = (g @ jax.lax.optimization_barrier(b.T)) * jnp.asarray(scale, g.dtype)
+    da = jax.lax.optimization_barrier(g_u.T @ x).T
+    return g_u @ a.T, da, u.T @ g
+
+
+_lowrank.defvjp(_lowrank_fwd, _lowrank_bwd)
+
+
 # ---- Dense / DenseGeneral: y = dot_general(x, W) over `axis`, batched over `batch_dims` ----
 
 
@@ -87,8 +123,7 @@ def _dense_general(x: jax.Array, ad: Adapter, batch: tuple[int, ...], axis: tupl
         u = jnp.matmul(x.reshape(n_b, n_rest, n_in), ad.a.reshape(n_b, n_in, ad.rank))
         y = jnp.matmul(_scaled(u, ad), ad.b.reshape(n_b, ad.rank, -1))
     else:
-        u = x.reshape(n_rest, n_in) @ ad.a.reshape(n_in, ad.rank)
-        y = _scaled(u, ad) @ ad.b.reshape(ad.rank, -1)
+        y = _lowrank(x.reshape(n_rest, n_in), ad.a.reshape(n_in, ad.rank), ad.b.reshape(ad.rank, -1), ad.scale)
     return y.reshape(batch_shape + rest_shape + out_shape)
 
 
