@@ -52,7 +52,7 @@ def main() -> None:
     base = jax.tree.map(lambda p: p.astype(dtype), model.init(jax.random.key(1), tokens)["params"])
     config = lj.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=TARGETS)
     lora = lj.init(jax.random.key(2), base, config, roles=lj.axis_roles(model, tokens))
-    print(f"{platform.node() or 'machine'}: {jax.devices()[0].device_kind} x{jax.device_count()}, "
+    print(f"{_machine()}: {jax.devices()[0].device_kind} x{jax.device_count()}, "
           f"jax {jax.__version__}; GPT {cfg.layers}x{cfg.features} vocab {cfg.vocab}, batch {batch}x{cfg.max_len} "
           f"tokens, {args.dtype}, rank {args.rank}")  # fmt: skip
     print(lj.summary(base, lora).__str__().splitlines()[-2])
@@ -128,6 +128,15 @@ def _qwix_step(model, base, tokens, lora):
         return optax.apply_updates(qlora, updates), state
 
     return jax.jit(step), (qbase, qlora, adam.init(qlora), tokens)
+
+
+def _machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def _lora_leaves(tree: dict) -> dict:
