@@ -44,6 +44,11 @@ def wrap(apply_fn: Callable, *, trainable: _paths.Pattern | None = None) -> Call
     (default ``False``): when true, the LoRA branch input gets dropout at each adapter's
     ``dropout`` rate (PEFT's semantics), drawn from ``rngs['dropout']``.
 
+    The branch of ``Dense``/``DenseGeneral`` has a hand-written backward pass (a
+    ``jax.custom_vjp``): reverse mode (``jax.grad``, ``jax.vjp``, also nested) works,
+    forward mode (``jax.jvp``, ``jax.jacfwd``) does not; merge with :func:`apply_lora` for
+    those.
+
     Args:
       apply_fn: a Linen model's ``apply``, e.g. ``model.apply`` (or a ``functools.partial``
         of it).
