@@ -10,6 +10,7 @@ True
 
 from lora_jax._adapter import Adapter
 from lora_jax._config import LoraConfig
+from lora_jax._export import load_params, save_params
 from lora_jax._init import init
 from lora_jax._io import load, save
 from lora_jax._linen import axis_roles, wrap
@@ -28,8 +29,10 @@ __all__ = [
     "axis_roles",
     "init",
     "load",
+    "load_params",
     "optimizer",
     "save",
+    "save_params",
     "summary",
     "unmerge",
     "wrap",

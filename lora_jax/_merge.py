@@ -70,39 +70,39 @@ def unmerge(merged: Any, adapters: Any) -> Any:
 
 
 @functools.partial(jax.jit, static_argnames="sign")
-def _fold_kernel(kernel: jax.Array, adapter: _adapter.Adapter, sign: float) -> jax.Array:
+def fold_kernel(kernel: jax.Array, adapter: _adapter.Adapter, sign: float) -> jax.Array:
+    """``kernel + sign · scale · ΔW``, accumulated in float32, in ``kernel``'s dtype."""
     out = kernel.astype(jnp.float32) + sign * _adapter.delta(adapter)
     return out.astype(kernel.dtype)
 
 
 def _fold(params: Any, adapters: Any, sign: float, where: str) -> Any:
     by_path = adapters_by_path(adapters, where)
-    problems = []
-    seen = set()
+    check_fit(params, by_path, where)
 
     def fold(keypath, leaf):
-        path = _paths.join(_paths.keys_of(keypath))
-        adapter = by_path.get(path)
-        if adapter is None:
-            return leaf
-        seen.add(path)
-        shape = tuple(getattr(leaf, "shape", ()))
-        if shape != adapter.kernel_shape:
+        adapter = by_path.get(_paths.join(_paths.keys_of(keypath)))
+        return leaf if adapter is None else fold_kernel(leaf, adapter, sign)
+
+    return jax.tree_util.tree_map_with_path(fold, params)
+
+
+def check_fit(params: Any, by_path: dict[str, _adapter.Adapter], where: str) -> None:
+    """Raise a ``ValueError`` listing every adapter whose kernel is missing or mis-shaped."""
+    shapes = {_paths.join(k): tuple(getattr(leaf, "shape", ())) for k, leaf in _paths.leaves_with_paths(params)}
+    problems = []
+    for path, adapter in by_path.items():
+        if path not in shapes:
+            problems.append(f"{path!r}: no such parameter")
+        elif shapes[path] != adapter.kernel_shape:
             problems.append(
-                f"{path!r}: the kernel has shape {shape}, the adapter (a {tuple(adapter.a.shape)}, "
+                f"{path!r}: the kernel has shape {shapes[path]}, the adapter (a {tuple(adapter.a.shape)}, "
                 f"b {tuple(adapter.b.shape)}, roles {adapter.roles}) fits shape {adapter.kernel_shape}"
             )
-            return leaf
-        return _fold_kernel(leaf, adapter, sign)
-
-    out = jax.tree_util.tree_map_with_path(fold, params)
-    missing = [p for p in by_path if p not in seen]
-    if missing:
-        problems += [f"{p!r}: no such parameter" for p in missing]
-        problems.append(f"(params has e.g. {_examples(params)})")
+    if any(p.endswith("no such parameter") for p in problems):
+        problems.append(f"(params has e.g. {', '.join(repr(p) for p in list(shapes)[:3]) or 'nothing'})")
     if problems:
         raise ValueError(f"{where}: adapters do not fit params:" + "".join(f"\n  {p}" for p in problems))
-    return out
 
 
 def adapters_by_path(adapters: Any, where: str) -> dict[str, _adapter.Adapter]:
@@ -115,8 +115,3 @@ def adapters_by_path(adapters: Any, where: str) -> dict[str, _adapter.Adapter]:
             f"found other leaves at: {', '.join(wrong)}."
         )
     return {_paths.join(k): leaf for k, leaf in flat}
-
-
-def _examples(params: Any, n: int = 3) -> str:
-    paths = [_paths.join(k) for k, _ in _paths.leaves_with_paths(params)]
-    return ", ".join(repr(p) for p in paths[:n]) or "nothing"

@@ -258,14 +258,17 @@ def test_adapter_for_missing_path_and_wrong_shape_lists_all():
     ad = _trained(params, CONFIGS["plain"])
     ad["ghost"] = {"kernel": ad["dense"]["kernel"]}
     bad = dict(params, dense={"kernel": jnp.ones((12, 9))}, qkv={"kernel": jnp.ones((12, 4, 5))})
-    with pytest.raises(
-        ValueError,
-        match=r"lora_jax\.apply_lora: adapters do not fit params:\n"
-        r"  'dense/kernel': the kernel has shape \(12, 9\), the adapter \(a \(12, 3\), "
-        r"b \(3, 10\), roles \('in', 'out'\)\) fits shape \(12, 10\)\n"
-        r"  'qkv/kernel': .*\n  'ghost/kernel': no such parameter\n  \(params has e\.g\.",
-    ):
+    with pytest.raises(ValueError) as e:
         lj.apply_lora(bad, ad)
+    lines = str(e.value).splitlines()
+    assert lines[0] == "lora_jax.apply_lora: adapters do not fit params:"
+    assert (
+        "  'dense/kernel': the kernel has shape (12, 9), the adapter (a (12, 3), b (3, 10), roles ('in', 'out')) fits shape (12, 10)"
+        in lines
+    )
+    assert "  'ghost/kernel': no such parameter" in lines
+    assert any(line.startswith("  'qkv/kernel': the kernel has shape (12, 4, 5)") for line in lines)
+    assert lines[-1].startswith("  (params has e.g. ")
 
 
 def test_unmerge_errors_name_unmerge():
