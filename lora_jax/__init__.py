@@ -16,6 +16,7 @@ from lora_jax._io import load, save
 from lora_jax._linen import axis_roles, wrap
 from lora_jax._merge import apply_lora, unmerge
 from lora_jax._optim import optimizer
+from lora_jax._peft import from_peft, to_peft
 from lora_jax._summary import Summary, TargetSummary, summary
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __all__ = [
     "TargetSummary",
     "apply_lora",
     "axis_roles",
+    "from_peft",
     "init",
     "load",
     "load_params",
@@ -34,6 +36,7 @@ __all__ = [
     "save",
     "save_params",
     "summary",
+    "to_peft",
     "unmerge",
     "wrap",
 ]
