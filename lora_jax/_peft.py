@@ -353,6 +353,8 @@ def _linear_roles(path: str, shape: tuple, fan_in: int, fan_out: int, roles: Map
     if given is not None:
         given = tuple(given)
         return given[given.count("stack") :] if len(given) == len(shape) + 1 else given
+    if len(shape) == 2:
+        return _adapter.DEFAULT_ROLES_2D
     splits = [i for i in range(1, len(shape)) if math.prod(shape[:i]) == fan_in and math.prod(shape[i:]) == fan_out]
     if len(splits) != 1:
         raise _Mismatch(f"cannot tell which axes of the kernel {shape} are in (PyTorch in={fan_in}, out={fan_out}); "

@@ -1,0 +1,256 @@
+"""Interop with Hugging Face PEFT, checked against PEFT itself (skipped where torch/peft are absent)."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import randomize
+
+import lora_jax as lj
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+V, D, H = 12, 8, 16
+MODULES = ["embed", "q_proj", "fc", "out", "conv"]
+
+
+class TorchNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(V, D)
+        self.q_proj = torch.nn.Linear(D, D)
+        self.fc = torch.nn.Linear(D, H)
+        self.out = torch.nn.Linear(H, D)
+        self.conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+
+    def forward(self, ids, img):
+        h = self.embed(ids)
+        h = h + torch.tanh(self.q_proj(h))
+        return self.out(torch.relu(self.fc(h))), self.conv(img)
+
+
+class FlaxNet(nn.Module):
+    @nn.compact
+    def __call__(self, ids, img):
+        h = nn.Embed(V, D, name="embed")(ids)
+        h = h + jnp.tanh(nn.DenseGeneral((2, D // 2), name="q_proj")(h).reshape(h.shape))  # heads, flattened by PEFT
+        return nn.Dense(D, name="out")(nn.relu(nn.Dense(H, name="fc")(h))), nn.Conv(5, (3, 3), padding=1, name="conv")(
+            img
+        )
+
+
+IDS = np.array([[1, 2, 3, 11], [0, 5, 7, 9]])
+IMG = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype(np.float32)  # NHWC
+
+
+def _twins(seed=0):
+    torch.manual_seed(seed)
+    net = TorchNet().eval()
+    w = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    params = {
+        "embed": {"embedding": w["embed.weight"]},
+        "q_proj": {"kernel": w["q_proj.weight"].T.reshape(D, 2, D // 2), "bias": w["q_proj.bias"].reshape(2, D // 2)},
+        "fc": {"kernel": w["fc.weight"].T, "bias": w["fc.bias"]},
+        "out": {"kernel": w["out.weight"].T, "bias": w["out.bias"]},
+        "conv": {"kernel": w["conv.weight"].transpose(2, 3, 1, 0), "bias": w["conv.bias"]},
+    }
+    return net, jax.tree.map(jnp.asarray, params)
+
+
+def _torch_out(model):
+    with torch.no_grad():
+        h, c = model(torch.as_tensor(IDS), torch.as_tensor(IMG.transpose(0, 3, 1, 2)))
+    return h.numpy(), c.numpy().transpose(0, 2, 3, 1)
+
+
+def _flax_out(params, lora):
+    return lj.wrap(FlaxNet().apply)({"params": params, "lora": lora}, IDS, IMG)
+
+
+def test_twins_agree_without_adapters():
+    net, params = _twins()
+    for u, v in zip(_torch_out(net), FlaxNet().apply({"params": params}, IDS, IMG)):
+        np.testing.assert_allclose(u, v, atol=1e-5)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_jax_adapter_loads_in_peft_with_the_same_outputs(tmp_path, rslora):
+    net, params = _twins()
+    cfg = lj.LoraConfig(
+        rank=4,
+        alpha=8,
+        targets=r"(embed/embedding|.*/kernel)",
+        use_rslora=rslora,
+        rank_pattern={"fc/kernel": 2},
+        alpha_pattern={"out/kernel": 3.0},
+    )
+    lora = randomize(
+        lj.init(jax.random.key(1), params, cfg, roles=lj.axis_roles(FlaxNet(), IDS, IMG)), jax.random.key(2), 0.3
+    )
+    lj.to_peft(tmp_path, lora)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(MODULES) and config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["rank_pattern"] == {"fc": 2} and config["alpha_pattern"] == {"out": 3.0}
+    model = peft.PeftModel.from_pretrained(net, str(tmp_path))
+    expected = _flax_out(params, lora)
+    assert not np.allclose(expected[0], FlaxNet().apply({"params": params}, IDS, IMG)[0], atol=1e-3)
+    for u, v in zip(_torch_out(model), expected):
+        np.testing.assert_allclose(u, v, atol=1e-4)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_adapter_loads_in_lora_jax_with_the_same_outputs(tmp_path, rslora):
+    net, params = _twins()
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=MODULES,
+        use_rslora=rslora,
+        init_lora_weights=False,
+        rank_pattern={"fc": 2},
+        alpha_pattern={"out": 3},
+    )
+    model = peft.get_peft_model(net, config).eval()
+    model.save_pretrained(str(tmp_path))
+    lora = lj.from_peft(tmp_path, params)
+    assert lora["fc"]["kernel"].rank == 2 and lora["out"]["kernel"].alpha == 3.0
+    assert lora["q_proj"]["kernel"].roles == ("in", "out", "out") and lora["conv"]["kernel"].a.shape == (3, 3, 3, 4)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(lora))
+    flax_out = _flax_out(params, lora)
+    for u, v in zip(_torch_out(model), flax_out):
+        np.testing.assert_allclose(u, v, atol=1e-4)
+    merged = FlaxNet().apply({"params": lj.apply_lora(params, lora)}, IDS, IMG)
+    for u, v in zip(_torch_out(model.merge_and_unload()), merged):
+        np.testing.assert_allclose(u, v, atol=1e-4)
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    _, params = _twins()
+    cfg = lj.LoraConfig(rank=3, alpha=5, targets=r"(embed/embedding|.*/kernel)", rank_pattern={"conv/kernel": 2})
+    lora = randomize(
+        lj.init(jax.random.key(1), params, cfg, roles=lj.axis_roles(FlaxNet(), IDS, IMG)), jax.random.key(2)
+    )
+    lj.to_peft(tmp_path, lora)
+    back = lj.from_peft(tmp_path, params)
+    assert jax.tree.structure(back) == jax.tree.structure(lora)
+    for u, v in zip(jax.tree.leaves(back), jax.tree.leaves(lora)):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_stacked_kernels_need_and_use_a_layer_placeholder(tmp_path):
+    params = {"layers": {"dense": {"kernel": jnp.ones((3, 6, 5))}}}
+    roles = {"layers/dense/kernel": ("stack", "in", "out")}
+    lora = randomize(lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2), roles=roles), jax.random.key(1))
+    with pytest.raises(ValueError, match=r"stacked over 1 axes; name_map must return a name with one '\{\}'"):
+        lj.to_peft(tmp_path, lora)
+    name_map = lambda path: "model.layers.{}.dense" if path == "layers/dense/kernel" else path  # noqa: E731
+    lj.to_peft(tmp_path, lora, name_map=name_map)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.layers.0.dense", "model.layers.1.dense", "model.layers.2.dense"]
+    back = lj.from_peft(tmp_path, params, name_map=name_map)
+    np.testing.assert_array_equal(back["layers"]["dense"]["kernel"].a, lora["layers"]["dense"]["kernel"].a)
+    assert back["layers"]["dense"]["kernel"].roles == ("stack", "in", "out")
+
+
+# ---- bad input ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def exported(tmp_path):
+    _, params = _twins()
+    lora = lj.init(jax.random.key(1), params, lj.LoraConfig(rank=2, targets=r"(fc|out)/kernel"))
+    lj.to_peft(tmp_path, lora)
+    return tmp_path, params
+
+
+def test_missing_files(exported):
+    directory, params = exported
+    os.remove(directory / "adapter_model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"no adapter_model\.safetensors in"):
+        lj.from_peft(directory, params)
+    os.remove(directory / "adapter_config.json")
+    with pytest.raises(FileNotFoundError, match=r"no adapter_config\.json in"):
+        lj.from_peft(directory, params)
+
+
+def test_modules_the_model_lacks_are_named_with_nearest(exported):
+    directory, params = exported
+    other = {"fc": params["fc"], "output": params["out"]}
+    with pytest.raises(ValueError, match=r"module 'out' matches no kernel of params \(nearest: \['output'\]\)"):
+        lj.from_peft(directory, other)
+
+
+def test_shape_mismatch(exported):
+    directory, params = exported
+    params = dict(params, fc={"kernel": jnp.ones((D + 1, H))})
+    with pytest.raises(
+        ValueError, match=r"module 'fc' -> 'fc/kernel': A \(2, 8\) and B \(16, 2\) do not fit the kernel \(9, 16\)"
+    ):
+        lj.from_peft(directory, params)
+
+
+def _edit_config(directory, **changes):
+    path = directory / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    for key, value in changes.items():
+        if value is ...:
+            del config[key]
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "changes, error, match",
+    [
+        (dict(peft_type="IA3"), ValueError, r"peft_type 'IA3'; only 'LORA' is supported"),
+        (dict(r=...), ValueError, r"lacks the required keys \['r'\]"),
+        (dict(use_dora=True), ValueError, r"uses PEFT features lora_jax does not import: \{'use_dora': True\}"),
+        (dict(r=3), ValueError, r"do not have the config's rank 3"),
+    ],
+)
+def test_bad_config(exported, changes, error, match):
+    directory, params = exported
+    _edit_config(directory, **changes)
+    with pytest.raises(error, match=match):
+        lj.from_peft(directory, params)
+
+
+def test_unknown_config_keys_warn(exported):
+    directory, params = exported
+    _edit_config(directory, shiny_new_option=1)
+    with pytest.warns(UserWarning, match=r"ignoring unknown adapter_config\.json keys \['shiny_new_option'\]"):
+        lj.from_peft(directory, params)
+
+
+def test_tampered_safetensors_header(exported):
+    directory, params = exported
+    path = directory / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:20] = b"{garbage!!!!"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"is not a readable safetensors file"):
+        lj.from_peft(directory, params)
+
+
+def test_non_lora_tensors_rejected(exported):
+    directory, params = exported
+    import safetensors.numpy
+
+    path = directory / "adapter_model.safetensors"
+    tensors = safetensors.numpy.load(path.read_bytes())
+    tensors["base_model.model.classifier.modules_to_save.default.weight"] = np.ones((2, 2), np.float32)
+    path.write_bytes(safetensors.numpy.save(tensors))
+    with pytest.raises(ValueError, match=r"holds keys that are not LoRA A/B weights"):
+        lj.from_peft(directory, params)
+
+
+def test_mixed_rslora_cannot_export(tmp_path):
+    ad = lambda rslora: lj.Adapter(jnp.ones((4, 1)), jnp.ones((1, 4)), rank=1, alpha=1.0, rslora=rslora)  # noqa: E731
+    with pytest.raises(ValueError, match=r"mix rsLoRA and plain LoRA scaling"):
+        lj.to_peft(tmp_path, {"a": {"kernel": ad(True)}, "b": {"kernel": ad(False)}})
+    assert not os.listdir(tmp_path)  # nothing half-written
