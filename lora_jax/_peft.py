@@ -120,7 +120,7 @@ def to_peft(
             a = np.asarray(ad.a if i is None else ad.a[i])
             b = np.asarray(ad.b if i is None else ad.b[i])
             local_roles = ad.roles[n_stack:]
-            kind = _kind(path, local_roles, is_conv)
+            kind = kind_of(path, local_roles, is_conv)
             tensors.update(_to_torch(module, kind, a, b, local_roles))
             modules[module] = (path, ad)
     if problems:
@@ -131,7 +131,8 @@ def to_peft(
     _io.atomic_write(os.path.join(directory, CONFIG), json.dumps(config, indent=2, sort_keys=True).encode())
 
 
-def _kind(path: str, roles: tuple[str, ...], is_conv) -> str:
+def kind_of(path: str, roles: tuple[str, ...], is_conv) -> str:
+    """``"embedding"``, ``"conv"`` or ``"linear"``: how PyTorch lays out this kernel."""
     if path.split("/")[-1] == "embedding":
         return "embedding"
     all_in_but_last = roles[-1] == "out" and all(r == "in" for r in roles[:-1])
@@ -346,20 +347,29 @@ def _from_torch(module: str, part: dict, kernel: tuple, config: dict, roles: Map
     )  # fmt: skip
 
 
-def _linear_roles(path: str, shape: tuple, fan_in: int, fan_out: int, roles: Mapping | None) -> tuple[str, ...]:
+def roles_of(path: str, shape: tuple, roles: Mapping | None) -> tuple[str, ...]:
+    """The roles given for ``path`` (exact or regex key), else ``("in", "out")`` for a 2-D kernel."""
     given = None
     if roles is not None:
         given = roles.get(path) or next((v for k, v in roles.items() if re.fullmatch(k, path)), None)
     if given is not None:
-        given = tuple(given)
-        return given[given.count("stack") :] if len(given) == len(shape) + 1 else given
+        return tuple(given)
     if len(shape) == 2:
         return _adapter.DEFAULT_ROLES_2D
-    splits = [i for i in range(1, len(shape)) if math.prod(shape[:i]) == fan_in and math.prod(shape[i:]) == fan_out]
-    if len(splits) != 1:
-        raise _Mismatch(f"cannot tell which axes of the kernel {shape} are in (PyTorch in={fan_in}, out={fan_out}); "
-                        "pass roles=lj.axis_roles(model, ...)")  # fmt: skip
-    return ("in",) * splits[0] + ("out",) * (len(shape) - splits[0])
+    raise ValueError(f"the kernel {shape} has more than 2 axes and no roles; pass roles=lj.axis_roles(model, ...)")
+
+
+def _linear_roles(path: str, shape: tuple, fan_in: int, fan_out: int, roles: Mapping | None) -> tuple[str, ...]:
+    """Roles for a kernel read from a PEFT ``Linear``: given, 2-D, or the one in/out split of its shape."""
+    try:
+        given = roles_of(path, shape, roles)
+    except ValueError:
+        splits = [i for i in range(1, len(shape)) if math.prod(shape[:i]) == fan_in and math.prod(shape[i:]) == fan_out]
+        if len(splits) != 1:
+            raise _Mismatch(f"cannot tell which axes of the kernel {shape} are in (PyTorch in={fan_in}, "
+                            f"out={fan_out}); pass roles=lj.axis_roles(model, ...)") from None  # fmt: skip
+        return ("in",) * splits[0] + ("out",) * (len(shape) - splits[0])
+    return given[given.count("stack") :] if len(given) == len(shape) + 1 else given
 
 
 def _assemble(leaves: list[tuple[str, Adapter]], kernels: dict) -> dict:

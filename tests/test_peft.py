@@ -254,3 +254,28 @@ def test_mixed_rslora_cannot_export(tmp_path):
     with pytest.raises(ValueError, match=r"mix rsLoRA and plain LoRA scaling"):
         lj.to_peft(tmp_path, {"a": {"kernel": ad(True)}, "b": {"kernel": ad(False)}})
     assert not os.listdir(tmp_path)  # nothing half-written
+
+
+def test_merged_export_with_torch_names_loads_into_pytorch(tmp_path):
+    from safetensors.torch import load_file
+
+    net, params = _twins()
+    roles = lj.axis_roles(FlaxNet(), IDS, IMG)
+    cfg = lj.LoraConfig(rank=3, alpha=6, targets=r"(embed/embedding|.*/kernel)")
+    lora = randomize(lj.init(jax.random.key(1), params, cfg, roles=roles), jax.random.key(2), 0.3)
+    lj.save_params(tmp_path / "merged.safetensors", params, lora, torch_names=True, roles=roles)
+    state = load_file(str(tmp_path / "merged.safetensors"))
+    assert sorted(state) == sorted(net.state_dict())
+    net.load_state_dict(state)
+    for u, v in zip(_torch_out(net), FlaxNet().apply({"params": lj.apply_lora(params, lora)}, IDS, IMG)):
+        np.testing.assert_allclose(u, v, atol=1e-5)
+
+
+def test_torch_names_need_roles_for_nd_kernels(tmp_path):
+    _, params = _twins()
+    with pytest.raises(
+        ValueError,
+        match=r"no PyTorch layout for:\n  'conv/kernel': the kernel \(3, 3, 3, 5\) has more than 2 axes and no roles",
+    ):
+        lj.save_params(tmp_path / "m.safetensors", params, torch_names=True)
+    assert not os.listdir(tmp_path)
