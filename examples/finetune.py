@@ -229,6 +229,7 @@ def write_outputs(args, frozen, lora, base) -> dict:
     merged = os.path.join(args.out, "merged.safetensors")
     lj.save(adapter, lora)
     lj.save_params(merged, frozen, lora)
+    lj.to_peft(os.path.join(args.out, "peft"), lora)  # Hugging Face PEFT's format
     model_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(base))
     return {"adapter": adapter, "merged": merged, "adapter_bytes": os.path.getsize(adapter), "model_bytes": model_bytes}
 

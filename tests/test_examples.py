@@ -2,6 +2,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -17,3 +19,17 @@ def test_seed_example_runs():
     assert "base parameters bit-identical after training: True" in out
     losses = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("step")]
     assert losses[-1] < 0.01 * losses[0]
+
+
+def test_peft_interop_example_runs():
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "peft_interop.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    diffs = [float(line.split("= ")[1].split()[0]) for line in out.splitlines() if "max |PyTorch - JAX|" in line]
+    assert len(diffs) == 2 and max(diffs) < 1e-4

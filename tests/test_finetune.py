@@ -32,7 +32,8 @@ def quick_run(tmp_path_factory):
 def test_outputs_exist_and_load(quick_run):
     root, proc = quick_run
     out = root / "out"
-    assert sorted(os.listdir(out)) == ["adapter.safetensors", "loss.png", "merged.safetensors", "metrics.json"]
+    assert sorted(os.listdir(out)) == ["adapter.safetensors", "loss.png", "merged.safetensors", "metrics.json", "peft"]
+    assert sorted(os.listdir(out / "peft")) == ["adapter_config.json", "adapter_model.safetensors"]
     metrics = json.loads((out / "metrics.json").read_text())
     losses = metrics["held_out_loss"]
     assert losses["lora"]["code"] < losses["base"]["code"]  # LoRA learned the new domain
@@ -48,6 +49,9 @@ def test_outputs_exist_and_load(quick_run):
     assert jax.tree.map(lambda x: x.shape, merged) == jax.tree.map(lambda s: s.shape, shapes)
     adapters = lj.load(out / "adapter.safetensors")
     assert lj.summary(merged, adapters).trainable_params == metrics["trainable_params"]
+    from_peft = lj.from_peft(out / "peft", merged)
+    for u, v in zip(jax.tree.leaves(from_peft), jax.tree.leaves(adapters)):
+        assert (u == v).all()
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
