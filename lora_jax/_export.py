@@ -153,11 +153,7 @@ def load_params(path: str | os.PathLike) -> dict:
       ...
       FileNotFoundError: lora_jax.load_params: no parameter file at 'missing.safetensors'.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"lora_jax.load_params: no parameter file at {path!r}.")
-    where = f"lora_jax.load_params: {path!r}"
-    tensors, metadata = _io.read_safetensors(path, where)
+    tensors, metadata, where = _io.read_safetensors(path, "lora_jax.load_params", "parameter file")
     try:
         names = {name: tuple(keys) for name, keys in json.loads(metadata[_META_KEY])}
     except (KeyError, ValueError, TypeError) as e:

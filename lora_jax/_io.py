@@ -98,11 +98,7 @@ def load(path: str | os.PathLike) -> dict:
       ...
       FileNotFoundError: lora_jax.load: no adapter checkpoint at 'no/such/adapter.safetensors'.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"lora_jax.load: no adapter checkpoint at {path!r}.")
-    where = f"lora_jax.load: {path!r}"
-    tensors, metadata = read_safetensors(path, where)
+    tensors, metadata, where = read_safetensors(path, "lora_jax.load", "adapter checkpoint")
     if _META_KEY not in metadata:
         raise ValueError(
             f"{where} has no lora_jax metadata: it was not written by lora_jax.save "
@@ -182,8 +178,13 @@ def _entry_to_adapter(path_str: str, entry: Any, tensors: dict[str, np.ndarray])
     return tuple(keys), adapter
 
 
-def read_safetensors(path: str, where: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """All arrays and the header metadata of a safetensors file, or a clear ``ValueError``."""
+def read_safetensors(path: str | os.PathLike, function: str, what: str) -> tuple[dict, dict, str]:
+    """All arrays and the header metadata of a safetensors file, and ``"<function>: '<path>'"``
+    for messages; a ``FileNotFoundError`` or a clear ``ValueError`` otherwise."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{function}: no {what} at {path!r}.")
+    where = f"{function}: {path!r}"
     try:
         with safetensors.safe_open(path, framework="numpy") as f:
             metadata = f.metadata() or {}
@@ -193,7 +194,7 @@ def read_safetensors(path: str, where: str) -> tuple[dict[str, np.ndarray], dict
         raise ValueError(
             f"{where} is not a readable safetensors file ({size} bytes; truncated or corrupt?): {e}"
         ) from None
-    return tensors, metadata
+    return tensors, metadata, where
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:

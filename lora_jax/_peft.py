@@ -217,13 +217,12 @@ def from_peft(
     """
     directory = os.fspath(directory)
     config = _read_config(directory)
-    where = f"lora_jax.from_peft: {os.path.join(directory, WEIGHTS)!r}"
     weights_path = os.path.join(directory, WEIGHTS)
     if not os.path.isfile(weights_path):
         pickled = os.path.isfile(os.path.join(directory, "adapter_model.bin"))
         hint = " (a pickled adapter_model.bin is never read: save with safe_serialization=True)" if pickled else ""
         raise FileNotFoundError(f"lora_jax.from_peft: no {WEIGHTS} in {directory!r}{hint}.")
-    tensors, _ = _io.read_safetensors(weights_path, where)
+    tensors, _, where = _io.read_safetensors(weights_path, "lora_jax.from_peft", WEIGHTS)
     parts: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     unknown = []
     for key, value in tensors.items():

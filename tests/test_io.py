@@ -127,7 +127,7 @@ def _rewrite(file, tensors, meta):
 
 
 def _read(file):
-    tensors, meta = _io.read_safetensors(str(file), "test")
+    tensors, meta, _ = _io.read_safetensors(file, "test", "file")
     return tensors, meta, json.loads(meta["lora_jax"])
 
 
