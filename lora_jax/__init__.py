@@ -17,6 +17,7 @@ from lora_jax._linen import axis_roles, wrap
 from lora_jax._merge import apply_lora, unmerge
 from lora_jax._optim import optimizer
 from lora_jax._peft import from_peft, to_peft
+from lora_jax._sharding import adapter_shardings
 from lora_jax._summary import Summary, TargetSummary, summary
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "LoraConfig",
     "Summary",
     "TargetSummary",
+    "adapter_shardings",
     "apply_lora",
     "axis_roles",
     "from_peft",

@@ -15,12 +15,14 @@ import zlib
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
 import safetensors.numpy
+from jax.experimental import multihost_utils
 
-from lora_jax import _adapter, _merge, _paths
+from lora_jax import _adapter, _merge, _paths, _sharding
 
 FORMAT_VERSION = 1
 _META_KEY = "lora_jax"
@@ -30,7 +32,9 @@ def save(path: str | os.PathLike, adapters: Any) -> None:
     """Write ``adapters`` to ``path`` (a ``.safetensors`` file), atomically.
 
     The file is written next to ``path`` under a temporary name and renamed over it, so a
-    crash or error mid-save leaves any previous checkpoint at ``path`` intact.
+    crash or error mid-save leaves any previous checkpoint at ``path`` intact. Sharded
+    arrays are gathered whole first (across processes too: in a multi-host run, call
+    ``save`` on every process; process 0 writes).
 
     Args:
       path: the file to write.
@@ -62,7 +66,7 @@ def save(path: str | os.PathLike, adapters: Any) -> None:
                 f"lora_jax.save: adapter keys must be str or int without '/', found {keys!r}."
             )
         path_str = _paths.join(keys)
-        arrays = {"a": np.asarray(ad.a), "b": np.asarray(ad.b)}
+        arrays = {"a": _to_host(ad.a), "b": _to_host(ad.b)}
         for name, arr in arrays.items():
             tensors[f"{path_str}/{name}"] = np.ascontiguousarray(arr)
         entries[path_str] = {
@@ -71,10 +75,18 @@ def save(path: str | os.PathLike, adapters: Any) -> None:
             "crc32": {n: zlib.crc32(tensors[f"{path_str}/{n}"].tobytes()) for n in arrays},
         }  # fmt: skip
     meta = {_META_KEY: json.dumps({"version": FORMAT_VERSION, "adapters": entries})}
-    atomic_write(path, safetensors.numpy.save(tensors, metadata=meta))
+    if jax.process_index() == 0:
+        atomic_write(path, safetensors.numpy.save(tensors, metadata=meta))
 
 
-def load(path: str | os.PathLike) -> dict:
+def _to_host(x: Any) -> np.ndarray:
+    """The whole array on the host, gathered from every device (and process) that holds a part."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def load(path: str | os.PathLike, *, shardings: Any = None) -> dict:
     """Read an adapter checkpoint written by :func:`save`.
 
     Everything is validated before anything is returned: the safetensors header, the
@@ -82,6 +94,8 @@ def load(path: str | os.PathLike) -> dict:
 
     Args:
       path: the file written by :func:`save`.
+      shardings: optional ``NamedSharding`` tree (from :func:`adapter_shardings`) to place
+        the arrays on; by default they go to the default device.
 
     Returns:
       The adapter tree, nested like the one saved.
@@ -123,7 +137,8 @@ def load(path: str | os.PathLike) -> dict:
     problems += [f"{name!r}: an array not described by the metadata" for name in sorted(set(tensors) - expected)]
     if problems:
         raise ValueError(f"{where} is inconsistent:" + "".join(f"\n  {p}" for p in problems))
-    return _paths.nest(leaves)
+    adapters = _paths.nest(leaves)
+    return adapters if shardings is None else _sharding.place(adapters, shardings, where)
 
 
 class _Invalid(Exception):
