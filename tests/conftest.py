@@ -55,3 +55,8 @@ def mlp():
     x = jax.random.normal(jax.random.key(1), (5, 8))
     params = model.init(jax.random.key(0), x)["params"]
     return model, params, x
+
+
+# tests/sharded/ needs 8 (simulated) devices, set before JAX starts: test_sharding.py runs it
+# in a subprocess.
+collect_ignore = ["sharded"]

@@ -33,3 +33,24 @@ def test_peft_interop_example_runs():
     ).stdout
     diffs = [float(line.split("= ")[1].split()[0]) for line in out.splitlines() if "max |PyTorch - JAX|" in line]
     assert len(diffs) == 2 and max(diffs) < 1e-4
+
+
+def test_sharded_example_runs_on_8_simulated_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "sharded_finetune.py"), "--steps", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        env=env,
+    ).stdout
+    assert "-> a P('fsdp', None), b P(None, 'tensor', None)" in out
+    bad = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "sharded_finetune.py"), "--mesh", "data=3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert bad.returncode == 2 and "--mesh needs 3 devices, 8 are visible" in bad.stderr
