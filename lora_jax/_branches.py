@@ -103,7 +103,7 @@ _lowrank.defvjp(_lowrank_fwd, _lowrank_bwd)
 
 def _dense_general_plan(module: nn.DenseGeneral, x: jax.Array) -> Plan:
     as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,)  # noqa: E731
-    normalize = lambda axes: tuple(sorted(a % x.ndim for a in as_tuple(axes)))  # as Flax does  # noqa: E731
+    normalize = lambda axes: tuple(sorted(a % x.ndim for a in as_tuple(axes)))  # noqa: E731 (sorted, as Flax does)
     batch, axis = normalize(module.batch_dims), normalize(module.axis)
     roles = ("stack",) * len(batch) + ("in",) * len(axis) + ("out",) * len(as_tuple(module.features))
     return Plan("kernel", roles, lambda ad, drop: _dense_general(drop(x), ad, batch, axis))
@@ -113,7 +113,7 @@ def _dense_general(x: jax.Array, ad: Adapter, batch: tuple[int, ...], axis: tupl
     """``scale · (x ⋅ a) ⋅ b`` in ``dot_general``'s output layout (batch, rest of x, out)."""
     rest = tuple(i for i in range(x.ndim) if i not in batch and i not in axis)
     x = x.astype(ad.a.dtype)
-    if rest + axis + batch != tuple(range(x.ndim)) or batch:
+    if batch + rest + axis != tuple(range(x.ndim)):
         x = jnp.transpose(x, batch + rest + axis)
     batch_shape = x.shape[: len(batch)]
     rest_shape = x.shape[len(batch) : len(batch) + len(rest)]
