@@ -119,9 +119,7 @@ def to_peft(
                 continue
             a = np.asarray(ad.a if i is None else ad.a[i])
             b = np.asarray(ad.b if i is None else ad.b[i])
-            local_roles = ad.roles[n_stack:]
-            kind = kind_of(path, local_roles, is_conv)
-            tensors.update(_to_torch(module, kind, a, b, local_roles))
+            tensors.update(_to_torch(module, kind_of(path, ad.roles[n_stack:], is_conv), a, b))
             modules[module] = (path, ad)
     if problems:
         raise ValueError("lora_jax.to_peft: cannot export:" + "".join(f"\n  {p}" for p in problems))
@@ -141,7 +139,7 @@ def kind_of(path: str, roles: tuple[str, ...], is_conv) -> str:
     return "conv" if all_in_but_last and len(roles) in (4, 5) else "linear"
 
 
-def _to_torch(module: str, kind: str, a: np.ndarray, b: np.ndarray, roles) -> dict[str, np.ndarray]:
+def _to_torch(module: str, kind: str, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
     key = _PREFIX + module
     r = a.shape[-1]
     if kind == "embedding":
