@@ -113,18 +113,25 @@ def _dense_general(x: jax.Array, ad: Adapter, batch: tuple[int, ...], axis: tupl
     """``scale · (x ⋅ a) ⋅ b`` in ``dot_general``'s output layout (batch, rest of x, out)."""
     rest = tuple(i for i in range(x.ndim) if i not in batch and i not in axis)
     x = x.astype(ad.a.dtype)
-    if batch + rest + axis != tuple(range(x.ndim)):
-        x = jnp.transpose(x, batch + rest + axis)
-    batch_shape = x.shape[: len(batch)]
-    rest_shape = x.shape[len(batch) : len(batch) + len(rest)]
-    n_b, n_rest, n_in = math.prod(batch_shape), math.prod(rest_shape), math.prod(x.shape[len(batch) + len(rest) :])
-    out_shape = ad.b.shape[len(batch) + 1 :]
-    if batch:  # independent matrices per batch index: batched GEMMs
-        u = jnp.matmul(x.reshape(n_b, n_rest, n_in), ad.a.reshape(n_b, n_in, ad.rank))
-        y = jnp.matmul(_scaled(u, ad), ad.b.reshape(n_b, ad.rank, -1))
-    else:
-        y = _lowrank(x.reshape(n_rest, n_in), ad.a.reshape(n_in, ad.rank), ad.b.reshape(ad.rank, -1), ad.scale)
-    return y.reshape(batch_shape + rest_shape + out_shape)
+    if not batch:
+        return _matmul_branch(x, ad, rest + axis)
+    x = jnp.transpose(x, batch + rest + axis)  # independent matrices per batch index: batched GEMMs
+    batch_shape, rest_shape = x.shape[: len(batch)], x.shape[len(batch) : len(batch) + len(rest)]
+    n_b, n_rest = math.prod(batch_shape), math.prod(rest_shape)
+    u = jnp.matmul(x.reshape(n_b, n_rest, -1), ad.a.reshape(n_b, -1, ad.rank))
+    y = jnp.matmul(_scaled(u, ad), ad.b.reshape(n_b, ad.rank, -1))
+    return y.reshape(batch_shape + rest_shape + ad.b.shape[len(batch) + 1 :])
+
+
+def _matmul_branch(x: jax.Array, ad: Adapter, order: tuple[int, ...]) -> jax.Array:
+    """``scale · (x ⋅ a) ⋅ b`` for an adapter without stack axes, with ``x``'s axes taken in
+    ``order`` (the axes it keeps, then those contracted, in the kernel's in-axis order): a
+    2-D :func:`_lowrank` on the flattened axes; the result is laid out (kept..., out...)."""
+    if order != tuple(range(x.ndim)):
+        x = jnp.transpose(x, order)
+    kept = x.shape[: x.ndim - (ad.a.ndim - 1)]
+    y = _lowrank(x.reshape(math.prod(kept), -1), ad.a.reshape(-1, ad.rank), ad.b.reshape(ad.rank, -1), ad.scale)
+    return y.reshape(kept + ad.b.shape[1:])
 
 
 # ---- Einsum: the branch from the layer's own equation --------------------------------
@@ -147,16 +154,27 @@ def _einsum_plan(module: nn.Einsum, args: tuple, kwargs: dict) -> Plan | None:
             return None  # a kernel axis summed away on its own: not a linear map of x
     if "in" not in roles or "out" not in roles or len(set(k_spec)) != len(k_spec):
         return None
-    used = set(x_spec + k_spec + y_spec)
-    r = next(c for c in "rRzZqQ" + "".join(map(chr, range(0x3B1, 0x3C9))) if c not in used)
     of = lambda role: "".join(c for c, x in zip(k_spec, roles) if x == role)  # noqa: E731
-    u_spec = "".join(c for c in x_spec if c in y_spec) + r
-    a_eq = f"{x_spec},{of('stack')}{of('in')}{r}->{u_spec}"
-    b_eq = f"{u_spec},{of('stack')}{r}{of('out')}->{y_spec}"
+    kept = "".join(c for c in x_spec if c not in k_spec)
+    if "stack" not in roles and len(set(x_spec)) == len(x_spec) and sorted(y_spec) == sorted(kept + of("out")):
+        # A plain matrix product of x's flattened axes: the fast 2-D branch, then y's axis order.
+        order = tuple(x_spec.index(c) for c in kept + of("in"))
+        to_y = tuple((kept + of("out")).index(c) for c in y_spec)
 
-    def branch(ad: Adapter, drop: Dropout) -> jax.Array:
-        u = jnp.einsum(a_eq, drop(x).astype(ad.a.dtype), ad.a)
-        return jnp.einsum(b_eq, _scaled(u, ad), ad.b)
+        def branch(ad: Adapter, drop: Dropout) -> jax.Array:
+            y = _matmul_branch(drop(x).astype(ad.a.dtype), ad, order)
+            return y if to_y == tuple(range(y.ndim)) else jnp.transpose(y, to_y)
+
+    else:  # batched (stack) letters or axes summed inside x: two einsums
+        used = set(x_spec + k_spec + y_spec)
+        r = next(c for c in "rRzZqQ" + "".join(map(chr, range(0x3B1, 0x3C9))) if c not in used)
+        u_spec = "".join(c for c in x_spec if c in y_spec) + r
+        a_eq = f"{x_spec},{of('stack')}{of('in')}{r}->{u_spec}"
+        b_eq = f"{u_spec},{of('stack')}{r}{of('out')}->{y_spec}"
+
+        def branch(ad: Adapter, drop: Dropout) -> jax.Array:
+            u = jnp.einsum(a_eq, drop(x).astype(ad.a.dtype), ad.a)
+            return jnp.einsum(b_eq, _scaled(u, ad), ad.b)
 
     return Plan("kernel", tuple(roles), branch)
 

@@ -68,6 +68,8 @@ CASES = {
     "einsum": (nn.Einsum((6, 2, 3), "btd,dhk->bthk"), (X3,), {"kernel": ("in", "out", "out")}),
     "einsum_batched": (nn.Einsum((2, 6, 4), "bsd,bde->bse"), (X3,), {"kernel": ("stack", "in", "out")}),
     "einsum_ellipsis": (nn.Einsum((6, 4), "...d,de->...e"), (X3,), {"kernel": ("in", "out")}),
+    "einsum_transposed_out": (nn.Einsum((6, 2, 3), "btd,dhk->bhtk"), (X3,), {"kernel": ("in", "out", "out")}),
+    "einsum_summed_x_axis": (nn.Einsum((6, 4), "btd,de->be"), (X3,), {"kernel": ("in", "out")}),
     "conv2d": (nn.Conv(4, (3, 3), strides=2, padding="SAME"), (IMG,), {"kernel": ("in", "in", "in", "out")}),
     "conv1d_dilated": (nn.Conv(4, (3,), kernel_dilation=2, padding="VALID"), (X3,), {"kernel": ("in", "in", "out")}),
     "conv_circular": (nn.Conv(5, (3, 3), padding="CIRCULAR"), (IMG,), {"kernel": ("in", "in", "in", "out")}),
