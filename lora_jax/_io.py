@@ -54,8 +54,8 @@ def save(path: str | os.PathLike, adapters: Any) -> None:
       >>> bool((lj.load(file)["dense"]["kernel"].a == ad["dense"]["kernel"].a).all())
       True
     """
-    by_keys = _paths.leaves_with_paths(adapters, is_leaf=_adapter.is_adapter)
     _merge.adapters_by_path(adapters, "lora_jax.save")  # type-checks the leaves
+    by_keys = _paths.leaves_with_paths(adapters, is_leaf=_adapter.is_adapter)
     if not by_keys:
         raise ValueError("lora_jax.save: the adapter tree is empty; there is nothing to save.")
     tensors, entries = {}, {}
