@@ -55,10 +55,13 @@ def test_outputs_exist_and_load(quick_run):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_second_run_uses_the_cached_base(quick_run, tmp_path):
+def test_second_run_uses_the_cached_base_and_bfloat16_runs(quick_run, tmp_path):
     root, _ = quick_run
-    proc = _run("--out", str(tmp_path), "--base-dir", str(root / "base"), "--steps", "2")
+    proc = _run("--out", str(tmp_path), "--base-dir", str(root / "base"), "--steps", "2", "--dtype", "bfloat16")
     assert "pretrained base loaded from the cache" in proc.stdout
+    merged = lj.load_params(tmp_path / "merged.safetensors")
+    assert {x.dtype for x in jax.tree.leaves(merged)} == {jax.numpy.dtype("bfloat16")}  # the frozen base in bf16
+    assert {x.dtype for x in jax.tree.leaves(lj.load(tmp_path / "adapter.safetensors"))} == {jax.numpy.dtype("float32")}
 
 
 def test_corrupt_cached_base_is_rebuilt(quick_run, tmp_path):
