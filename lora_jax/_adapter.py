@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from lora_jax import _paths
 
 Roles = tuple[str, ...]
 ROLE_NAMES = ("stack", "in", "out")
@@ -96,6 +98,17 @@ def roles_problem(roles: Any, shape: Sequence[int]) -> str | None:
     if "in" not in roles or "out" not in roles:
         return f"roles {tuple(roles)} need at least one 'in' and one 'out' axis"
     return None
+
+
+def roles_for(path: str, shape: Sequence[int], roles: Mapping[str, Sequence[str]] | None) -> Roles | None:
+    """The roles ``roles`` gives for ``path`` (an exact key first, then the first regex key that
+    fully matches), else ``("in", "out")`` for a 2-D kernel, else ``None``."""
+    if roles is not None:
+        key = path if path in roles else _paths.first_match(roles, path)
+        if key is not None:
+            given = roles[key]
+            return tuple(given) if isinstance(given, (list, tuple)) else given  # roles_problem judges the rest
+    return DEFAULT_ROLES_2D if len(shape) == 2 else None
 
 
 def factor_shapes(shape: Sequence[int], roles: Roles, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

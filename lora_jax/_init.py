@@ -100,7 +100,7 @@ def plan_targets(params: Any, config: LoraConfig, roles: Mapping | None, where: 
         if len(shape) < 2 or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             problems.setdefault("not_kernel", []).append(f"{path!r} ({_describe(leaf)})")
             continue
-        kernel_roles = _roles_for(path, shape, roles)
+        kernel_roles = _adapter.roles_for(path, shape, roles)
         if kernel_roles is None:
             problems.setdefault("no_roles", []).append(f"{path!r} {shape}")
             continue
@@ -142,16 +142,6 @@ def _problem_message(where: str, problems: dict[str, list[str]]) -> str:
     for kind, items in problems.items():
         parts.append(_FIXES[kind] + "".join(f"\n  {item}" for item in items))
     return "\n".join(parts)
-
-
-def _roles_for(path: str, shape: tuple[int, ...], roles: Mapping | None):
-    if roles is not None:
-        if path in roles:
-            return roles[path]
-        pattern = _paths.first_match(roles, path)
-        if pattern is not None:
-            return roles[pattern]
-    return _adapter.DEFAULT_ROLES_2D if len(shape) == 2 else None
 
 
 def _describe(leaf: Any) -> str:

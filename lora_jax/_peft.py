@@ -345,28 +345,23 @@ def _from_torch(module: str, part: dict, kernel: tuple, config: dict, roles: Map
 
 
 def roles_of(path: str, shape: tuple, roles: Mapping | None) -> tuple[str, ...]:
-    """The roles given for ``path`` (exact or regex key), else ``("in", "out")`` for a 2-D kernel."""
-    given = None
-    if roles is not None:
-        given = roles.get(path) or next((v for k, v in roles.items() if re.fullmatch(k, path)), None)
-    if given is not None:
-        return tuple(given)
-    if len(shape) == 2:
-        return _adapter.DEFAULT_ROLES_2D
-    raise ValueError(f"the kernel {shape} has more than 2 axes and no roles; pass roles=lj.axis_roles(model, ...)")
+    """:func:`_adapter.roles_for`, or a ``ValueError`` for an N-D kernel without roles."""
+    found = _adapter.roles_for(path, shape, roles)
+    if found is None:
+        raise ValueError(f"the kernel {shape} has more than 2 axes and no roles; pass roles=lj.axis_roles(model, ...)")
+    return found
 
 
 def _linear_roles(path: str, shape: tuple, fan_in: int, fan_out: int, roles: Mapping | None) -> tuple[str, ...]:
     """Roles for a kernel read from a PEFT ``Linear``: given, 2-D, or the one in/out split of its shape."""
-    try:
-        given = roles_of(path, shape, roles)
-    except ValueError:
-        splits = [i for i in range(1, len(shape)) if math.prod(shape[:i]) == fan_in and math.prod(shape[i:]) == fan_out]
-        if len(splits) != 1:
-            raise _Mismatch(f"cannot tell which axes of the kernel {shape} are in (PyTorch in={fan_in}, "
-                            f"out={fan_out}); pass roles=lj.axis_roles(model, ...)") from None  # fmt: skip
-        return ("in",) * splits[0] + ("out",) * (len(shape) - splits[0])
-    return given[given.count("stack") :] if len(given) == len(shape) + 1 else given
+    given = _adapter.roles_for(path, shape, roles)
+    if given is not None:
+        return given[given.count("stack") :] if len(given) == len(shape) + 1 else given
+    splits = [i for i in range(1, len(shape)) if math.prod(shape[:i]) == fan_in and math.prod(shape[i:]) == fan_out]
+    if len(splits) != 1:
+        raise _Mismatch(f"cannot tell which axes of the kernel {shape} are in (PyTorch in={fan_in}, "
+                        f"out={fan_out}); pass roles=lj.axis_roles(model, ...)")  # fmt: skip
+    return ("in",) * splits[0] + ("out",) * (len(shape) - splits[0])
 
 
 def _assemble(leaves: list[tuple[str, Adapter]], kernels: dict) -> dict:
