@@ -69,6 +69,7 @@ def save_params(
     by_path = _merge.adapters_by_path(adapters, "lora_jax.save_params") if adapters is not None else {}
     if by_path:
         _merge.check_fit(params, by_path, "lora_jax.save_params")
+    is_conv = _paths.compile_pattern(conv, "conv")
     header, entries, offset, problems = {}, [], 0, []
     for keys, leaf in leaves:
         leaf_path = _paths.join(keys)
@@ -78,7 +79,7 @@ def save_params(
         shape, name, layout = tuple(np.shape(leaf)), leaf_path, None
         if torch_names:
             try:
-                name, layout = _torch_layout(keys, shape, name_map or _peft.default_name, roles, conv)
+                name, layout = _torch_layout(keys, shape, name_map or _peft.default_name, roles, is_conv)
             except ValueError as e:
                 problems.append(f"{leaf_path!r}: {e}")
                 continue
@@ -107,7 +108,7 @@ def save_params(
     _io.atomic_write_with(path, write)
 
 
-def _torch_layout(keys, shape, name_of, roles, conv) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
+def _torch_layout(keys, shape, name_of, roles, is_conv) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
     """The PyTorch state-dict name of a leaf and the transform of its array."""
     parent, last = list(keys[:-1]), keys[-1]
     module = name_of(_paths.join([*parent, "kernel"])) if parent else str(last)
@@ -123,7 +124,7 @@ def _torch_layout(keys, shape, name_of, roles, conv) -> tuple[str, Callable[[np.
     if last != "kernel":
         return f"{module}.{last}", lambda x: x
     kernel_roles = _peft.roles_of(path, shape, roles)
-    if _peft.kind_of(path, kernel_roles, _paths.compile_pattern(conv, "conv")) == "conv":
+    if _peft.kind_of(path, kernel_roles, is_conv) == "conv":
         n = len(shape) - 2
         return f"{module}.weight", lambda x: np.transpose(x, (n + 1, n, *range(n)))
     n_in = kernel_roles.count("in")
