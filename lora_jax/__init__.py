@@ -8,22 +8,31 @@
 True
 """
 
-from lora_jax._adapter import Adapter
+from lora_jax._adapter import Kind, kind_of, register_kind
 from lora_jax._config import LoraConfig
 from lora_jax._export import load_params, save_params
+from lora_jax._full import FullWeight
 from lora_jax._init import init
 from lora_jax._io import load, save
+from lora_jax._layers import register_layer
 from lora_jax._linen import axis_roles, wrap
+from lora_jax._lora import Adapter
 from lora_jax._merge import apply_lora, unmerge
 from lora_jax._optim import optimizer
 from lora_jax._peft import from_peft, to_peft
 from lora_jax._sharding import adapter_shardings
+from lora_jax._specs import Conv, Einsum, Lookup
 from lora_jax._summary import Summary, TargetSummary, summary
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "Conv",
+    "Einsum",
+    "FullWeight",
+    "Kind",
+    "Lookup",
     "LoraConfig",
     "Summary",
     "TargetSummary",
@@ -32,9 +41,12 @@ __all__ = [
     "axis_roles",
     "from_peft",
     "init",
+    "kind_of",
     "load",
     "load_params",
     "optimizer",
+    "register_kind",
+    "register_layer",
     "save",
     "save_params",
     "summary",

@@ -1,89 +1,174 @@
-"""The adapter of one kernel: arrays ``a``, ``b`` and static metadata.
+"""Adapters and adapter kinds: the one seam every adapter type plugs into.
 
-Each kernel axis has a role: ``"stack"`` (a leading layer axis added by ``nn.scan``, or
-any axis that indexes independent matrices), ``"in"`` (contracted with the input) or
-``"out"``. With ``S``, ``I``, ``O`` the sizes of those axes,
+An adapter is a frozen dataclass registered with ``jax.tree_util.register_dataclass``: its
+data fields are its trainable arrays, its static fields (``metadata=dict(static=True)``) its
+hyper-parameters. What it *does* is its :class:`Kind`, registered for its class with
+:func:`register_kind` and looked up along the MRO, as ``register_pytree_node`` is. Generic
+code (merge, files, sharding, summaries, the factored forward) only calls the kind.
 
-    a: (S..., I..., r)      b: (S..., r, O...)      ΔW = a ⋅ b  (summed over r)
-
-and ``ΔW`` is transposed back to the kernel's own axis order.
+Each kernel axis has a role: ``"stack"`` (a leading layer axis added by ``nn.scan``, or any
+axis that indexes independent matrices), ``"in"`` (contracted with the input) or ``"out"``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from lora_jax import _paths
 
 Roles = tuple[str, ...]
 ROLE_NAMES = ("stack", "in", "out")
 DEFAULT_ROLES_2D: Roles = ("in", "out")
+Dropout = Callable[[jax.Array], jax.Array]
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True, eq=False)
-class Adapter:
-    """The LoRA adapter of one kernel ``W``: ``W' = W + scale · ΔW``, ``ΔW = a ⋅ b``.
-
-    Only ``a`` and ``b`` are pytree children; everything else is static metadata, so
-    ``jax.tree.map`` and optax touch the two arrays only.
+class Kind(NamedTuple):
+    """What one adapter kind does. Register it for the adapter class with :func:`register_kind`.
 
     Attributes:
-      a: ``(stack..., in..., rank)``, random at initialisation.
-      b: ``(stack..., rank, out...)``, zero at initialisation.
-      rank: the rank ``r``.
-      alpha: the LoRA ``alpha``.
-      roles: the role of each kernel axis, e.g. ``("in", "out")``.
-      rslora: whether ``scale = alpha / √r`` (rsLoRA) instead of ``alpha / r``.
-      dropout: dropout rate on the LoRA branch input (used by the factored forward).
-
-    Example:
-      >>> import jax.numpy as jnp, lora_jax as lj
-      >>> ad = lj.Adapter(jnp.ones((8, 2)), jnp.zeros((2, 4)), rank=2, alpha=4.0)
-      >>> ad.scale, ad.kernel_shape
-      (2.0, (8, 4))
+      name: recorded in files; :func:`load` finds the class by it.
+      axes: ``adapter -> {array name: kernel axis of each array axis}`` (``None`` for an axis
+        of the adapter's own, such as the rank). Shapes, shardings and the slicing of stacked
+        kernels are derived from it.
+      merge: ``(kernel, adapter) -> merged kernel``, both float32, in the kernel's layout.
+      unmerge: ``(merged kernel, adapter) -> kernel``, the inverse of ``merge``; ``None`` if
+        the kind has none (:func:`unmerge` then refuses it).
+      output: ``(layer, base_output, kernel, adapter, dropout) -> output``: the adapted
+        output of a layer call described by ``layer`` (a spec such as ``lj.Einsum``, which
+        holds the layer's input), without forming the merged kernel; ``dropout`` is the
+        function to apply to the input. ``None``: the kind is applied by merging (e.g. a
+        parameter trained fully).
+      as_lora: ``adapter -> lj.Adapter``, its plain LoRA form (for PEFT files), or ``None``
+        if it has none.
     """
 
-    a: jax.Array
-    b: jax.Array
-    rank: int = dataclasses.field(metadata=dict(static=True))
-    alpha: float = dataclasses.field(metadata=dict(static=True))
-    roles: Roles = dataclasses.field(default=DEFAULT_ROLES_2D, metadata=dict(static=True))
-    rslora: bool = dataclasses.field(default=False, metadata=dict(static=True))
-    dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    name: str
+    axes: Callable[[Any], dict[str, tuple[int | None, ...]]]
+    merge: Callable[[jax.Array, Any], jax.Array]
+    unmerge: Callable[[jax.Array, Any], jax.Array] | None
+    output: Callable[..., jax.Array] | None = None
+    as_lora: Callable[[Any], Any] | None = None
 
-    @property
-    def scale(self) -> float:
-        """``alpha / r``, or ``alpha / √r`` with rsLoRA."""
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
-    @property
-    def kernel_shape(self) -> tuple[int, ...]:
-        """The shape of the kernel this adapter belongs to, from ``a``, ``b`` and roles."""
-        n_stack = self.roles.count("stack")
-        pick = {
-            "stack": iter(self.a.shape[:n_stack]),
-            "in": iter(self.a.shape[n_stack:-1]),
-            "out": iter(self.b.shape[n_stack + 1 :]),
-        }
-        return tuple(next(pick[role]) for role in self.roles)
+_KINDS: dict[type, Kind] = {}
 
-    def __repr__(self) -> str:
-        shape = lambda x: getattr(x, "shape", x)  # noqa: E731
-        return (
-            f"Adapter(a={shape(self.a)}, b={shape(self.b)}, rank={self.rank}, alpha={self.alpha}, "
-            f"roles={self.roles}, rslora={self.rslora}, dropout={self.dropout})"
-        )
+
+def register_kind(cls: type, kind: Kind) -> type:
+    """Make ``cls`` (a frozen dataclass registered with ``jax.tree_util.register_dataclass``)
+    an adapter kind: ``apply_lora``, ``wrap``, ``save``/``load``, ``summary`` and
+    ``adapter_shardings`` then handle its instances through ``kind``.
+
+    Args:
+      cls: the adapter class. Its data fields are its arrays; its static fields must be plain
+        JSON values (``str``, ``int``, ``float``, ``bool``, tuples of them) to be saved.
+      kind: what the kind does.
+
+    Returns:
+      ``cls``, so that this can be used as a decorator's last step.
+
+    Raises:
+      TypeError: if ``cls`` is not a dataclass or ``kind`` not a :class:`Kind`.
+      ValueError: if another class is registered under ``kind.name``.
+
+    Example:
+      >>> import lora_jax as lj
+      >>> lj.kind_of(lj.Adapter).name
+      'lora'
+    """
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"lora_jax.register_kind: cls must be a dataclass type, found {cls!r}.")
+    if not isinstance(kind, Kind):
+        raise TypeError(f"lora_jax.register_kind: kind must be a lora_jax.Kind, found {type(kind).__name__}.")
+    taken = [c for c, k in _KINDS.items() if k.name == kind.name and c is not cls]
+    if taken:
+        raise ValueError(f"lora_jax.register_kind: the name {kind.name!r} is taken by {taken[0].__qualname__}.")
+    _KINDS[cls] = kind
+    return cls
+
+
+def kind_of(adapter_or_cls: Any) -> Kind:
+    """The :class:`Kind` of an adapter (or adapter class), found along its class's MRO.
+
+    Raises:
+      TypeError: if it is not a registered adapter kind.
+    """
+    cls = adapter_or_cls if isinstance(adapter_or_cls, type) else type(adapter_or_cls)
+    for base in cls.__mro__:
+        if base in _KINDS:
+            return _KINDS[base]
+    raise TypeError(f"lora_jax: {cls.__qualname__} is not an adapter kind (see lora_jax.register_kind).")
 
 
 def is_adapter(x: Any) -> bool:
-    return isinstance(x, Adapter)
+    return any(base in _KINDS for base in type(x).__mro__)
+
+
+def class_named(name: str) -> type | None:
+    """The adapter class registered under ``name``, or ``None``."""
+    return next((c for c, k in _KINDS.items() if k.name == name), None)
+
+
+def kind_names() -> list[str]:
+    return sorted(k.name for k in _KINDS.values())
+
+
+def field_names(adapter_or_cls: Any, static: bool) -> list[str]:
+    """The names of an adapter class's static fields, or of its data fields (its arrays)."""
+    return [f.name for f in dataclasses.fields(adapter_or_cls) if bool(f.metadata.get("static")) == static]
+
+
+def arrays(adapter: Any) -> dict[str, Any]:
+    """``{name: array}``: an adapter's data fields (its trainable arrays)."""
+    return {name: getattr(adapter, name) for name in field_names(adapter, static=False)}
+
+
+def static(adapter: Any) -> dict[str, Any]:
+    """``{name: value}``: an adapter's static fields (its hyper-parameters)."""
+    return {name: getattr(adapter, name) for name in field_names(adapter, static=True)}
+
+
+def replace(adapter: Any, **changes: Any) -> Any:
+    """A copy with ``changes``; every copy goes through here, so invariants are rechecked."""
+    return dataclasses.replace(adapter, **changes)
+
+
+def kernel_shape(adapter: Any) -> tuple[int, ...]:
+    """The shape of the kernel an adapter belongs to, read off its arrays' shapes."""
+    sizes: dict[int, int] = {}
+    for name, axes in kind_of(adapter).axes(adapter).items():
+        for size, k in zip(_shape(getattr(adapter, name)), axes):
+            if k is not None:
+                sizes[k] = size
+    return tuple(sizes[k] for k in range(len(sizes)))
+
+
+def array_specs(adapter: Any, kernel_spec: Sequence[Any]) -> dict[str, tuple]:
+    """Per array, the entries of ``kernel_spec`` (one per kernel axis) its axes follow."""
+    return {
+        name: tuple(None if k is None else kernel_spec[k] for k in axes)
+        for name, axes in kind_of(adapter).axes(adapter).items()
+    }
+
+
+def unstack(adapter: Any, n: int) -> Any:
+    """The adapter as a layer sees it after a lifted transform slices off ``n`` stack axes:
+    its arrays are already sliced; its ``roles`` lose the leading ``n``."""
+    if n == 0 or "roles" not in static(adapter):
+        return adapter
+    return replace(adapter, roles=adapter.roles[n:])
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    shape = getattr(x, "shape", None)
+    return tuple(shape) if isinstance(shape, (tuple, list)) else ()
+
+
+# ---- roles -----------------------------------------------------------------------------
 
 
 def roles_problem(roles: Any, shape: Sequence[int]) -> str | None:
@@ -121,19 +206,3 @@ def fan_in_out(shape: Sequence[int], roles: Roles) -> tuple[int, int]:
     """The product of the in-axis sizes and of the out-axis sizes."""
     fan_in = math.prod(n for n, r in zip(shape, roles) if r == "in")
     return fan_in, math.prod(n for n, r in zip(shape, roles) if r == "out")
-
-
-def delta_spec(roles: Roles) -> str:
-    """The einsum contracting ``a`` and ``b`` over the rank into the kernel's axis order."""
-    letters = "abcdefghijklmnopqstuvwxyz"  # no 'r': that is the rank
-    axes = letters[: len(roles)]
-    of = lambda role: "".join(c for c, r in zip(axes, roles) if r == role)  # noqa: E731
-    return f"{of('stack')}{of('in')}r,{of('stack')}r{of('out')}->{axes}"
-
-
-def delta(adapter: Adapter) -> jax.Array:
-    """``scale · ΔW`` in float32, computed at full precision, in the kernel's axis order."""
-    a = adapter.a.astype(jnp.float32)
-    b = adapter.b.astype(jnp.float32)
-    d = jnp.einsum(delta_spec(adapter.roles), a, b, precision=jax.lax.Precision.HIGHEST)
-    return adapter.scale * d

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
 
-from lora_jax import _paths
+from lora_jax import _lora, _paths
 
 INITS = ("lora", "gaussian")
 
@@ -26,6 +25,10 @@ class LoraConfig:
         ``re.fullmatch`` against the ``/``-joined path (e.g. ``".*/(query|value)/kernel"``),
         or a ``callable(path, leaf) -> bool``. Default: every parameter named ``kernel``.
       exclude: paths to leave alone even if ``targets`` matches them (same forms).
+      trainable: base parameters to train fully beside the adapters, like PEFT's
+        ``modules_to_save`` (a new classification head, say): same forms as ``targets``.
+        :func:`init` copies them into the adapter tree as :class:`FullWeight` leaves, so
+        ``wrap``, ``optimizer``, ``save`` and ``to_peft`` agree on what trains.
       rank_pattern: ``{regex: rank}`` overriding ``rank`` for the targets a regex fully
         matches (the first matching regex wins).
       alpha_pattern: ``{regex: alpha}``, likewise for ``alpha``.
@@ -53,6 +56,7 @@ class LoraConfig:
     alpha: float = 8.0
     targets: str | tuple[str, ...] | Callable[[str, Any], bool] = r"(.*/)?kernel"
     exclude: str | tuple[str, ...] | Callable[[str, Any], bool] | None = None
+    trainable: str | tuple[str, ...] | Callable[[str, Any], bool] | None = None
     rank_pattern: tuple[tuple[str, int], ...] | Mapping[str, int] = ()
     alpha_pattern: tuple[tuple[str, float], ...] | Mapping[str, float] = ()
     use_rslora: bool = False
@@ -64,20 +68,18 @@ class LoraConfig:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         set_("rank", _check_rank(self.rank, "rank"))
         set_("alpha", _check_alpha(self.alpha, "alpha"))
-        for name in ("targets", "exclude"):
+        for name in ("targets", "exclude", "trainable"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 set_(name, tuple(value))
-            _paths.compile_pattern(getattr(self, name), name)  # raises on a bad pattern
+            _paths.compile_pattern(getattr(self, name), name, _WHERE)  # raises on a bad pattern
         set_("rank_pattern", _check_pattern_map(self.rank_pattern, "rank_pattern", _check_rank))
         set_("alpha_pattern", _check_pattern_map(self.alpha_pattern, "alpha_pattern", _check_alpha))
         if not isinstance(self.use_rslora, bool):
             raise TypeError(f"lora_jax.LoraConfig: use_rslora must be a bool, found {self.use_rslora!r}.")
         if self.init not in INITS:
             raise ValueError(f"lora_jax.LoraConfig: init must be one of {INITS}, found {self.init!r}.")
-        if not isinstance(self.dropout, numbers.Real) or not 0 <= self.dropout < 1:
-            raise ValueError(f"lora_jax.LoraConfig: dropout must be a number in [0, 1), found {self.dropout!r}.")
-        set_("dropout", float(self.dropout))
+        set_("dropout", _lora.check_dropout(self.dropout, f"{_WHERE}: dropout"))
         try:
             dtype = jnp.dtype(self.dtype)
         except TypeError:
@@ -102,20 +104,15 @@ class LoraConfig:
         return self.alpha if key is None else patterns[key]
 
 
+_WHERE = "lora_jax.LoraConfig"
+
+
 def _check_rank(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"lora_jax.LoraConfig: {where} must be an int, found {value!r}.")
-    if value < 1:
-        raise ValueError(f"lora_jax.LoraConfig: {where} must be >= 1, found {value}.")
-    return int(value)
+    return _lora.check_rank(value, f"{_WHERE}: {where}")
 
 
 def _check_alpha(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"lora_jax.LoraConfig: {where} must be a number, found {value!r}.")
-    if not value > 0:
-        raise ValueError(f"lora_jax.LoraConfig: {where} must be > 0, found {value}.")
-    return float(value)
+    return _lora.check_alpha(value, f"{_WHERE}: {where}")
 
 
 def _check_pattern_map(value: Any, name: str, check: Callable[[Any, str], Any]) -> tuple:

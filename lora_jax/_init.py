@@ -11,6 +11,8 @@ import jax.numpy as jnp
 
 from lora_jax import _adapter, _paths
 from lora_jax._config import LoraConfig
+from lora_jax._full import FullWeight
+from lora_jax._lora import Adapter
 
 
 def init(
@@ -23,7 +25,8 @@ def init(
     """A new adapter tree for ``params``: ``a`` random, ``b`` zero, so nothing changes yet.
 
     The result mirrors the nesting of ``params`` (a Linen params dict or an NNX ``State``)
-    but holds only the targeted kernels, each an :class:`Adapter`. Pure and jit-able:
+    but holds only the targeted kernels, each an :class:`Adapter`, and the parameters that
+    ``config.trainable`` names, each a :class:`FullWeight` copy. Pure and jit-able:
     the same key gives the same adapters, and each kernel draws from its own key
     (``fold_in`` of its path), so adding a target leaves the others unchanged.
 
@@ -41,8 +44,9 @@ def init(
     Raises:
       ValueError: if targets match nothing, match a non-floating or <2-D array, an N-D
         kernel has no roles or roles that do not fit it, a rank exceeds ``min(in, out)``,
-        or a ``rank_pattern``/``alpha_pattern`` key matches no target. One message lists
-        every offending path.
+        a ``rank_pattern``/``alpha_pattern`` key matches no target, or ``trainable``
+        matches nothing, a non-floating array or a target. One message lists every
+        offending path.
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -53,8 +57,8 @@ def init(
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"lora_jax.init: config must be a lora_jax.LoraConfig, found {type(config).__name__}.")
-    plan = plan_targets(params, config, roles, "lora_jax.init")
-    adapters = []
+    plan, trainable = plan_targets(params, config, roles, "lora_jax.init")
+    adapters: list[tuple[Any, Any]] = [(keys, FullWeight(leaf.astype(config.dtype))) for keys, leaf in trainable]
     for keys, path, shape, kernel_roles in plan:
         rank = config.rank_for(path)
         a_shape, b_shape = _adapter.factor_shapes(shape, kernel_roles, rank)
@@ -62,7 +66,7 @@ def init(
         kernel_key = jax.random.fold_in(key, zlib.crc32(path.encode()))
         a = _init_a(kernel_key, a_shape, config.dtype, config.init, fan_in, rank)
         b = jnp.zeros(b_shape, config.dtype)
-        adapter = _adapter.Adapter(
+        adapter = Adapter(
             a, b, rank=rank, alpha=config.alpha_for(path), roles=kernel_roles,
             rslora=config.use_rslora, dropout=config.dropout,
         )  # fmt: skip
@@ -78,10 +82,12 @@ def _init_a(key, shape, dtype, kind: str, fan_in: int, rank: int) -> jax.Array:
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
 
 
-def plan_targets(params: Any, config: LoraConfig, roles: Mapping | None, where: str) -> list:
-    """``[(keys, path, shape, roles), ...]`` of the targeted kernels, validated together."""
-    is_target = _paths.compile_pattern(config.targets, "targets")
-    is_excluded = _paths.compile_pattern(config.exclude, "exclude") or (lambda path, leaf: False)
+def plan_targets(params: Any, config: LoraConfig, roles: Mapping | None, where: str) -> tuple[list, list]:
+    """``[(keys, path, shape, roles), ...]`` of the targeted kernels and ``[(keys, leaf), ...]``
+    of the parameters trained fully, validated together."""
+    is_target = _paths.compile_pattern(config.targets, "targets", where)
+    is_excluded = _paths.compile_pattern(config.exclude, "exclude", where) or (lambda path, leaf: False)
+    is_trainable = _paths.compile_pattern(config.trainable, "trainable", where)
     leaves = [(keys, _paths.join(keys), leaf) for keys, leaf in _paths.leaves_with_paths(params)]
     if not leaves:
         raise ValueError(f"{where}: params has no array leaves; pass the base parameter tree.")
@@ -115,6 +121,19 @@ def plan_targets(params: Any, config: LoraConfig, roles: Mapping | None, where: 
             problems.setdefault("rank", []).append(f"{path!r}: rank {rank} > min(in={fan_in}, out={fan_out})")
             continue
         plan.append((keys, path, shape, kernel_roles))
+    trainable = []
+    if is_trainable is not None:
+        chosen = [(k, p, leaf) for k, p, leaf in leaves if is_trainable(p, leaf)]
+        if not chosen:
+            problems.setdefault("trainable_none", []).append(f"{len(leaves)} parameters exist, e.g. {leaves[0][1]!r}")
+        for keys, path, leaf in chosen:
+            dtype = getattr(leaf, "dtype", None)
+            if any(p == path for _, p, _ in targets):
+                problems.setdefault("trainable_target", []).append(repr(path))
+            elif dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+                problems.setdefault("trainable_dtype", []).append(f"{path!r} ({_describe(leaf)})")
+            else:
+                trainable.append((keys, leaf))
     target_paths = [p for _, p, _ in targets]
     for name, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
         for pattern, _ in patterns:
@@ -122,7 +141,7 @@ def plan_targets(params: Any, config: LoraConfig, roles: Mapping | None, where: 
                 problems.setdefault("pattern", []).append(f"{name} key {pattern!r}")
     if problems:
         raise ValueError(_problem_message(where, problems))
-    return plan
+    return plan, trainable
 
 
 _FIXES = {
@@ -134,6 +153,9 @@ _FIXES = {
     "rank": "the rank exceeds min(in, out) of these kernels; lower it with `rank_pattern` "
     "or leave them out with `exclude`:",
     "pattern": "these patterns match no target (they must match the whole path of a targeted kernel):",
+    "trainable_none": "trainable matched no parameter (it must match the whole path):",
+    "trainable_target": "these parameters are both targets and trainable; train each one way only:",
+    "trainable_dtype": "trainable matched arrays that are not floating-point:",
 }
 
 

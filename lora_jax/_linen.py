@@ -1,16 +1,15 @@
 """``wrap`` and ``axis_roles``: LoRA for any Flax Linen model through method interception.
 
 ``wrap(model.apply)`` runs the model unchanged under ``flax.linen.intercept_methods``: each
-call of a known layer whose kernel has an adapter returns ``base output + scale·(x⋅a)⋅b``
-(see ``_branches``). Adapters are handed to the model inside its ``params`` collection,
+call of a layer in the layer table (``_layers``) whose kernel has an adapter is turned into a
+layer spec, and its output replaced by the adapter kind's factored output (for LoRA,
+``base output + scale·(x⋅a)⋅b``). Adapters are handed to the model inside its ``params`` collection,
 beside their kernels, so lifted transforms (``nn.scan``, ``nn.remat``, ``nn.vmap``) slice
 them exactly as they slice the kernels; the base itself is wrapped in ``stop_gradient``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import inspect
 import warnings
@@ -22,23 +21,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _adapter, _branches, _merge, _paths
-from lora_jax._adapter import Adapter
+from lora_jax import _adapter, _full, _layers, _merge, _paths, _specs
 
 _SUFFIX = "@lora"  # an adapter rides in params as '<kernel name>@lora' beside its kernel
-_IN_BRANCH = contextvars.ContextVar("lora_jax_in_branch", default=False)
 
 
-def wrap(apply_fn: Callable, *, trainable: _paths.Pattern | None = None) -> Callable:
+def wrap(apply_fn: Callable, *, strict: bool = True, trainable: Any = None) -> Callable:
     """A Linen ``apply`` that takes ``{'params': base, 'lora': adapters}`` and computes LoRA
     factored: ``x⋅W + scale·(x⋅a)⋅b`` for every adapted kernel, never forming ``W'``.
 
     The output equals ``apply_fn({'params': apply_lora(base, adapters)}, ...)``; gradients
-    reach the adapters (and ``trainable`` base parameters) only: the rest of the base is
-    under ``stop_gradient``, so no weight gradient of a frozen kernel is ever computed.
-    Known layers: ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Conv`` (ungrouped)
-    and ``nn.Embed`` (``__call__`` and ``attend``), also inside ``nn.scan``/``nn.remat``/
-    ``nn.vmap``. A targeted kernel of any other layer is merged instead, with a warning.
+    reach the adapters only (and the :class:`FullWeight` parameters among them, which
+    replace their base values): the base is under ``stop_gradient``, so no weight gradient
+    of a frozen kernel is ever computed. Factored layers: ``nn.Dense``, ``nn.DenseGeneral``,
+    ``nn.Einsum``, ``nn.Conv`` (ungrouped), ``nn.Embed`` (``__call__`` and ``attend``), their
+    subclasses and any layer added with :func:`register_layer`, also inside ``nn.scan``/
+    ``nn.remat``/``nn.vmap``. A targeted kernel of any other layer is merged instead, with a
+    warning.
 
     The returned function has ``apply_fn``'s signature plus one keyword, ``lora_training``
     (default ``False``): when true, the LoRA branch input gets dropout at each adapter's
@@ -52,18 +51,20 @@ def wrap(apply_fn: Callable, *, trainable: _paths.Pattern | None = None) -> Call
     Args:
       apply_fn: a Linen model's ``apply``, e.g. ``model.apply`` (or a ``functools.partial``
         of it).
-      trainable: base parameters to differentiate too (PEFT's ``modules_to_save``): a regex
-        or list of regexes fully matched against paths inside ``params``, or a
-        ``callable(path, leaf) -> bool``; pass the same value to :func:`optimizer`.
+      strict: if true (the default), an adapter of a kernel that the call never uses is an
+        error; pass ``False`` to call one part of a model (``method=encode``) with the
+        adapters of the whole model.
+      trainable: no longer taken here: base parameters to train fully are chosen once, with
+        ``LoraConfig(trainable=...)``, and travel in the adapter tree.
 
     Returns:
       ``apply(variables, *args, lora_training=False, **kwargs)``.
 
     Raises:
       TypeError: if ``apply_fn`` is not a Linen ``apply``, or ``variables`` lacks ``'lora'``.
-      ValueError: (when called) if an adapter names a kernel that ``params`` lacks or that
-        the model never uses, if its roles or shape contradict how the layer uses the
-        kernel, or if ``lora_training`` is set without a dropout rng.
+      ValueError: (when called) if an adapter names a kernel that ``params`` lacks or (with
+        ``strict``) that the model never uses, if its roles or shape contradict how the
+        layer uses the kernel, or if ``lora_training`` is set without a dropout rng.
 
     Example:
       >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax as lj
@@ -75,7 +76,7 @@ def wrap(apply_fn: Callable, *, trainable: _paths.Pattern | None = None) -> Call
       True
     """
     _check_linen_apply(apply_fn)
-    is_trainable = _paths.compile_pattern(trainable, "trainable")
+    _full.refuse_trainable(trainable, "lora_jax.wrap")
 
     @functools.wraps(apply_fn)
     def apply(variables: Mapping, *args, lora_training: bool = False, **kwargs):
@@ -91,10 +92,12 @@ def wrap(apply_fn: Callable, *, trainable: _paths.Pattern | None = None) -> Call
         params = flax.core.unfreeze(variables["params"])
         by_path = _merge.adapters_by_path(variables["lora"], "lora_jax.wrap")
         _check_paths_exist(params, by_path)
-        params = _stop_gradient(params, is_trainable)
+        params = jax.lax.stop_gradient(params)
         others = {k: v for k, v in variables.items() if k not in ("params", "lora")}
+        substituted = {p: ad for p, ad in by_path.items() if _adapter.kind_of(ad).output is None}
+        layered = {p: ad for p, ad in by_path.items() if p not in substituted}
 
-        def run(factored: dict[str, Adapter], merged: dict[str, Adapter]):
+        def run(factored: dict[str, Any], merged: dict[str, Any]):
             trace = _Trace(lora_training)
             base = _inject(_merge_kernels(params, merged), factored)
             with nn.intercept_methods(trace.intercept):
@@ -102,25 +105,30 @@ def wrap(apply_fn: Callable, *, trainable: _paths.Pattern | None = None) -> Call
             trace.raise_problems()
             return out, trace
 
-        out, trace = run(by_path, {})
-        leftover = {p: ad for p, ad in by_path.items() if p not in trace.consumed}
-        if not leftover:
-            return out
+        out, trace = run(layered, substituted)
+        leftover = {p: ad for p, ad in layered.items() if p not in trace.consumed}
         unused = [p for p in leftover if _module_of(p) not in trace.visited]
-        if unused:
+        if not strict:
+            leftover = {p: ad for p, ad in leftover.items() if p not in unused}
+        elif unused:
             raise ValueError(
                 "lora_jax.wrap: adapters name kernels that the model never uses in this call:"
                 + "".join(f"\n  {p!r}" for p in unused)
-                + "\nAdapt only kernels of layers the model calls (or drop these adapters)."
+                + "\nAdapt only kernels of layers the model calls (or drop these adapters), or pass "
+                "strict=False to wrap to ignore them in calls that skip those layers."
             )
+        if not leftover:
+            return out
         warnings.warn(
             "lora_jax.wrap: no factored LoRA forward for the layers owning "
             + ", ".join(repr(p) for p in leftover)
-            + " (a layer type or configuration lora_jax does not know); these kernels are merged "
-            "(W + scale·a⋅b) instead. The result is correct but computes their weight gradients.",
+            + " (a layer type or configuration lora_jax does not know; see lj.register_layer); these "
+            "kernels are merged (W + scale·a⋅b) instead. The result is correct but computes their weight "
+            "gradients.",
             stacklevel=2,
         )
-        return run({p: ad for p, ad in by_path.items() if p not in leftover}, leftover)[0]
+        factored = {p: ad for p, ad in layered.items() if p not in leftover}
+        return run(factored, {**substituted, **leftover})[0]
 
     return apply
 
@@ -130,7 +138,9 @@ def axis_roles(model: nn.Module, *args, **kwargs) -> dict[str, tuple[str, ...]]:
 
     The model is traced abstractly (``jax.eval_shape`` of ``model.init``: no FLOPs, no
     memory) with the sample inputs its ``init`` takes. A kernel stacked by ``nn.scan`` or
-    ``nn.vmap`` gets ``"stack"`` for the leading axes the transform adds.
+    ``nn.vmap`` gets ``"stack"`` for the leading axes the transform adds. Kernels that are
+    not in the parameter tree (a tied head called as ``lm_head.apply({"params": {"kernel":
+    emb.T}}, h)``) are skipped.
 
     Args:
       model: a Linen module.
@@ -156,10 +166,10 @@ def axis_roles(model: nn.Module, *args, **kwargs) -> dict[str, tuple[str, ...]]:
 
     def intercept(next_fun, call_args, call_kwargs, context):
         out = next_fun(*call_args, **call_kwargs)
-        plan = _branches.plan(context.module, context.method_name, call_args, call_kwargs)
-        if plan is not None and context.module.has_variable("params", plan.param):
-            path = _paths.join(context.module.path + (plan.param,))
-            local[path] = (plan.roles, tuple(context.module.get_variable("params", plan.param).shape))
+        use = _layers.describe_call(context.module, context.method_name, call_args, call_kwargs)
+        if use is not None and context.module.has_variable("params", use[0]):
+            path = _paths.join(context.module.path + (use[0],))
+            local[path] = (_specs.roles(use[1]), tuple(context.module.get_variable("params", use[0]).shape))
         return out
 
     key = jax.random.key(0)  # only shapes are computed: no value depends on it
@@ -172,6 +182,8 @@ def axis_roles(model: nn.Module, *args, **kwargs) -> dict[str, tuple[str, ...]]:
     shapes = {_paths.join(keys): leaf.shape for keys, leaf in _paths.leaves_with_paths(params)}
     roles, problems = {}, []
     for path, (local_roles, local_shape) in local.items():
+        if path not in shapes:
+            continue  # a kernel handed to a layer from outside the parameter tree
         full = tuple(shapes[path])
         n_stack = len(full) - len(local_shape)
         if n_stack < 0 or full[n_stack:] != local_shape:
@@ -198,24 +210,22 @@ class _Trace:
 
     def intercept(self, next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
-        if _IN_BRANCH.get():
-            return out
         module = context.module
         self.visited.add(module.path)
-        plan = _branches.plan(module, context.method_name, args, kwargs)
-        if plan is None or not module.has_variable("params", plan.param + _SUFFIX):
+        use = _layers.describe_call(module, context.method_name, args, kwargs)
+        if use is None or not module.has_variable("params", use[0] + _SUFFIX):
             return out
-        path = _paths.join(module.path + (plan.param,))
-        kernel_shape = tuple(module.get_variable("params", plan.param).shape)
-        adapter = _localize(module.get_variable("params", plan.param + _SUFFIX), kernel_shape, plan.roles)
+        param, spec = use
+        path = _paths.join(module.path + (param,))
+        kernel = module.get_variable("params", param)
+        adapter = _localize(module.get_variable("params", param + _SUFFIX), tuple(kernel.shape), _specs.roles(spec))
         if isinstance(adapter, str):
             self.problems.append(f"{path!r} ({type(module).__name__}): {adapter}")
             return out
         self.consumed.add(path)
-        drop = _dropout(module, adapter.dropout) if self.training and adapter.dropout > 0 else (lambda x: x)
-        with _branch_scope():
-            y = plan.branch(adapter, drop)
-        return out + y.astype(out.dtype)
+        rate = _adapter.static(adapter).get("dropout", 0.0)
+        drop = _dropout(module, rate) if self.training and rate > 0 else (lambda x: x)
+        return _adapter.kind_of(adapter).output(spec, out, kernel, adapter, drop)
 
     def raise_problems(self):
         if self.problems:
@@ -226,19 +236,20 @@ class _Trace:
             )
 
 
-def _localize(adapter: Adapter, kernel_shape: tuple[int, ...], roles: tuple[str, ...]) -> Adapter | str:
+def _localize(adapter: Any, kernel_shape: tuple[int, ...], roles: tuple[str, ...]) -> Any:
     """The adapter as the layer sees it (stack axes sliced off by a lifted transform), or why not."""
-    n_sliced = len(adapter.roles) - len(kernel_shape)
-    local_roles = adapter.roles[max(n_sliced, 0) :]
-    if n_sliced < 0 or any(r != "stack" for r in adapter.roles[:n_sliced]) or local_roles != roles:
-        return f"the adapter has roles {adapter.roles}, the layer uses its kernel {kernel_shape} as {roles}"
-    local = Adapter(
-        adapter.a, adapter.b, rank=adapter.rank, alpha=adapter.alpha, roles=local_roles,
-        rslora=adapter.rslora, dropout=adapter.dropout,
-    )  # fmt: skip
-    a_shape, b_shape = _adapter.factor_shapes(kernel_shape, local_roles, adapter.rank)
-    if (tuple(adapter.a.shape), tuple(adapter.b.shape)) != (a_shape, b_shape):
-        return f"a {tuple(adapter.a.shape)} and b {tuple(adapter.b.shape)} do not fit the kernel {kernel_shape} (expected a {a_shape}, b {b_shape})"  # noqa: E501
+    adapter_roles = _adapter.static(adapter).get("roles")
+    if adapter_roles is None:
+        return f"a {type(adapter).__name__} has no axis roles, so it cannot adapt a layer"
+    n_sliced = len(adapter_roles) - len(kernel_shape)
+    if n_sliced < 0 or any(r != "stack" for r in adapter_roles[:n_sliced]) or adapter_roles[n_sliced:] != roles:
+        return f"the adapter has roles {adapter_roles}, the layer uses its kernel {kernel_shape} as {roles}"
+    try:
+        local = _adapter.unstack(adapter, n_sliced)
+    except ValueError as e:
+        return str(e)
+    if _adapter.kernel_shape(local) != kernel_shape:
+        return f"{_merge.describe(adapter)} do not fit the kernel {kernel_shape}"
     return local
 
 
@@ -252,15 +263,6 @@ def _dropout(module: nn.Module, rate: float) -> Callable[[jax.Array], jax.Array]
     return drop
 
 
-@contextlib.contextmanager
-def _branch_scope():
-    token = _IN_BRANCH.set(True)
-    try:
-        yield
-    finally:
-        _IN_BRANCH.reset(token)
-
-
 def _check_linen_apply(apply_fn: Any) -> None:
     fn = apply_fn.func if isinstance(apply_fn, functools.partial) else apply_fn
     owner = getattr(fn, "__self__", None)
@@ -271,7 +273,7 @@ def _check_linen_apply(apply_fn: Any) -> None:
         )
 
 
-def _check_paths_exist(params: Any, by_path: dict[str, Adapter]) -> None:
+def _check_paths_exist(params: Any, by_path: dict[str, Any]) -> None:
     existing = {_paths.join(keys) for keys, _ in _paths.leaves_with_paths(params)}
     missing = [p for p in by_path if p not in existing]
     if missing:
@@ -283,21 +285,13 @@ def _check_paths_exist(params: Any, by_path: dict[str, Adapter]) -> None:
         )
 
 
-def _stop_gradient(params: Any, is_trainable) -> Any:
-    if is_trainable is None:
-        return jax.lax.stop_gradient(params)
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, x: x if is_trainable(_paths.join(_paths.keys_of(kp)), x) else jax.lax.stop_gradient(x), params
-    )
-
-
 def _module_of(path: str) -> tuple:
     """The module path owning a kernel path, as ``Module.path`` spells it."""
     keys = path.split("/")[:-1]
     return tuple(keys)
 
 
-def _inject(params: dict, adapters: dict[str, Adapter]) -> dict:
+def _inject(params: dict, adapters: dict[str, Any]) -> dict:
     """``params`` with each adapter added beside its kernel as ``'<name>@lora'``."""
     out = dict(params)
     for path, adapter in adapters.items():
@@ -310,7 +304,7 @@ def _inject(params: dict, adapters: dict[str, Adapter]) -> dict:
     return out
 
 
-def _merge_kernels(params: dict, adapters: dict[str, Adapter]) -> dict:
+def _merge_kernels(params: dict, adapters: dict[str, Any]) -> dict:
     if not adapters:
         return params
     return _merge.apply_lora(params, _paths.nest((tuple(p.split("/")), ad) for p, ad in adapters.items()))

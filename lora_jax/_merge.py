@@ -1,4 +1,5 @@
-"""``apply_lora`` / ``unmerge``: fold adapters into their kernels and back out again."""
+"""``apply_lora`` / ``unmerge``: fold adapters into their kernels and back out again, each
+through its kind's ``merge``/``unmerge``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from lora_jax import _adapter, _paths
 
 
 def apply_lora(params: Any, adapters: Any) -> Any:
-    """The merged tree: each targeted kernel ``W`` replaced by ``W + scale · a ⋅ b``.
+    """The merged tree: each targeted kernel ``W`` replaced by ``W + scale · a ⋅ b``
+    (or what another adapter kind merges to, e.g. a :class:`FullWeight`'s value).
 
     The sum is accumulated in float32 at full matmul precision and cast back to ``W``'s
     dtype; every other leaf is passed through as it is. The result has the structure and
@@ -29,7 +31,8 @@ def apply_lora(params: Any, adapters: Any) -> Any:
     Raises:
       ValueError: if an adapter names a path missing from ``params`` or its shape does not
         fit the kernel there (every such path is listed).
-      TypeError: if ``adapters`` holds something other than :class:`Adapter` leaves.
+      TypeError: if ``adapters`` holds something other than adapters (:class:`Adapter` or
+        another registered kind).
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -38,7 +41,7 @@ def apply_lora(params: Any, adapters: Any) -> Any:
       >>> bool((lj.apply_lora(params, ad)["dense"]["kernel"] == 1).all())  # b = 0
       True
     """
-    return _fold(params, adapters, sign=1.0, where="lora_jax.apply_lora")
+    return _fold(params, adapters, inverse=False, where="lora_jax.apply_lora")
 
 
 def unmerge(merged: Any, adapters: Any) -> Any:
@@ -55,7 +58,8 @@ def unmerge(merged: Any, adapters: Any) -> Any:
       The base parameter tree.
 
     Raises:
-      ValueError, TypeError: as :func:`apply_lora`.
+      ValueError, TypeError: as :func:`apply_lora`; a ``ValueError`` also for a kind that
+        cannot be unmerged (a :class:`FullWeight` replaced its base value).
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -66,38 +70,47 @@ def unmerge(merged: Any, adapters: Any) -> Any:
       >>> bool(jnp.allclose(back["dense"]["kernel"], 1.0))
       True
     """
-    return _fold(merged, adapters, sign=-1.0, where="lora_jax.unmerge")
+    return _fold(merged, adapters, inverse=True, where="lora_jax.unmerge")
 
 
-@functools.partial(jax.jit, static_argnames="sign")
-def fold_kernel(kernel: jax.Array, adapter: _adapter.Adapter, sign: float) -> jax.Array:
-    """``kernel + sign · scale · ΔW``, accumulated in float32, in ``kernel``'s dtype."""
-    out = kernel.astype(jnp.float32) + sign * _adapter.delta(adapter)
-    return out.astype(kernel.dtype)
+@functools.partial(jax.jit, static_argnames="inverse")
+def fold_kernel(kernel: jax.Array, adapter: Any, inverse: bool = False) -> jax.Array:
+    """The kind's merge (or unmerge) of one kernel, computed in float32, in ``kernel``'s dtype."""
+    kind = _adapter.kind_of(adapter)
+    fold = kind.unmerge if inverse else kind.merge
+    return fold(kernel.astype(jnp.float32), adapter).astype(kernel.dtype)
 
 
-def _fold(params: Any, adapters: Any, sign: float, where: str) -> Any:
+def _fold(params: Any, adapters: Any, inverse: bool, where: str) -> Any:
     by_path = adapters_by_path(adapters, where)
     check_fit(params, by_path, where)
+    if inverse:
+        final = [p for p, ad in by_path.items() if _adapter.kind_of(ad).unmerge is None]
+        if final:
+            raise ValueError(
+                f"{where}: these adapters replaced their base values, which cannot be recovered from the "
+                "merged tree: " + ", ".join(f"{p!r} ({type(by_path[p]).__name__})" for p in final)
+                + ". Keep the base tree instead of unmerging."
+            )
 
     def fold(keypath, leaf):
         adapter = by_path.get(_paths.join(_paths.keys_of(keypath)))
-        return leaf if adapter is None else fold_kernel(leaf, adapter, sign)
+        return leaf if adapter is None else fold_kernel(leaf, adapter, inverse)
 
     return jax.tree_util.tree_map_with_path(fold, params)
 
 
-def check_fit(params: Any, by_path: dict[str, _adapter.Adapter], where: str) -> None:
+def check_fit(params: Any, by_path: dict[str, Any], where: str) -> None:
     """Raise a ``ValueError`` listing every adapter whose kernel is missing or mis-shaped."""
     shapes = {_paths.join(k): tuple(getattr(leaf, "shape", ())) for k, leaf in _paths.leaves_with_paths(params)}
     problems = []
     for path, adapter in by_path.items():
         if path not in shapes:
             problems.append(f"{path!r}: no such parameter")
-        elif shapes[path] != adapter.kernel_shape:
+        elif shapes[path] != _adapter.kernel_shape(adapter):
             problems.append(
-                f"{path!r}: the kernel has shape {shapes[path]}, the adapter (a {tuple(adapter.a.shape)}, "
-                f"b {tuple(adapter.b.shape)}, roles {adapter.roles}) fits shape {adapter.kernel_shape}"
+                f"{path!r}: the kernel has shape {shapes[path]}, the adapter ({describe(adapter)}) fits shape "
+                f"{_adapter.kernel_shape(adapter)}"
             )
     if any(p.endswith("no such parameter") for p in problems):
         problems.append(f"(params has e.g. {', '.join(repr(p) for p in list(shapes)[:3]) or 'nothing'})")
@@ -105,13 +118,20 @@ def check_fit(params: Any, by_path: dict[str, _adapter.Adapter], where: str) -> 
         raise ValueError(f"{where}: adapters do not fit params:" + "".join(f"\n  {p}" for p in problems))
 
 
-def adapters_by_path(adapters: Any, where: str) -> dict[str, _adapter.Adapter]:
-    """``{path: Adapter}`` of an adapter tree, checking every leaf is an :class:`Adapter`."""
+def describe(adapter: Any) -> str:
+    """``a (8, 2), b (2, 4), roles ('in', 'out')``: an adapter's arrays and roles, for messages."""
+    parts = [f"{n} {tuple(getattr(x, 'shape', ()))}" for n, x in _adapter.arrays(adapter).items()]
+    roles = _adapter.static(adapter).get("roles")
+    return ", ".join(parts + ([f"roles {roles}"] if roles is not None else []))
+
+
+def adapters_by_path(adapters: Any, where: str) -> dict[str, Any]:
+    """``{path: adapter}`` of an adapter tree, checking every leaf is an adapter."""
     flat = _paths.leaves_with_paths(adapters, is_leaf=_adapter.is_adapter)
     wrong = [f"{_paths.join(k)!r} ({type(leaf).__name__})" for k, leaf in flat if not _adapter.is_adapter(leaf)]
     if wrong:
         raise TypeError(
-            f"{where}: adapters must be a tree of lora_jax.Adapter (from lj.init or lj.load); "
+            f"{where}: adapters must be a tree of adapters such as lora_jax.Adapter (from lj.init or lj.load); "
             f"found other leaves at: {', '.join(wrong)}."
         )
     return {_paths.join(k): leaf for k, leaf in flat}

@@ -59,28 +59,32 @@ def nest(items: Iterable[tuple[Keys, Any]]) -> dict:
     return root
 
 
-def compile_pattern(pattern: Pattern | None, what: str) -> Callable[[str, Any], bool] | None:
+def compile_pattern(pattern: Pattern | None, what: str, where: str) -> Callable[[str, Any], bool] | None:
     """A predicate ``(path, leaf) -> bool`` from a regex, a list of regexes or a callable.
 
-    Regexes are matched with ``re.fullmatch`` against the whole path.
+    Regexes are matched with ``re.fullmatch`` against the whole path; errors name ``where``,
+    the function the user called, and ``what``, its argument.
     """
     if pattern is None:
         return None
     if callable(pattern):
         return pattern
-    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    try:
+        patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    except TypeError:
+        patterns = [pattern]  # reported below
     compiled = []
     for p in patterns:
         if not isinstance(p, str):
             raise TypeError(
-                f"lora_jax.LoraConfig: {what} must be a regex string, a list of regex strings "
+                f"{where}: {what} must be a regex string, a list of regex strings "
                 f"or a callable(path, leaf) -> bool; found an element {p!r} of type "
                 f"{type(p).__name__}."
             )
         try:
             compiled.append(re.compile(p))
         except re.error as e:
-            raise ValueError(f"lora_jax.LoraConfig: {what} pattern {p!r} is not a valid regex: {e}.") from None
+            raise ValueError(f"{where}: {what} pattern {p!r} is not a valid regex: {e}.") from None
     return lambda path, leaf: any(c.fullmatch(path) for c in compiled)
 
 

@@ -13,12 +13,18 @@ so ``A = aᵀ`` and ``B = bᵀ`` (a Flax N-D kernel flattened to its ``(in, out)
 ``scale = lora_alpha / r`` (``/ √r`` with ``use_rslora``), ``r`` and ``lora_alpha`` per module
 from ``rank_pattern``/``alpha_pattern``. A Flax path maps to a module name by dropping the
 final ``kernel``/``embedding`` and joining with ``.``; ``name_map`` overrides that.
+
+Parameters trained fully (:class:`FullWeight`, PEFT's ``modules_to_save``) are stored whole
+as ``base_model.model.<m>.weight``/``.bias`` in PyTorch's layout, their modules listed under
+``modules_to_save``. The weights file records a hash of the config it was written with, so a
+config and weights from different writes are never read as a pair.
 """
 
 from __future__ import annotations
 
 import collections
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -27,18 +33,21 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 
-from lora_jax import _adapter, _io, _merge, _paths
-from lora_jax._adapter import Adapter
+from lora_jax import _adapter, _merge, _paths, _safetensors, _torch
+from lora_jax._full import FullWeight
+from lora_jax._lora import Adapter
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _KEY = re.compile(
     r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)"
 )
+_WHOLE = re.compile(r"base_model\.model\.(?P<name>(?P<module>.+)\.[^.]+)")
+_CONFIG_HASH = "lora_jax_config_sha256"  # in the weights file's metadata: the config it belongs with
 # Keys PEFT writes that do not change how saved LoRA weights are applied.
 _KNOWN = {
     "peft_type", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout",
@@ -46,21 +55,14 @@ _KNOWN = {
     "revision", "layers_pattern", "layers_to_transform", "exclude_modules", "auto_mapping", "peft_version",
     "loftq_config", "eva_config", "corda_config", "kasa_config", "lora_ga_config", "monteclora_config",
     "megatron_config", "megatron_core", "qalora_group_size", "ensure_weight_tying", "velora_config",
+    "modules_to_save",
 }  # fmt: skip
 # Keys naming PEFT features that change the math; lora_jax imports them only at their neutral value.
 _NEUTRAL = {
-    "use_dora": False, "lora_bias": False, "modules_to_save": None, "trainable_token_indices": None,
+    "use_dora": False, "lora_bias": False, "trainable_token_indices": None,
     "layer_replication": None, "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None,
     "use_bdlora": None, "arrow_config": None,
 }  # fmt: skip
-
-
-def default_name(path: str) -> str:
-    """``'model/layers/0/q_proj/kernel'`` -> ``'model.layers.0.q_proj'``."""
-    keys = path.split("/")
-    if keys[-1] in ("kernel", "embedding") and len(keys) > 1:
-        keys = keys[:-1]
-    return ".".join(keys)
 
 
 def to_peft(
@@ -101,59 +103,73 @@ def to_peft(
     by_path = _merge.adapters_by_path(adapters, "lora_jax.to_peft")
     if not by_path:
         raise ValueError("lora_jax.to_peft: the adapter tree is empty; there is nothing to export.")
-    is_conv = _paths.compile_pattern(conv, "conv")
-    name_of = name_map or default_name
-    tensors, modules, problems = {}, {}, []
-    for path, ad in by_path.items():
+    is_conv = _paths.compile_pattern(conv, "conv", "lora_jax.to_peft")
+    name_of = name_map or _torch.default_name
+    tensors: list[_safetensors.Tensor] = []
+    modules: dict[str, tuple[str, Adapter]] = {}
+    whole: dict[str, str] = {}  # module of each FullWeight -> its path
+    problems = []
+    for path, adapter in by_path.items():
+        kind = _adapter.kind_of(adapter)
+        if isinstance(adapter, FullWeight):
+            try:
+                name, layout, _ = _torch.param_layout(tuple(path.split("/")), tuple(adapter.value.shape), name_of,
+                                                      None, is_conv)  # fmt: skip
+            except ValueError as e:
+                problems.append(f"{path!r}: {e}")
+                continue
+            value = adapter.value
+            shape = tuple(layout(np.empty(value.shape, np.bool_)).shape)
+            produce = lambda value=value, layout=layout: layout(_safetensors.to_host(value))  # noqa: E731
+            tensors.append(_safetensors.Tensor(_PREFIX + name, shape, np.dtype(value.dtype), produce))
+            whole[name.rsplit(".", 1)[0]] = path
+            continue
+        if kind.as_lora is None:
+            problems.append(f"{path!r}: a {type(adapter).__name__} ({kind.name}) has no plain LoRA form for PEFT")
+            continue
+        ad = kind.as_lora(adapter)
         name = name_of(path)
         n_stack = ad.roles.count("stack")
         if n_stack and (n_stack > 1 or "{}" not in name):
             problems.append(f"{path!r}: stacked over {n_stack} axes; name_map must return a name with one '{{}}' "
                             f"for the layer index (got {name!r})")  # fmt: skip
             continue
-        layers = range(ad.a.shape[0]) if n_stack else [None]
-        for i in layers:
+        for i in range(ad.a.shape[0]) if n_stack else [None]:
             module = name.format(i) if n_stack else name
             if module in modules:
                 problems.append(f"{path!r} and {modules[module][0]!r} both map to module {module!r}")
                 continue
-            a = np.asarray(ad.a if i is None else ad.a[i])
-            b = np.asarray(ad.b if i is None else ad.b[i])
-            tensors.update(_to_torch(module, kind_of(path, ad.roles[n_stack:], is_conv), a, b))
+            a, b = (ad.a, ad.b) if i is None else (ad.a[i], ad.b[i])
+            layer = _torch.layer_kind(path, ad.roles[n_stack:], is_conv)
+            shapes = _torch.lora_to_torch(layer, np.empty(a.shape, np.bool_), np.empty(b.shape, np.bool_))
+            for suffix, shape in shapes.items():
+                produce = lambda a=a, b=b, layer=layer, suffix=suffix: _torch.lora_to_torch(  # noqa: E731
+                    layer, _safetensors.to_host(a), _safetensors.to_host(b)
+                )[suffix]
+                tensors.append(_safetensors.Tensor(f"{_PREFIX}{module}.{suffix}", shape.shape, np.dtype(a.dtype),
+                                                   produce))  # fmt: skip
             modules[module] = (path, ad)
+    clash = sorted(set(whole) & set(modules))
+    problems += [f"module {m!r} is both LoRA-adapted and trained fully ({whole[m]!r})" for m in clash]
     if problems:
         raise ValueError("lora_jax.to_peft: cannot export:" + "".join(f"\n  {p}" for p in problems))
-    config = _config(modules, base_model_name_or_path, task_type)
+    config = _config(modules, sorted(whole), base_model_name_or_path, task_type)
+    try:
+        config_bytes = json.dumps(config, indent=2, sort_keys=True, allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"lora_jax.to_peft: the adapter config cannot be written as JSON ({e}).") from None
     os.makedirs(directory, exist_ok=True)
-    _io.atomic_write(os.path.join(directory, WEIGHTS), safetensors.numpy.save(tensors, metadata={"format": "pt"}))
-    _io.atomic_write(os.path.join(directory, CONFIG), json.dumps(config, indent=2, sort_keys=True).encode())
+    # The weights first, then the config: each replaced atomically, and the weights record the
+    # config's hash, so a crash between the two renames is detected by from_peft.
+    meta = {"format": "pt", _CONFIG_HASH: hashlib.sha256(config_bytes).hexdigest()}
+    _safetensors.write(os.path.join(directory, WEIGHTS), tensors, meta, "lora_jax.to_peft")
+    if jax.process_index() == 0:
+        _safetensors.atomic_write(os.path.join(directory, CONFIG), lambda f: f.write(config_bytes))
 
 
-def kind_of(path: str, roles: tuple[str, ...], is_conv) -> str:
-    """``"embedding"``, ``"conv"`` or ``"linear"``: how PyTorch lays out this kernel."""
-    if path.split("/")[-1] == "embedding":
-        return "embedding"
-    all_in_but_last = roles[-1] == "out" and all(r == "in" for r in roles[:-1])
-    if is_conv is not None:
-        return "conv" if is_conv(path, None) and all_in_but_last else "linear"
-    return "conv" if all_in_but_last and len(roles) in (4, 5) else "linear"
-
-
-def _to_torch(module: str, kind: str, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
-    key = _PREFIX + module
-    r = a.shape[-1]
-    if kind == "embedding":
-        return {f"{key}.lora_embedding_A": a.T.copy(), f"{key}.lora_embedding_B": b.T.copy()}
-    if kind == "conv":  # a (k..., cin, r) -> (r, cin, k...); b (r, cout) -> (cout, r, 1...)
-        n = a.ndim - 2
-        lora_a = np.transpose(a, (n + 1, n, *range(n)))
-        lora_b = b.T.reshape(b.shape[1], r, *(1,) * n)
-        return {f"{key}.lora_A.weight": np.ascontiguousarray(lora_a), f"{key}.lora_B.weight": lora_b.copy()}
-    return {f"{key}.lora_A.weight": a.reshape(-1, r).T.copy(), f"{key}.lora_B.weight": b.reshape(r, -1).T.copy()}
-
-
-def _config(modules: dict[str, tuple[str, Adapter]], base_model: str | None, task_type: str | None) -> dict:
-    ads = [ad for _, ad in modules.values()]
+def _config(modules: dict[str, tuple[str, Adapter]], whole: list[str], base_model: str | None,
+            task_type: str | None) -> dict:  # fmt: skip
+    ads = [ad for _, ad in modules.values()] or [Adapter(np.zeros((1, 1)), np.zeros((1, 1)), rank=1, alpha=1.0)]
     rslora = {ad.rslora for ad in ads}
     if len(rslora) > 1:
         raise ValueError("lora_jax.to_peft: adapters mix rsLoRA and plain LoRA scaling; PEFT has one use_rslora flag.")
@@ -165,7 +181,7 @@ def _config(modules: dict[str, tuple[str, Adapter]], base_model: str | None, tas
         "rank_pattern": {m: ad.rank for m, (_, ad) in sorted(modules.items()) if ad.rank != r},
         "alpha_pattern": {m: ad.alpha for m, (_, ad) in sorted(modules.items()) if ad.alpha != alpha},
         "lora_dropout": common(ad.dropout for ad in ads), "bias": "none", "fan_in_fan_out": False,
-        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": whole or None,
         "base_model_name_or_path": base_model, "task_type": task_type,
     }  # fmt: skip
 
@@ -214,25 +230,36 @@ def from_peft(
       (8, 2)
     """
     directory = os.fspath(directory)
-    config = _read_config(directory)
+    config, config_bytes = _read_config(directory)
     weights_path = os.path.join(directory, WEIGHTS)
     if not os.path.isfile(weights_path):
         pickled = os.path.isfile(os.path.join(directory, "adapter_model.bin"))
         hint = " (a pickled adapter_model.bin is never read: save with safe_serialization=True)" if pickled else ""
         raise FileNotFoundError(f"lora_jax.from_peft: no {WEIGHTS} in {directory!r}{hint}.")
-    tensors, _, where = _io.read_safetensors(weights_path, "lora_jax.from_peft", WEIGHTS)
-    parts: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-    unknown = []
-    for key, value in tensors.items():
-        m = _KEY.fullmatch(key)
-        if m is None:
-            unknown.append(key)
-        else:
-            parts[m["module"]][m["part"]] = value
+    name_of = name_map or _torch.default_name
+    saved = _saved_modules(config)
+    with _safetensors.reading(weights_path, "lora_jax.from_peft", WEIGHTS) as f:
+        where = f.where
+        expected = f.metadata.get(_CONFIG_HASH)
+        if expected is not None and expected != hashlib.sha256(config_bytes).hexdigest():
+            raise ValueError(
+                f"{where} was written with another {CONFIG} than the one beside it (an interrupted "
+                "lora_jax.to_peft?); write the adapter again."
+            )
+        parts: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+        whole, unknown = {}, []
+        for key in f.names:
+            m, w = _KEY.fullmatch(key), _WHOLE.fullmatch(key)
+            if m is not None:
+                parts[m["module"]][m["part"]] = f.get(key)
+            elif w is not None and any(w["module"] == s or w["module"].endswith("." + s) for s in saved):
+                whole[w["name"]] = f.get(key)
+            else:
+                unknown.append(key)
     if unknown:
-        raise ValueError(f"{where} holds keys that are not LoRA A/B weights (lora_jax imports only those): "
-                         f"{sorted(unknown)[:5]}")  # fmt: skip
-    kernels = _kernels_by_module(params, name_map or default_name)
+        raise ValueError(f"{where} holds keys that are neither LoRA A/B weights nor parameters of the config's "
+                         f"modules_to_save {saved}: {sorted(unknown)[:5]}")  # fmt: skip
+    kernels = _kernels_by_module(params, name_of)
     problems, leaves = [], []
     for module, part in sorted(parts.items()):
         if module not in kernels:
@@ -243,23 +270,45 @@ def from_peft(
             leaves.append((module, _from_torch(module, part, kernels[module], config, roles, dtype)))
         except _Mismatch as e:
             problems.append(f"module {module!r} -> {kernels[module][0]!r}: {e}")
+    full = []
+    if whole:
+        names = _torch.param_names(params, name_of, roles, None)
+        for name, value in sorted(whole.items()):
+            if name not in names:
+                near = difflib.get_close_matches(name, list(names), n=3, cutoff=0.3)
+                problems.append(f"{name!r} (modules_to_save) matches no parameter of params (nearest: {near})")
+                continue
+            keys, shape, inverse = names[name]
+            if value.size != math.prod(shape):
+                problems.append(f"{name!r} (modules_to_save) has shape {value.shape}, {_paths.join(keys)!r} is {shape}")
+                continue
+            cast = value if dtype is None else value.astype(dtype)
+            full.append((keys, FullWeight(jnp.asarray(inverse(cast)))))
     if problems:
         raise ValueError(f"{where} does not fit params:" + "".join(f"\n  {p}" for p in problems)
                          + "\nPass name_map (path -> module name) if the names differ from the default.")  # fmt: skip
-    return _assemble(leaves, kernels)
+    return _assemble(leaves, kernels, full)
+
+
+def _saved_modules(config: dict) -> list[str]:
+    saved = config.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
+        raise ValueError(f"lora_jax.from_peft: modules_to_save {saved!r} is not a list of module names.")
+    return saved
 
 
 class _Mismatch(Exception):
     pass
 
 
-def _read_config(directory: str) -> dict:
+def _read_config(directory: str) -> tuple[dict, bytes]:
     path = os.path.join(directory, CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"lora_jax.from_peft: no {CONFIG} in {directory!r}.")
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
+        config = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"lora_jax.from_peft: {path!r} is not valid JSON ({e}).") from None
     if not isinstance(config, dict):
@@ -281,7 +330,7 @@ def _read_config(directory: str) -> dict:
     extra = sorted(set(config) - _KNOWN - set(_NEUTRAL))
     if extra:
         warnings.warn(f"lora_jax.from_peft: ignoring unknown adapter_config.json keys {extra}.", stacklevel=3)
-    return config
+    return config, raw
 
 
 def _kernels_by_module(params: Any, name_of: Callable[[str], str]) -> dict[str, tuple]:
@@ -326,8 +375,7 @@ def _from_torch(module: str, part: dict, kernel: tuple, config: dict, roles: Map
     elif conv:  # (r, cin, k...) -> (k..., cin, r); (cout, r, 1...) -> (r, cout)
         n = lora_a.ndim - 2
         kernel_roles = ("in",) * (n + 1) + ("out",)
-        a = np.transpose(lora_a, (*range(2, n + 2), 1, 0))
-        b = lora_b.reshape(lora_b.shape[0], r).T
+        a, b = _torch.conv_lora_from_torch(lora_a, lora_b)
     else:
         kernel_roles = _linear_roles(path, shape, lora_a.shape[1], lora_b.shape[0], roles)
         a, b = lora_a.T, lora_b.T
@@ -344,14 +392,6 @@ def _from_torch(module: str, part: dict, kernel: tuple, config: dict, roles: Map
     )  # fmt: skip
 
 
-def roles_of(path: str, shape: tuple, roles: Mapping | None) -> tuple[str, ...]:
-    """:func:`_adapter.roles_for`, or a ``ValueError`` for an N-D kernel without roles."""
-    found = _adapter.roles_for(path, shape, roles)
-    if found is None:
-        raise ValueError(f"the kernel {shape} has more than 2 axes and no roles; pass roles=lj.axis_roles(model, ...)")
-    return found
-
-
 def _linear_roles(path: str, shape: tuple, fan_in: int, fan_out: int, roles: Mapping | None) -> tuple[str, ...]:
     """Roles for a kernel read from a PEFT ``Linear``: given, 2-D, or the one in/out split of its shape."""
     given = _adapter.roles_for(path, shape, roles)
@@ -364,9 +404,10 @@ def _linear_roles(path: str, shape: tuple, fan_in: int, fan_out: int, roles: Map
     return ("in",) * splits[0] + ("out",) * (len(shape) - splits[0])
 
 
-def _assemble(leaves: list[tuple[str, Adapter]], kernels: dict) -> dict:
+def _assemble(leaves: list[tuple[str, Adapter]], kernels: dict, full: list) -> dict:
     """Nest per-module adapters by kernel path, restacking the layers of stacked kernels."""
-    whole, stacked = [], collections.defaultdict(dict)
+    whole: list = list(full)
+    stacked: dict = collections.defaultdict(dict)
     for module, ad in leaves:
         path, _, layer, keys = kernels[module]
         if layer is None:
@@ -386,6 +427,5 @@ def _assemble(leaves: list[tuple[str, Adapter]], kernels: dict) -> dict:
             )
         a = jnp.stack([layers[i].a for i in range(n)])
         b = jnp.stack([layers[i].b for i in range(n)])
-        whole.append((keys, Adapter(a, b, rank=first.rank, alpha=first.alpha, roles=("stack",) + first.roles,
-                                    rslora=first.rslora, dropout=first.dropout)))  # fmt: skip
+        whole.append((keys, _adapter.replace(first, a=a, b=b, roles=("stack",) + first.roles)))
     return _paths.nest(whole)

@@ -1,9 +1,11 @@
 """``adapter_shardings``: adapters sharded like their kernels, for SPMD training on a mesh.
 
-For a kernel sharded by ``PartitionSpec(s_0, …, s_n)`` (one entry per kernel axis), ``a``
-gets the specs of the kernel's stack and in axes plus ``None`` for the rank axis, and ``b``
-gets the stack specs, ``None`` for the rank, and the out-axis specs. FSDP (a sharded ``in``
-axis) thus shards ``a``; tensor parallelism over ``out`` shards ``b``; nothing is gathered.
+For a kernel sharded by ``PartitionSpec(s_0, …, s_n)`` (one entry per kernel axis), each
+adapter array takes the entry of the kernel axis each of its axes follows (its kind's
+``axes``), ``None`` for its own axes. For LoRA, ``a`` gets the specs of the kernel's stack and
+in axes plus ``None`` for the rank axis, and ``b`` the stack specs, ``None`` for the rank, and
+the out-axis specs. FSDP (a sharded ``in`` axis) thus shards ``a``; tensor parallelism over
+``out`` shards ``b``; nothing is gathered.
 """
 
 from __future__ import annotations
@@ -13,26 +15,26 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lora_jax import _merge, _paths
-from lora_jax._adapter import Adapter
+from lora_jax import _adapter, _merge, _paths
 
 
-def adapter_shardings(adapters: Any, param_shardings: Any, *, mesh: Mesh | None = None) -> dict:
-    """The shardings of each adapter's ``a`` and ``b``, derived from its kernel's sharding.
+def adapter_shardings(param_shardings: Any, adapters: Any, *, mesh: Mesh | None = None) -> dict:
+    """The shardings of each adapter's arrays, derived from its kernel's sharding.
 
     Args:
-      adapters: an adapter tree (concrete, or abstract from ``jax.eval_shape(lj.init…)``).
       param_shardings: a tree like ``params`` whose leaves are ``NamedSharding`` or
         ``PartitionSpec`` (e.g. what ``nn.get_partition_spec`` or your sharding rules give).
+      adapters: an adapter tree (concrete, or abstract from ``jax.eval_shape(lj.init…)``).
       mesh: turns ``PartitionSpec`` leaves into ``NamedSharding`` on this mesh (and checks
         their axis names); without it, specs stay specs.
 
     Returns:
-      A tree like ``adapters`` whose ``Adapter`` leaves hold shardings in place of ``a`` and
-      ``b``: pass it as ``out_shardings`` of a jitted ``init``, to ``jax.device_put``, or to
+      A tree like ``adapters`` whose adapters hold shardings in place of their arrays: pass
+      it as ``out_shardings`` of a jitted ``init``, to ``jax.device_put``, or to
       :func:`load`.
 
     Raises:
+      TypeError: if the arguments come in the old order ``(adapters, param_shardings)``.
       ValueError: if ``param_shardings`` has no sharding for an adapted kernel, a spec has
         more entries than the kernel has axes, or names an axis the mesh lacks (every
         problem listed).
@@ -42,26 +44,34 @@ def adapter_shardings(adapters: Any, param_shardings: Any, *, mesh: Mesh | None 
       >>> from jax.sharding import PartitionSpec as P
       >>> params = {"mlp": {"kernel": jnp.ones((8, 4))}}
       >>> lora = lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2))
-      >>> s = lj.adapter_shardings(lora, {"mlp": {"kernel": P("fsdp", "tensor")}})
+      >>> s = lj.adapter_shardings({"mlp": {"kernel": P("fsdp", "tensor")}}, lora)
       >>> s["mlp"]["kernel"].a, s["mlp"]["kernel"].b
       (P('fsdp', None), P(None, 'tensor'))
     """
-    _merge.adapters_by_path(adapters, "lora_jax.adapter_shardings")  # type-checks the leaves
+    if jax.tree.leaves(param_shardings, is_leaf=_adapter.is_adapter) and all(
+        _adapter.is_adapter(x) for x in jax.tree.leaves(param_shardings, is_leaf=_adapter.is_adapter)
+    ):
+        raise TypeError(
+            "lora_jax.adapter_shardings: the first argument holds adapters; the order is "
+            "adapter_shardings(param_shardings, adapters), params before adapters as everywhere in lora_jax."
+        )
+    by_path = _merge.adapters_by_path(adapters, "lora_jax.adapter_shardings")  # type-checks the leaves
     flat = _paths.leaves_with_paths(param_shardings, is_leaf=lambda x: isinstance(x, (NamedSharding, PartitionSpec)))
     given = {_paths.join(keys): s for keys, s in flat}
     problems, leaves = [], []
-    for keys, ad in _paths.leaves_with_paths(adapters, is_leaf=lambda x: isinstance(x, Adapter)):
+    for keys, ad in _paths.leaves_with_paths(adapters, is_leaf=_adapter.is_adapter):
         path = _paths.join(keys)
+        n_axes = len(_adapter.kernel_shape(by_path[path]))
         sharding = given.get(path)
         if not isinstance(sharding, (NamedSharding, PartitionSpec)):
             problems.append(f"{path!r}: no NamedSharding or PartitionSpec in param_shardings (found {sharding!r})")
             continue
         spec = sharding.spec if isinstance(sharding, NamedSharding) else sharding
         on = sharding.mesh if isinstance(sharding, NamedSharding) else mesh
-        if len(spec) > len(ad.roles):
-            problems.append(f"{path!r}: {spec} has more entries than the kernel's {len(ad.roles)} axes")
+        if len(spec) > n_axes:
+            problems.append(f"{path!r}: {spec} has more entries than the kernel's {n_axes} axes")
             continue
-        spec = tuple(spec) + (None,) * (len(ad.roles) - len(spec))
+        spec = tuple(spec) + (None,) * (n_axes - len(spec))
         if on is not None:
             unknown = sorted({n for entry in spec for n in _names(entry)} - set(on.axis_names))
             if unknown:
@@ -69,10 +79,10 @@ def adapter_shardings(adapters: Any, param_shardings: Any, *, mesh: Mesh | None 
                     f"{path!r}: {PartitionSpec(*spec)} names mesh axes {unknown}, the mesh has {on.axis_names}"
                 )
                 continue
-        a_spec, b_spec = _factor_specs(spec, ad.roles)
+        specs = {name: PartitionSpec(*entries) for name, entries in _adapter.array_specs(ad, spec).items()}
         if on is not None:
-            a_spec, b_spec = NamedSharding(on, a_spec), NamedSharding(on, b_spec)
-        leaves.append((keys, _with_arrays(ad, a_spec, b_spec)))
+            specs = {name: NamedSharding(on, s) for name, s in specs.items()}
+        leaves.append((keys, _adapter.replace(ad, **specs)))
     if problems:
         raise ValueError(
             "lora_jax.adapter_shardings: cannot shard the adapters:" + "".join(f"\n  {p}" for p in problems)
@@ -80,19 +90,10 @@ def adapter_shardings(adapters: Any, param_shardings: Any, *, mesh: Mesh | None 
     return _paths.nest(leaves)
 
 
-def _factor_specs(spec: tuple, roles: tuple[str, ...]) -> tuple[PartitionSpec, PartitionSpec]:
-    of = lambda role: tuple(e for e, r in zip(spec, roles) if r == role)  # noqa: E731
-    return PartitionSpec(*of("stack"), *of("in"), None), PartitionSpec(*of("stack"), None, *of("out"))
-
-
 def _names(entry: Any) -> tuple[str, ...]:
     if entry is None:
         return ()
     return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
-
-
-def _with_arrays(ad: Adapter, a: Any, b: Any) -> Adapter:
-    return Adapter(a, b, rank=ad.rank, alpha=ad.alpha, roles=ad.roles, rslora=ad.rslora, dropout=ad.dropout)
 
 
 def place(tree: Any, shardings: Any, where: str) -> Any:
@@ -103,6 +104,6 @@ def place(tree: Any, shardings: Any, where: str) -> Any:
     if want != have or specs:
         raise ValueError(
             f"{where}: shardings must be a tree of NamedSharding shaped like the adapters; found {want} for "
-            f"adapters {have}. Build them with lj.adapter_shardings(adapters, param_shardings, mesh=mesh)."
+            f"adapters {have}. Build them with lj.adapter_shardings(param_shardings, adapters, mesh=mesh)."
         )
     return jax.device_put(tree, shardings)

@@ -9,18 +9,20 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from lora_jax import _merge
+from lora_jax import _adapter, _merge
 
 
 class TargetSummary(NamedTuple):
-    """One adapted kernel: its path and shape, the adapter's rank, scale and size."""
+    """One adapted parameter: its path and shape, the adapter's rank and scale (``None`` for
+    a kind without them, such as :class:`FullWeight`), size and kind."""
 
     path: str
     kernel_shape: tuple[int, ...]
-    rank: int
-    scale: float
+    rank: int | None
+    scale: float | None
     params: int
     bytes: int
+    kind: str = "lora"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +45,11 @@ class Summary:
 
     def __str__(self) -> str:
         header = ("target", "kernel shape", "rank", "scale", "params")
-        rows = [(t.path, str(t.kernel_shape), str(t.rank), f"{t.scale:g}", f"{t.params:,}") for t in self.targets]
+        rows = [
+            (t.path, str(t.kernel_shape), "-" if t.rank is None else str(t.rank),
+             "-" if t.scale is None else f"{t.scale:g}", f"{t.params:,}")
+            for t in self.targets
+        ]  # fmt: skip
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
         table = [line(header), "  ".join("-" * w for w in widths), *map(line, rows)]
@@ -69,7 +75,7 @@ def summary(params: Any, adapters: Any) -> Summary:
       A :class:`Summary`.
 
     Raises:
-      TypeError: if ``adapters`` holds something other than :class:`Adapter` leaves.
+      TypeError: if ``adapters`` holds something other than adapters.
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -88,11 +94,12 @@ def summary(params: Any, adapters: Any) -> Summary:
     targets = tuple(
         TargetSummary(
             path,
-            ad.kernel_shape,
-            ad.rank,
-            ad.scale,
-            _count(ad.a) + _count(ad.b),
-            _nbytes(ad.a) + _nbytes(ad.b),
+            _adapter.kernel_shape(ad),
+            _adapter.static(ad).get("rank"),
+            getattr(ad, "scale", None),
+            sum(map(_count, _adapter.arrays(ad).values())),
+            sum(map(_nbytes, _adapter.arrays(ad).values())),
+            _adapter.kind_of(ad).name,
         )  # fmt: skip
         for path, ad in by_path.items()
     )

@@ -11,7 +11,7 @@ from conftest import randomize
 from flax import nnx
 
 import lora_jax as lj
-from lora_jax import _io
+from lora_jax import _safetensors
 
 
 def _adapters(dtype=jnp.float32):
@@ -127,7 +127,8 @@ def _rewrite(file, tensors, meta):
 
 
 def _read(file):
-    tensors, meta, _ = _io.read_safetensors(file, "test", "file")
+    with _safetensors.reading(file, "test", "file") as f:
+        tensors, meta = {name: f.get(name) for name in f.names}, f.metadata
     return tensors, meta, json.loads(meta["lora_jax"])
 
 
@@ -142,20 +143,33 @@ def test_not_a_lora_jax_file(tmp_path):
     "tamper, match",
     [
         (
-            lambda t, d: d["adapters"]["enc/q/kernel"].update(rank=3),
-            r"'enc/q/kernel': a \(6, 2\) and b \(2, 5\) do not fit rank 3",
+            lambda t, d: d["adapters"]["enc/q/kernel"]["static"].update(rank=3),
+            r"'enc/q/kernel': lora_jax.Adapter: a \(6, 2\) and b \(2, 5\) do not fit: rank 3",
         ),
-        (lambda t, d: d["adapters"]["enc/q/kernel"].update(roles=["in", "sideways"]), r"unknown roles \['sideways'\]"),
-        (lambda t, d: d["adapters"]["enc/q/kernel"].update(roles=["stack", "in", "out"]), r"do not fit roles"),
-        (lambda t, d: d["adapters"]["conv/kernel"].update(alpha=-1), r"'conv/kernel': alpha -1 is not a number > 0"),
-        (lambda t, d: d["adapters"]["conv/kernel"].pop("rank"), r"'conv/kernel': metadata entry lacks \['rank'\]"),
+        (
+            lambda t, d: d["adapters"]["enc/q/kernel"]["static"].update(roles=["in", "sideways"]),
+            r"unknown roles \['sideways'\]",
+        ),
+        (
+            lambda t, d: d["adapters"]["enc/q/kernel"]["static"].update(roles=["stack", "in", "out"]),
+            r"roles \('stack', 'in', 'out'\) need a \(stack..., in..., r\)",
+        ),
+        (
+            lambda t, d: d["adapters"]["conv/kernel"]["static"].update(alpha=-1),
+            r"'conv/kernel': lora_jax.Adapter: alpha must be > 0 and finite, found -1",
+        ),
+        (
+            lambda t, d: d["adapters"]["conv/kernel"]["static"].pop("rank"),
+            r"'conv/kernel': .*missing 1 required keyword-only argument: 'rank'|'conv/kernel': .*'rank'",
+        ),
+        (lambda t, d: d["adapters"]["conv/kernel"].update(kind="dora"), r"adapter kind 'dora' is not registered"),
         (lambda t, d: d["adapters"]["conv/kernel"].update(keys=["x"]), r"metadata keys \['x'\] do not spell the path"),
         (lambda t, d: t.pop("enc/q/kernel/a"), r"'enc/q/kernel': array 'a' is missing"),
         (
             lambda t, d: t.update({"extra/a": np.ones(2, np.float32)}),
             r"'extra/a': an array not described by the metadata",
         ),
-        (lambda t, d: d.update(version=99), r"format version 99, this lora_jax reads version 1"),
+        (lambda t, d: d.update(version=99), r"format version 99, this lora_jax reads versions 1 and 2"),
         (lambda t, d: d.pop("adapters"), r"its lora_jax metadata is not valid"),
     ],
 )
@@ -184,10 +198,10 @@ def test_every_problem_in_one_message(tmp_path):
     lj.save(file, _adapters())
     tensors, _, doc = _read(file)
     tensors.pop("enc/q/kernel/b")
-    doc["adapters"]["conv/kernel"]["rank"] = 0
+    doc["adapters"]["conv/kernel"]["static"]["rank"] = 0
     _rewrite(file, tensors, {"lora_jax": json.dumps(doc)})
     with pytest.raises(
-        ValueError, match=r"(?s)'conv/kernel': rank 0 is not an int >= 1.*'enc/q/kernel': array 'b' is missing"
+        ValueError, match=r"(?s)'conv/kernel': lora_jax.Adapter: rank must be >= 1.*'enc/q/kernel': array 'b' is missing"
     ):
         lj.load(file)
 

@@ -26,10 +26,10 @@ def test_sequences_and_nest_inverse():
 
 
 def test_patterns_fullmatch():
-    match = _paths.compile_pattern(["a/.*/kernel", "head"], "targets")
+    match = _paths.compile_pattern(["a/.*/kernel", "head"], "targets", "test")
     assert match("a/b/kernel", None) and match("head", None)
     assert not match("x/a/b/kernel", None) and not match("a/b/kernel/extra", None) and not match("head2", None)
     assert _paths.first_match({"q": 1, ".*": 2}, "q") == "q"
     assert _paths.first_match({"q": 1}, "k") is None
-    assert _paths.compile_pattern(None, "exclude") is None
+    assert _paths.compile_pattern(None, "exclude", "test") is None
     assert jax.tree.leaves(_paths.nest([])) == []

@@ -1,0 +1,157 @@
+"""The layer table: which layer classes ``wrap`` computes factored, and how.
+
+A layer class maps to a function ``(module, method_name, args, kwargs) -> (param, spec)``
+that describes one call: the name of the parameter the call uses as its kernel and a layer
+spec (:class:`Einsum`, :class:`Conv`, :class:`Lookup`) saying how it applies that kernel to
+its input, or ``None`` when this call cannot be described (the kernel is then merged).
+Lookups follow the class's MRO, so a subclass of ``nn.Dense`` is a ``Dense`` unless it is
+registered itself. Flax Linen's ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv`` and
+``Embed`` are built in; :func:`register_layer` adds any other layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from flax.linen.linear import canonicalize_padding
+
+from lora_jax import _specs
+
+LayerFn = Callable[[Any, str, tuple, dict], "tuple[str, _specs.Spec] | None"]
+_LAYERS: dict[type, LayerFn | None] = {}
+
+
+def register_layer(cls: type, describe: LayerFn | None) -> None:
+    """Teach ``wrap`` (and ``axis_roles``) how a layer class applies its kernel.
+
+    Args:
+      cls: the layer class (subclasses inherit the entry unless registered themselves).
+      describe: ``(module, method_name, args, kwargs) -> (param_name, spec)`` for one call
+        of a method of the layer, ``spec`` one of ``lj.Einsum``, ``lj.Conv``,
+        ``lj.Lookup`` holding the input the kernel is applied to; ``None`` from it (or
+        ``describe=None``) means the call cannot be factored and the kernel is merged.
+
+    Raises:
+      TypeError: if ``cls`` is not a class or ``describe`` neither callable nor ``None``.
+
+    Example:
+      A layer that stores its kernel ``(out, in)`` as PyTorch does (GPT-2's ``Conv1D``):
+
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, lora_jax as lj
+      >>> class Conv1D(nn.Module):
+      ...     features: int
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         w = self.param("kernel", nn.initializers.normal(), (self.features, x.shape[-1]))
+      ...         return x @ w.T
+      >>> lj.register_layer(Conv1D, lambda m, method, args, kwargs: (
+      ...     ("kernel", lj.Einsum("...i,oi->...o", args[0])) if method == "__call__" else None))
+      >>> lj.axis_roles(Conv1D(3), jnp.ones((2, 5)))
+      {'kernel': ('out', 'in')}
+    """
+    if not isinstance(cls, type):
+        raise TypeError(f"lora_jax.register_layer: cls must be a class, found {cls!r}.")
+    if describe is not None and not callable(describe):
+        raise TypeError(f"lora_jax.register_layer: describe must be callable or None, found {describe!r}.")
+    _LAYERS[cls] = describe
+
+
+def describe_call(module: Any, method: str, args: tuple, kwargs: dict) -> tuple[str, _specs.Spec] | None:
+    """``(param, spec)`` of one layer call, from the first class of its MRO in the table."""
+    for cls in type(module).__mro__:
+        if cls in _LAYERS:
+            describe = _LAYERS[cls]
+            return None if describe is None else describe(module, method, args, kwargs)
+    return None
+
+
+def _first_arg(args: tuple, kwargs: dict, name: str) -> Any:
+    return args[0] if args else kwargs[name]
+
+
+def _as_tuple(v: Any) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+def _dense(module: nn.Dense, method: str, args: tuple, kwargs: dict):
+    if method != "__call__":
+        return None
+    return "kernel", _specs.Einsum("...i,io->...o", _first_arg(args, kwargs, "inputs"))
+
+
+def _dense_general(module: nn.DenseGeneral, method: str, args: tuple, kwargs: dict):
+    if method != "__call__":
+        return None
+    x = _first_arg(args, kwargs, "inputs")
+    ndim = jnp.ndim(x)
+    normalize = lambda axes: tuple(sorted(a % ndim for a in _as_tuple(axes)))  # noqa: E731 (sorted, as Flax does)
+    batch, axis = normalize(module.batch_dims), normalize(module.axis)
+    letters = _specs._LETTERS
+    xs = letters[:ndim]
+    outs = letters[ndim : ndim + len(_as_tuple(module.features))]
+    rest = "".join(xs[i] for i in range(ndim) if i not in batch and i not in axis)
+    of = lambda axes: "".join(xs[i] for i in axes)  # noqa: E731
+    return "kernel", _specs.Einsum(f"{xs},{of(batch)}{of(axis)}{outs}->{of(batch)}{rest}{outs}", x)
+
+
+def _einsum(module: nn.Einsum, method: str, args: tuple, kwargs: dict):
+    if method != "__call__":
+        return None
+    x = _first_arg(args, kwargs, "inputs")
+    equation = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+    spec = _specs.Einsum(equation if equation is not None else module.einsum_str, x)
+    try:
+        _specs.roles(spec)
+    except ValueError:
+        return None  # a kernel axis summed on its own: not a linear map of x
+    return "kernel", spec
+
+
+def _conv(module: nn.Conv, method: str, args: tuple, kwargs: dict):
+    """Flax's own preprocessing of a Conv input (batch axes flattened, circular/causal
+    padding done by hand), then the convolution's configuration."""
+    if method != "__call__" or module.feature_group_count != 1 or module.mask is not None:
+        return None
+    x = _first_arg(args, kwargs, "inputs")
+    kernel_size = _as_tuple(module.kernel_size)
+    n = len(kernel_size)
+    broadcast = lambda v: (1,) * n if v is None else (v,) * n if isinstance(v, int) else tuple(v)  # noqa: E731
+    strides, lhs_dilation, rhs_dilation = (
+        broadcast(module.strides), broadcast(module.input_dilation), broadcast(module.kernel_dilation)
+    )
+    n_batch = x.ndim - (n + 1)
+    batch_shape = None
+    if n_batch != 1:
+        batch_shape = x.shape[:n_batch]
+        x = jnp.reshape(x, (-1,) + x.shape[n_batch:])
+    padding = canonicalize_padding(module.padding, n)
+    if padding in ("CIRCULAR", "REFLECT"):
+        dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, rhs_dilation)]
+        pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
+        x = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
+        padding = "VALID"
+    elif padding == "CAUSAL":
+        x = jnp.pad(x, [(0, 0), (rhs_dilation[0] * (kernel_size[0] - 1), 0), (0, 0)])
+        padding = "VALID"
+    return "kernel", _specs.Conv(x, strides, padding, lhs_dilation, rhs_dilation, batch_shape)
+
+
+def _embed(module: nn.Embed, method: str, args: tuple, kwargs: dict):
+    if method == "__call__":
+        ids = _first_arg(args, kwargs, "inputs")
+        if module.num_embeddings == 1:  # Flax broadcasts the one row; so does the branch
+            ids = jnp.zeros(jnp.shape(ids), jnp.int32)
+        return "embedding", _specs.Lookup(ids)
+    if method == "attend":  # q ⋅ Eᵀ: the embedding's out (feature) axis is contracted
+        return "embedding", _specs.Einsum("...f,vf->...v", _first_arg(args, kwargs, "query"), ("in", "out"))
+    return None
+
+
+for _cls, _fn in (
+    (nn.Dense, _dense), (nn.DenseGeneral, _dense_general), (nn.Einsum, _einsum), (nn.Conv, _conv),
+    (nn.Embed, _embed),
+):  # fmt: skip
+    register_layer(_cls, _fn)
