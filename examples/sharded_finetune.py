@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         params = jax.jit(lambda k: model.init(k, sample)["params"], out_shardings=shardings)(jax.random.key(0))
         config = lj.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=TARGETS)
         make = lambda k: lj.init(k, params, config, roles=roles)  # noqa: E731
-        lora_shardings = lj.adapter_shardings(jax.eval_shape(make, jax.random.key(1)), shardings)
+        lora_shardings = lj.adapter_shardings(shardings, jax.eval_shape(make, jax.random.key(1)))
         lora = jax.jit(make, out_shardings=lora_shardings)(jax.random.key(1))
         batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
         step = train_step(model, optax.adam(3e-3), shardings, lora_shardings, batch_sharding)

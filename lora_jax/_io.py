@@ -193,9 +193,14 @@ def _build(cls: type, static: dict, crc: dict, path_str: str, get) -> Any:
             raise _Invalid(f"array {name!r} fails its checksum (the file is corrupt)")
         arrays[name] = jnp.asarray(arr)
     try:
-        return cls(**arrays, **static)
+        adapter = cls(**arrays, **static)
     except (TypeError, ValueError) as e:
         raise _Invalid(str(e)) from None
+    for name, axes in _adapter.kind_of(cls).axes(adapter).items():  # no stack axis may be missing in a file
+        if arrays[name].ndim != len(axes):
+            raise _Invalid(f"array {name!r} {arrays[name].shape} has {arrays[name].ndim} axes, its "
+                           f"{cls.__name__} ({_merge.describe(adapter)}) needs {len(axes)}")  # fmt: skip
+    return adapter
 
 
 def _tuples(value: Any) -> Any:

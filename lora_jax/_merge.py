@@ -131,7 +131,8 @@ def adapters_by_path(adapters: Any, where: str) -> dict[str, Any]:
     wrong = [f"{_paths.join(k)!r} ({type(leaf).__name__})" for k, leaf in flat if not _adapter.is_adapter(leaf)]
     if wrong:
         raise TypeError(
-            f"{where}: adapters must be a tree of adapters such as lora_jax.Adapter (from lj.init or lj.load); "
+            f"{where}: adapters must be a tree of lora_jax.Adapter (or another adapter kind; from lj.init or "
+            "lj.load); "
             f"found other leaves at: {', '.join(wrong)}."
         )
     return {_paths.join(k): leaf for k, leaf in flat}

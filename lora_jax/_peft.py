@@ -16,7 +16,7 @@ final ``kernel``/``embedding`` and joining with ``.``; ``name_map`` overrides th
 
 Parameters trained fully (:class:`FullWeight`, PEFT's ``modules_to_save``) are stored whole
 as ``base_model.model.<m>.weight``/``.bias`` in PyTorch's layout, their modules listed under
-``modules_to_save``. The weights file records a hash of the config it was written with, so a
+``modules_to_save``. The weights file records the config fields that change the math, so a
 config and weights from different writes are never read as a pair.
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import difflib
-import hashlib
 import json
 import math
 import os
@@ -47,7 +46,10 @@ _KEY = re.compile(
     r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)"
 )
 _WHOLE = re.compile(r"base_model\.model\.(?P<name>(?P<module>.+)\.[^.]+)")
-_CONFIG_HASH = "lora_jax_config_sha256"  # in the weights file's metadata: the config it belongs with
+# The weights file's metadata records the config fields that change the math, so that a config
+# and weights from different writes are never read as a pair.
+_PAIRED = "lora_jax_config"
+_MATH = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules", "modules_to_save")
 # Keys PEFT writes that do not change how saved LoRA weights are applied.
 _KNOWN = {
     "peft_type", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout",
@@ -160,8 +162,8 @@ def to_peft(
         raise ValueError(f"lora_jax.to_peft: the adapter config cannot be written as JSON ({e}).") from None
     os.makedirs(directory, exist_ok=True)
     # The weights first, then the config: each replaced atomically, and the weights record the
-    # config's hash, so a crash between the two renames is detected by from_peft.
-    meta = {"format": "pt", _CONFIG_HASH: hashlib.sha256(config_bytes).hexdigest()}
+    # config's fields that change the math, so a crash between the two renames is detected by from_peft.
+    meta = {"format": "pt", _PAIRED: json.dumps({k: config[k] for k in _MATH}, sort_keys=True)}
     _safetensors.write(os.path.join(directory, WEIGHTS), tensors, meta, "lora_jax.to_peft")
     if jax.process_index() == 0:
         _safetensors.atomic_write(os.path.join(directory, CONFIG), lambda f: f.write(config_bytes))
@@ -230,7 +232,7 @@ def from_peft(
       (8, 2)
     """
     directory = os.fspath(directory)
-    config, config_bytes = _read_config(directory)
+    config = _read_config(directory)
     weights_path = os.path.join(directory, WEIGHTS)
     if not os.path.isfile(weights_path):
         pickled = os.path.isfile(os.path.join(directory, "adapter_model.bin"))
@@ -240,12 +242,7 @@ def from_peft(
     saved = _saved_modules(config)
     with _safetensors.reading(weights_path, "lora_jax.from_peft", WEIGHTS) as f:
         where = f.where
-        expected = f.metadata.get(_CONFIG_HASH)
-        if expected is not None and expected != hashlib.sha256(config_bytes).hexdigest():
-            raise ValueError(
-                f"{where} was written with another {CONFIG} than the one beside it (an interrupted "
-                "lora_jax.to_peft?); write the adapter again."
-            )
+        paired = f.metadata.get(_PAIRED)
         parts: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
         whole, unknown = {}, []
         for key in f.names:
@@ -257,8 +254,8 @@ def from_peft(
             else:
                 unknown.append(key)
     if unknown:
-        raise ValueError(f"{where} holds keys that are neither LoRA A/B weights nor parameters of the config's "
-                         f"modules_to_save {saved}: {sorted(unknown)[:5]}")  # fmt: skip
+        raise ValueError(f"{where} holds keys that are not LoRA A/B weights (nor parameters of the config's "
+                         f"modules_to_save {saved}): {sorted(unknown)[:5]}")  # fmt: skip
     kernels = _kernels_by_module(params, name_of)
     problems, leaves = [], []
     for module, part in sorted(parts.items()):
@@ -287,7 +284,24 @@ def from_peft(
     if problems:
         raise ValueError(f"{where} does not fit params:" + "".join(f"\n  {p}" for p in problems)
                          + "\nPass name_map (path -> module name) if the names differ from the default.")  # fmt: skip
+    _check_pair(paired, config, where)
     return _assemble(leaves, kernels, full)
+
+
+def _check_pair(paired: str | None, config: dict, where: str) -> None:
+    """The config fields recorded in the weights (by :func:`to_peft`) are those of the config."""
+    if paired is None:
+        return  # written by PEFT itself
+    try:
+        recorded = json.loads(paired)
+    except ValueError:
+        recorded = {}
+    differ = {k: (recorded.get(k), config.get(k)) for k in _MATH if recorded.get(k) != config.get(k)}
+    if differ:
+        raise ValueError(
+            f"{where} was written together with another {CONFIG} (weights vs config: {differ}); the two files "
+            "come from different writes (an interrupted lora_jax.to_peft?). Write the adapter again."
+        )
 
 
 def _saved_modules(config: dict) -> list[str]:
@@ -301,7 +315,7 @@ class _Mismatch(Exception):
     pass
 
 
-def _read_config(directory: str) -> tuple[dict, bytes]:
+def _read_config(directory: str) -> dict:
     path = os.path.join(directory, CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"lora_jax.from_peft: no {CONFIG} in {directory!r}.")
@@ -330,7 +344,7 @@ def _read_config(directory: str) -> tuple[dict, bytes]:
     extra = sorted(set(config) - _KNOWN - set(_NEUTRAL))
     if extra:
         warnings.warn(f"lora_jax.from_peft: ignoring unknown adapter_config.json keys {extra}.", stacklevel=3)
-    return config, raw
+    return config
 
 
 def _kernels_by_module(params: Any, name_of: Callable[[str], str]) -> dict[str, tuple]:

@@ -72,7 +72,8 @@ def write(path: str | os.PathLike, tensors: Iterable[Tensor], metadata: dict[str
         if f is not None:
             f.write(len(head).to_bytes(8, "little") + head)
         for t in tensors:
-            value = np.ascontiguousarray(to_host(t.produce()))  # every process gathers
+            value = to_host(t.produce())  # every process gathers
+            value = np.ascontiguousarray(value).reshape(value.shape)  # (0-d stays 0-d)
             if value.shape != tuple(t.shape) or value.dtype != t.dtype:
                 raise ValueError(
                     f"{where}: {t.name!r} was declared {t.dtype}{list(t.shape)}, "

@@ -71,10 +71,18 @@ def test_grads_wrt_whole_dict_reach_adapters_only():
 
 
 def test_trainable_base_subtree_gets_gradients():
-    apply = lj.wrap(MODEL.apply, trainable=r"head/.*")
-    grads = jax.grad(lambda v: _xent(apply(v, IDS)))({"params": PARAMS, "lora": _lora()})
-    assert np.any(np.asarray(grads["params"]["head"]["kernel"]))
-    assert not np.any(np.asarray(grads["params"]["block_0"]["fc1"]["kernel"]))
+    apply = lj.wrap(MODEL.apply)
+    lora = _lora(trainable=r"head/.*")
+    variables = {"params": PARAMS, "lora": lora}
+    grads = jax.grad(lambda v: _xent(apply(v, IDS)))(variables)
+    assert np.any(np.asarray(grads["lora"]["head"]["kernel"].value))
+    assert not any(np.any(np.asarray(g)) for g in jax.tree.leaves(grads["params"]))
+    # The fully trained head replaces the base head, as in the merged model.
+    moved = dict(lora, head={"kernel": lj.FullWeight(lora["head"]["kernel"].value + 1.0), "bias": lora["head"]["bias"]})
+    merged = MODEL.apply({"params": lj.apply_lora(PARAMS, moved)}, IDS)
+    np.testing.assert_allclose(apply({"params": PARAMS, "lora": moved}, IDS), merged, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match=r"lora_jax\.wrap: trainable= moved to LoraConfig"):
+        lj.wrap(MODEL.apply, trainable=r"head/.*")
 
 
 def _flops(fn, *args):

@@ -7,10 +7,11 @@ import pytest
 import lora_jax as lj
 
 
-def _setup(mlp, **kw):
+def _setup(mlp, **config):
     model, params, x = mlp
-    variables = {"params": params, "lora": lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2))}
-    tx = lj.optimizer(optax.adam(1e-2), **kw)
+    cfg = lj.LoraConfig(rank=2, **config)
+    variables = {"params": params, "lora": lj.init(jax.random.key(0), params, cfg)}
+    tx = lj.optimizer(optax.adam(1e-2))
     return model, variables, x, tx
 
 
@@ -58,15 +59,20 @@ def test_training_lowers_loss_and_leaves_base_bit_identical(mlp, jit):
 
 
 def test_trainable_base_subtree_like_modules_to_save(mlp):
-    model, variables, x, tx = _setup(mlp, trainable=r"fc2/.*")
+    """Parameters trained fully ride in the adapter tree: the optimizer needs no second list."""
+    model, variables, x, tx = _setup(mlp, targets="fc1/kernel", trainable=r"fc2/.*")
+    head = variables["lora"]["fc2"]
+    assert isinstance(head["kernel"], lj.FullWeight) and isinstance(head["bias"], lj.FullWeight)
+    np.testing.assert_array_equal(head["kernel"].value, variables["params"]["fc2"]["kernel"])
     state = tx.init(variables)
-    n_adapter = sum(a.size for a in jax.tree.leaves(variables["lora"]))
+    n_lora = sum(a.size for a in jax.tree.leaves(variables["lora"]))
     n_head = sum(a.size for a in jax.tree.leaves(variables["params"]["fc2"]))
-    assert sum(a.size for a in jax.tree.leaves(state)) == 2 * (n_adapter + n_head) + 1
+    assert n_lora == n_head + sum(a.size for a in jax.tree.leaves(variables["lora"]["fc1"]))
+    assert sum(a.size for a in jax.tree.leaves(state)) == 2 * n_lora + 1
     grads = jax.grad(_loss(model, x, jnp.ones((5, 3))))(variables)
     updates, _ = tx.update(grads, state, variables)
-    assert np.abs(np.asarray(updates["params"]["fc2"]["kernel"])).max() > 0
-    assert not np.any(np.asarray(updates["params"]["fc1"]["kernel"]))
+    assert np.abs(np.asarray(updates["lora"]["fc2"]["kernel"].value)).max() > 0
+    assert not any(np.any(np.asarray(u)) for u in jax.tree.leaves(updates["params"]))
 
 
 def test_other_collections_are_frozen(mlp):
@@ -90,11 +96,21 @@ def test_not_a_variables_dict(mlp):
 
 
 def test_trainable_matching_nothing(mlp):
-    _, variables, _, tx = _setup(mlp, trainable="head/.*")
-    with pytest.raises(ValueError, match=r"trainable matched no base parameter; they exist e\.g\. as 'fc1/bias'"):
-        tx.init(variables)
+    with pytest.raises(ValueError, match=r"lora_jax\.init: invalid targets\.\ntrainable matched no parameter.*'fc1/bias'"):
+        _setup(mlp, trainable="head/.*")
+
+
+def test_trainable_and_target_at_once(mlp):
+    with pytest.raises(ValueError, match=r"both targets and trainable.*\n  'fc2/kernel'"):
+        _setup(mlp, trainable="fc2/kernel")
 
 
 def test_bad_trainable_pattern():
-    with pytest.raises(ValueError, match=r"trainable pattern '\(' is not a valid regex"):
-        lj.optimizer(optax.sgd(0.1), trainable="(")
+    with pytest.raises(ValueError, match=r"lora_jax\.LoraConfig: trainable pattern '\(' is not a valid regex"):
+        lj.LoraConfig(trainable="(")
+
+
+def test_trainable_keyword_moved_to_the_config():
+    """One source of truth: the optimizer and wrap no longer take their own list."""
+    with pytest.raises(TypeError, match=r"lora_jax\.optimizer: trainable= moved to LoraConfig\(trainable=\.\.\.\)"):
+        lj.optimizer(optax.sgd(0.1), trainable="head/.*")

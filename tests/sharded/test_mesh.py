@@ -56,7 +56,7 @@ def _run(mesh=None, layout=None):
         fsdp, tensor, batch = LAYOUTS[layout]
         specs = param_specs(PARAMS, ROLES, fsdp=fsdp, tensor=tensor)
         shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
-        lora_shardings = lj.adapter_shardings(_trained_lora(), shardings)
+        lora_shardings = lj.adapter_shardings(shardings, _trained_lora())
         step = train_step(MODEL, tx, shardings, lora_shardings, NamedSharding(mesh, batch))
         params = jax.device_put(PARAMS, shardings)
         lora = jax.device_put(_trained_lora(), lora_shardings)
@@ -97,7 +97,7 @@ def test_adapters_carry_their_kernels_shardings(mesh):
 def test_jitted_init_creates_sharded_adapters(mesh):
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(PARAMS, ROLES))
     make = lambda k: lj.init(k, PARAMS, CONFIG, roles=ROLES)  # noqa: E731
-    lora_shardings = lj.adapter_shardings(jax.eval_shape(make, jax.random.key(2)), shardings)
+    lora_shardings = lj.adapter_shardings(shardings, jax.eval_shape(make, jax.random.key(2)))
     lora = jax.jit(make, out_shardings=lora_shardings)(jax.random.key(2))
     eager = make(jax.random.key(2))
     for u, v, s in zip(jax.tree.leaves(lora), jax.tree.leaves(eager), jax.tree.leaves(lora_shardings)):
@@ -120,7 +120,7 @@ def test_tensor_parallel_step_gathers_no_full_kernel(mesh):
 def test_merge_and_unmerge_keep_the_base_sharding(mesh):
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(PARAMS, ROLES))
     params = jax.device_put(PARAMS, shardings)
-    lora = jax.device_put(_trained_lora(), lj.adapter_shardings(_trained_lora(), shardings))
+    lora = jax.device_put(_trained_lora(), lj.adapter_shardings(shardings, _trained_lora()))
     merged = lj.apply_lora(params, lora)
     back = lj.unmerge(merged, lora)
     for m, b, p in zip(jax.tree.leaves(merged), jax.tree.leaves(back), jax.tree.leaves(params)):
@@ -131,7 +131,7 @@ def test_merge_and_unmerge_keep_the_base_sharding(mesh):
 
 def test_sharded_save_load_round_trip(mesh, tmp_path):
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(PARAMS, ROLES))
-    lora_shardings = lj.adapter_shardings(_trained_lora(), shardings)
+    lora_shardings = lj.adapter_shardings(shardings, _trained_lora())
     lora = jax.device_put(_trained_lora(), lora_shardings)
     lj.save(tmp_path / "ad.safetensors", lora)
     loaded = lj.load(tmp_path / "ad.safetensors", shardings=lora_shardings)
@@ -147,18 +147,18 @@ def test_bad_shardings(mesh, tmp_path):
     with pytest.raises(
         ValueError, match=r"'block_1/mlp/fc/kernel': no NamedSharding or PartitionSpec in param_shardings"
     ):
-        lj.adapter_shardings(lora, specs, mesh=mesh)
+        lj.adapter_shardings(specs, lora, mesh=mesh)
     specs = param_specs(PARAMS, ROLES)
     specs["block_0"]["mlp"]["fc"]["kernel"] = P("model", None)
     with pytest.raises(
         ValueError,
         match=r"'block_0/mlp/fc/kernel': P\('model', None\) names mesh axes \['model'\], the mesh has \('data', 'fsdp', 'tensor'\)",
     ):
-        lj.adapter_shardings(lora, specs, mesh=mesh)
+        lj.adapter_shardings(specs, lora, mesh=mesh)
     lj.save(tmp_path / "ad.safetensors", lora)
     with pytest.raises(
         ValueError, match=r"lora_jax\.load: .* shardings must be a tree of NamedSharding shaped like the adapters"
     ):
         lj.load(tmp_path / "ad.safetensors", shardings={"x": NamedSharding(mesh, P())})
     with pytest.raises(ValueError, match=r"shardings must be a tree of NamedSharding"):  # specs need a mesh
-        lj.load(tmp_path / "ad.safetensors", shardings=lj.adapter_shardings(lora, param_specs(PARAMS, ROLES)))
+        lj.load(tmp_path / "ad.safetensors", shardings=lj.adapter_shardings(param_specs(PARAMS, ROLES), lora))
