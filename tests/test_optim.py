@@ -96,7 +96,7 @@ def test_not_a_variables_dict(mlp):
 
 
 def test_trainable_matching_nothing(mlp):
-    with pytest.raises(ValueError, match=r"lora_jax\.init: invalid targets\.\ntrainable matched no parameter.*'fc1/bias'"):
+    with pytest.raises(ValueError, match=r"(?s)lora_jax\.init: invalid targets\.\ntrainable matched no parameter.*'fc1/bias'"):
         _setup(mlp, trainable="head/.*")
 
 
