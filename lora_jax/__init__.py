@@ -21,7 +21,7 @@ from lora_jax._merge import apply_lora, unmerge
 from lora_jax._optim import optimizer
 from lora_jax._peft import from_peft, to_peft
 from lora_jax._sharding import adapter_shardings
-from lora_jax._specs import Conv, Einsum, Lookup
+from lora_jax._specs import Conv, Einsum, Lookup, lowrank
 from lora_jax._summary import Summary, TargetSummary, summary
 
 __version__ = "0.1.0"
@@ -43,6 +43,7 @@ __all__ = [
     "init",
     "kind_of",
     "load",
+    "lowrank",
     "load_params",
     "optimizer",
     "register_kind",

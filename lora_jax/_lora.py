@@ -156,7 +156,7 @@ def delta(ad: Adapter) -> jax.Array:
 def output(layer: _specs.Spec, base: jax.Array, kernel: jax.Array, ad: Adapter, dropout) -> jax.Array:
     """``base + scale · drop(x) ⋅ a ⋅ b``, never forming ``a ⋅ b``."""
     del kernel  # plain LoRA does not read it
-    y = _specs.lowrank(_specs.map_input(layer, dropout), ad.a, ad.b, ad.scale)
+    y = _specs.lowrank(layer, ad.a, ad.b, ad.scale, dropout=dropout)
     return base + y.astype(base.dtype)
 
 

@@ -81,16 +81,33 @@ def map_input(spec: Spec, f) -> Spec:
     return spec._replace(x=f(spec.x)) if isinstance(spec, (Einsum, Conv)) else spec
 
 
-def lowrank(spec: Spec, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-    """``scale · x ⋅ (a ⋅ b)`` in the layer's output layout, computed in ``a``'s dtype.
+def lowrank(spec: Spec, a: jax.Array, b: jax.Array, scale: float, *, dropout=None) -> jax.Array:
+    """``scale · x ⋅ (a ⋅ b)`` for the layer call ``spec``, without forming ``a ⋅ b``: the
+    branch of a LoRA-like adapter kind, in the layer's output layout and ``a``'s dtype.
 
-    ``a`` is ``(stack..., in..., r)``, ``b`` ``(stack..., r, out...)``, their axes in the
-    kernel's axis order (the roles of ``roles(spec)``).
+    Args:
+      spec: the layer call (:class:`Einsum`, :class:`Conv` or :class:`Lookup`).
+      a: ``(stack..., in..., r)``, its axes in the kernel's axis order.
+      b: ``(stack..., r, out...)``.
+      scale: the factor on the product.
+      dropout: a function applied to the layer's floating input first (not to ids).
+
+    Returns:
+      The branch output, shaped like the layer's output.
 
     Raises:
       ValueError: if the layer contracts kernel axes that are neither the adapter's ``in``
         axes nor (for a transposed use) its ``out`` axes.
+
+    Example:
+      >>> import jax.numpy as jnp, lora_jax as lj
+      >>> x, a, b = jnp.ones((2, 3)), jnp.ones((3, 1)), jnp.ones((1, 4))
+      >>> lj.lowrank(lj.Einsum("ni,io->no", x), a, b, 0.5)
+      Array([[1.5, 1.5, 1.5, 1.5],
+             [1.5, 1.5, 1.5, 1.5]], dtype=float32)
     """
+    if dropout is not None:
+        spec = map_input(spec, dropout)
     if isinstance(spec, Einsum):
         return _einsum(spec, a, b, scale)
     if isinstance(spec, Conv):

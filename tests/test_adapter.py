@@ -1,3 +1,4 @@
+import json
 import re
 
 import jax
@@ -68,3 +69,49 @@ def test_roles_problem(roles, shape, match):
 
 def test_roles_problem_accepts_valid():
     assert _adapter.roles_problem(("stack", "in", "out"), (2, 3, 4)) is None
+
+
+# ---- invariants ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw, error, match",
+    [
+        (dict(rank=3), ValueError, r"a \(6, 2\) and b \(2, 5\) do not fit: rank 3 is not the last axis"),
+        (dict(rank=0), ValueError, r"rank must be >= 1, found 0"),
+        (dict(rank=2.0), TypeError, r"rank must be an int"),
+        (dict(alpha=float("nan")), ValueError, r"alpha must be > 0 and finite, found nan"),
+        (dict(alpha=float("inf")), ValueError, r"alpha must be > 0 and finite"),
+        (dict(alpha=-1.0), ValueError, r"alpha must be > 0"),
+        (dict(alpha="2"), TypeError, r"alpha must be a number"),
+        (dict(dropout=1.0), ValueError, r"dropout must be a number in \[0, 1\)"),
+        (dict(rslora="yes"), TypeError, r"rslora must be a bool"),
+        (dict(roles=("in", "up")), ValueError, r"unknown roles \['up'\]"),
+        (dict(roles=("in", "out", "out")), ValueError, r"need a \(stack..., in..., r\)"),
+    ],
+)
+def test_adapter_checks_itself(kw, error, match):
+    args = dict(rank=2, alpha=4.0) | kw
+    with pytest.raises(error, match=r"lora_jax\.Adapter: .*" + match):
+        lj.Adapter(jnp.ones((6, 2)), jnp.ones((2, 5)), **args)
+
+
+def test_metadata_normalised_to_plain_python():
+    ad = lj.Adapter(jnp.ones((6, 2)), jnp.ones((2, 5)), rank=np.int64(2), alpha=np.float32(4.0), roles=["in", "out"])
+    assert type(ad.rank) is int and type(ad.alpha) is float and ad.roles == ("in", "out")
+    json.dumps(_adapter.static(ad))  # plain JSON
+
+
+def test_sliced_stack_axes_are_accepted_inside_transforms():
+    """nn.scan / jax.vmap hand the layer a and b with the leading stack axis sliced off."""
+    ad = _adapter_of((3, 6, 2), (3, 2, 5), roles=("stack", "in", "out"), alpha=1.0)
+    jax.vmap(lambda ad: ad.a.sum())(ad)  # unflattens Adapter(a (6, 2), b (2, 5), roles stack/in/out)
+    with pytest.raises(ValueError, match=r"a and b differ in their stack axes"):
+        lj.Adapter(jnp.ones((3, 6, 2)), jnp.ones((4, 2, 5)), rank=2, alpha=1.0, roles=("stack", "in", "out"))
+
+
+def test_copies_go_through_replace_and_are_checked():
+    ad = _adapter_of((6, 2), (2, 5), alpha=4.0)
+    assert _adapter.replace(ad, alpha=8.0).scale == 4.0
+    with pytest.raises(ValueError, match=r"alpha must be > 0"):
+        _adapter.replace(ad, alpha=0.0)

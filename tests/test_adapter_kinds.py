@@ -1,0 +1,132 @@
+"""The adapter-kind seam: a second kind, defined here and nowhere in lora_jax, trains,
+merges, unmerges, saves, loads, shards and is summarised through the generic functions."""
+
+import dataclasses
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import MLP, randomize
+from jax.sharding import PartitionSpec as P
+
+import lora_jax as lj
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class GainLoRA:
+    """LoRA plus a trained gain per output feature: ``W' = W·diag(g) + s·a b``. Like DoRA it
+    rescales the base output, so its factored output is ``g ⊙ base(x) + s·(x a) b``."""
+
+    a: Any
+    b: Any
+    g: Any
+    rank: int = dataclasses.field(metadata=dict(static=True))
+    alpha: float = dataclasses.field(metadata=dict(static=True))
+    roles: tuple = dataclasses.field(default=("in", "out"), metadata=dict(static=True))
+
+    @property
+    def scale(self):
+        return self.alpha / self.rank
+
+
+def _product(ad):
+    return ad.scale * (ad.a.astype(jnp.float32) @ ad.b.astype(jnp.float32))
+
+
+lj.register_kind(
+    GainLoRA,
+    lj.Kind(
+        name="test_gain_lora",
+        axes=lambda ad: {"a": (0, None), "b": (None, 1), "g": (1,)},
+        merge=lambda w, ad: w * ad.g + _product(ad),
+        unmerge=lambda w, ad: (w - _product(ad)) / ad.g,
+        output=lambda layer, base, kernel, ad, dropout: base * ad.g.astype(base.dtype)
+        + lj.lowrank(layer, ad.a, ad.b, ad.scale, dropout=dropout).astype(base.dtype),
+    ),
+)
+
+MODEL = MLP(hidden=16, out=3)
+X = jax.random.normal(jax.random.key(1), (5, 8))
+Y = jnp.sin(3 * X[:, :3])
+PARAMS = MODEL.init(jax.random.key(0), X)["params"]
+
+
+def _gain_adapters(seed=0):
+    lora = randomize(lj.init(jax.random.key(seed), PARAMS, lj.LoraConfig(rank=2, alpha=4)), jax.random.key(seed + 1))
+    return jax.tree.map(
+        lambda ad: GainLoRA(ad.a, ad.b, 1.0 + 0.1 * ad.b[0], rank=ad.rank, alpha=ad.alpha),
+        lora,
+        is_leaf=lambda x: isinstance(x, lj.Adapter),
+    )
+
+
+def test_factored_forward_equals_the_merge_and_rescales_the_base():
+    gain = _gain_adapters()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # factored, not merged
+        y = lj.wrap(MODEL.apply)({"params": PARAMS, "lora": gain}, X)
+    np.testing.assert_allclose(y, MODEL.apply({"params": lj.apply_lora(PARAMS, gain)}, X), rtol=1e-5, atol=1e-6)
+    # An independent float64 reference of the merge.
+    w = np.asarray(PARAMS["fc1"]["kernel"], np.float64)
+    ad = gain["fc1"]["kernel"]
+    want = w * np.asarray(ad.g, np.float64) + ad.scale * np.asarray(ad.a, np.float64) @ np.asarray(ad.b, np.float64)
+    np.testing.assert_allclose(lj.apply_lora(PARAMS, gain)["fc1"]["kernel"], want, rtol=1e-5, atol=1e-6)
+    back = lj.unmerge(lj.apply_lora(PARAMS, gain), gain)
+    np.testing.assert_allclose(back["fc1"]["kernel"], PARAMS["fc1"]["kernel"], rtol=1e-5, atol=1e-5)
+
+
+def test_trains_through_wrap_and_optimizer():
+    apply = lj.wrap(MODEL.apply)
+    variables = {"params": PARAMS, "lora": _gain_adapters()}
+    tx = lj.optimizer(optax.adam(3e-2))
+    loss = lambda v: jnp.mean((apply(v, X) - Y) ** 2)  # noqa: E731
+
+    @jax.jit
+    def step(variables, state):
+        grads = jax.grad(loss)(variables)
+        updates, state = tx.update(grads, state, variables)
+        return optax.apply_updates(variables, updates), state
+
+    state, first, g0 = tx.init(variables), loss(variables), variables["lora"]["fc2"]["kernel"].g
+    for _ in range(30):
+        variables, state = step(variables, state)
+    assert loss(variables) < 0.7 * first
+    assert not np.allclose(variables["lora"]["fc2"]["kernel"].g, g0)  # the gain trains
+    for got, want in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(PARAMS)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_save_load_summary_and_shardings(tmp_path):
+    gain = _gain_adapters()
+    lj.save(tmp_path / "gain.safetensors", gain)
+    back = lj.load(tmp_path / "gain.safetensors")
+    assert isinstance(back["fc1"]["kernel"], GainLoRA)
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(gain)):
+        np.testing.assert_array_equal(got, want)
+    s = lj.summary(PARAMS, gain)
+    assert s.trainable_params == sum(2 * i + 2 * o + o for i, o in [(8, 16), (16, 3)])
+    assert {t.kind for t in s.targets} == {"test_gain_lora"}
+    shard = lj.adapter_shardings({"fc1": {"kernel": P("fsdp", "tensor")}, "fc2": {"kernel": P()}}, gain)
+    assert (shard["fc1"]["kernel"].a, shard["fc1"]["kernel"].b, shard["fc1"]["kernel"].g) == (
+        P("fsdp", None), P(None, "tensor"), P("tensor"),
+    )  # fmt: skip
+
+
+def test_a_kind_without_a_plain_lora_form_is_not_exported_to_peft(tmp_path):
+    with pytest.raises(ValueError, match=r"'fc1/kernel': a GainLoRA \(test_gain_lora\) has no plain LoRA form for PEFT"):
+        lj.to_peft(tmp_path, _gain_adapters())
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_register_kind_bad_input():
+    with pytest.raises(TypeError, match=r"lora_jax\.register_kind: cls must be a dataclass type"):
+        lj.register_kind(int, lj.kind_of(GainLoRA))
+    with pytest.raises(ValueError, match=r"the name 'lora' is taken by Adapter"):
+        lj.register_kind(GainLoRA, lj.kind_of(lj.Adapter))
+    with pytest.raises(TypeError, match=r"str is not an adapter kind"):
+        lj.kind_of("a")
