@@ -279,3 +279,94 @@ def test_torch_names_need_roles_for_nd_kernels(tmp_path):
     ):
         lj.save_params(tmp_path / "m.safetensors", params, torch_names=True)
     assert not os.listdir(tmp_path)
+
+
+# ---- modules_to_save: a classification head trained fully ------------------------------------
+
+
+class TorchClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(D, H)
+        self.classifier = torch.nn.Linear(H, 3)
+
+    def forward(self, x):
+        return self.classifier(torch.tanh(self.body(x)))
+
+
+class FlaxClassifier(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="classifier")(jnp.tanh(nn.Dense(H, name="body")(x)))
+
+
+X_CLS = np.random.default_rng(1).normal(size=(4, D)).astype(np.float32)
+
+
+def _classifier_twins(seed=0):
+    torch.manual_seed(seed)
+    net = TorchClassifier().eval()
+    w = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    params = {m: {"kernel": jnp.asarray(w[f"{m}.weight"].T), "bias": jnp.asarray(w[f"{m}.bias"])} for m in ("body", "classifier")}
+    return net, params
+
+
+def test_modules_to_save_exported_to_peft(tmp_path):
+    net, params = _classifier_twins()
+    cfg = lj.LoraConfig(rank=2, alpha=4, targets="body/kernel", trainable="classifier/.*")
+    lora = randomize(lj.init(jax.random.key(0), params, cfg), jax.random.key(1))
+    assert isinstance(lora["classifier"]["kernel"], lj.FullWeight)
+    lj.to_peft(tmp_path, lora)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"] and config["target_modules"] == ["body"]
+    model = peft.PeftModel.from_pretrained(net, tmp_path).eval()
+    with torch.no_grad():
+        want = model(torch.as_tensor(X_CLS)).numpy()
+    got = lj.wrap(FlaxClassifier().apply)({"params": params, "lora": lora}, X_CLS)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_modules_to_save_imported_from_peft(tmp_path):
+    net, params = _classifier_twins()
+    torch.manual_seed(3)
+    model = peft.get_peft_model(net, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["body"], modules_to_save=["classifier"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.copy_(torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    lora = lj.from_peft(tmp_path, params)
+    assert isinstance(lora["classifier"]["kernel"], lj.FullWeight) and isinstance(lora["classifier"]["bias"], lj.FullWeight)
+    model.eval()
+    with torch.no_grad():
+        want = model(torch.as_tensor(X_CLS)).numpy()
+        merged = {k: v.numpy() for k, v in model.merge_and_unload().state_dict().items()}
+    got = lj.wrap(FlaxClassifier().apply)({"params": params, "lora": lora}, X_CLS)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    ours = lj.apply_lora(params, lora)
+    np.testing.assert_allclose(ours["classifier"]["kernel"], merged["classifier.weight"].T, rtol=1e-6)
+    np.testing.assert_allclose(ours["body"]["kernel"], merged["body.weight"].T, rtol=1e-5, atol=1e-6)
+
+
+def test_to_peft_never_leaves_a_mixed_pair(tmp_path, monkeypatch):
+    """An exception midway leaves the previous pair; a crash between the two renames is detected."""
+    net, params = _classifier_twins()
+    cfg = lj.LoraConfig(rank=2, alpha=4, targets="body/kernel")
+    old = randomize(lj.init(jax.random.key(0), params, cfg), jax.random.key(1))
+    lj.to_peft(tmp_path, old)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    new = lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2, alpha=8, targets="body/kernel"))
+    with pytest.raises(ValueError, match=r"lora_jax\.to_peft: the adapter config cannot be written as JSON"):
+        lj.to_peft(tmp_path, new, base_model_name_or_path=object())  # fails before anything is replaced
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # and no temporary file is left
+    # A crash after the weights were replaced and before the config was: new weights, old config.
+    from lora_jax import _safetensors
+
+    real = _safetensors.atomic_write
+    monkeypatch.setattr(_safetensors, "atomic_write", lambda path, write: (real(path, write), 1 / 0)[0])
+    with pytest.raises(ZeroDivisionError):
+        lj.to_peft(tmp_path, new)
+    monkeypatch.undo()
+    assert (tmp_path / "adapter_config.json").read_bytes() == before["adapter_config.json"]
+    with pytest.raises(ValueError, match=r"was written together with another adapter_config\.json.*'lora_alpha': \(8\.0, 4\.0\)"):
+        lj.from_peft(tmp_path, params)
