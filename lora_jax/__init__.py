@@ -11,6 +11,7 @@ True
 from lora_jax._adapter import Kind, kind_of, register_kind
 from lora_jax._config import LoraConfig
 from lora_jax._export import load_params, save_params
+from lora_jax._from_peft import from_peft
 from lora_jax._full import FullWeight
 from lora_jax._init import init
 from lora_jax._io import load, save
@@ -19,7 +20,7 @@ from lora_jax._linen import axis_roles, wrap
 from lora_jax._lora import Adapter
 from lora_jax._merge import apply_lora, unmerge
 from lora_jax._optim import optimizer
-from lora_jax._peft import from_peft, to_peft
+from lora_jax._peft import to_peft
 from lora_jax._sharding import adapter_shardings
 from lora_jax._specs import Conv, Einsum, Lookup, lowrank
 from lora_jax._summary import Summary, TargetSummary, summary

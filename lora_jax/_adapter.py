@@ -185,7 +185,7 @@ def roles_problem(roles: Any, shape: Sequence[int]) -> str | None:
     return None
 
 
-def roles_for(path: str, shape: Sequence[int], roles: Mapping[str, Sequence[str]] | None) -> Roles | None:
+def roles_for(path: str, shape: Sequence[int], roles: Mapping[str, Sequence[str]] | None) -> Any:
     """The roles ``roles`` gives for ``path`` (an exact key first, then the first regex key that
     fully matches), else ``("in", "out")`` for a 2-D kernel, else ``None``."""
     if roles is not None:

@@ -85,7 +85,7 @@ def _init_a(key, shape, dtype, kind: str, fan_in: int, rank: int) -> jax.Array:
 def plan_targets(params: Any, config: LoraConfig, roles: Mapping | None, where: str) -> tuple[list, list]:
     """``[(keys, path, shape, roles), ...]`` of the targeted kernels and ``[(keys, leaf), ...]``
     of the parameters trained fully, validated together."""
-    is_target = _paths.compile_pattern(config.targets, "targets", where)
+    is_target = _paths.compile_pattern(config.targets, "targets", where) or (lambda path, leaf: True)
     is_excluded = _paths.compile_pattern(config.exclude, "exclude", where) or (lambda path, leaf: False)
     is_trainable = _paths.compile_pattern(config.trainable, "trainable", where)
     leaves = [(keys, _paths.join(keys), leaf) for keys, leaf in _paths.leaves_with_paths(params)]
@@ -136,7 +136,7 @@ def plan_targets(params: Any, config: LoraConfig, roles: Mapping | None, where: 
                 trainable.append((keys, leaf))
     target_paths = [p for _, p, _ in targets]
     for name, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
-        for pattern, _ in patterns:
+        for pattern in dict(patterns):
             if not any(_paths.first_match({pattern: None}, p) for p in target_paths):
                 problems.setdefault("pattern", []).append(f"{name} key {pattern!r}")
     if problems:

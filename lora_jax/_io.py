@@ -8,6 +8,7 @@ No pickle. Version 1 files (plain LoRA only, before adapter kinds) are still rea
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import zlib
@@ -74,7 +75,7 @@ def save(path: str | os.PathLike, adapters: Any) -> None:
         for name, x in arrays.items():  # a first pass for the checksums, which the header holds
             crc[name] = zlib.crc32(np.ascontiguousarray(_safetensors.to_host(x)).tobytes())
             shape, dtype = tuple(np.shape(x)), np.dtype(x.dtype)
-            tensors.append(_safetensors.Tensor(f"{path_str}/{name}", shape, dtype, lambda x=x: x))
+            tensors.append(_safetensors.Tensor(f"{path_str}/{name}", shape, dtype, functools.partial(_same, x)))
         entries[path_str] = {"keys": list(keys), "kind": _adapter.kind_of(ad).name, "static": static, "crc32": crc}
     meta = {_META_KEY: json.dumps({"version": FORMAT_VERSION, "adapters": entries})}
     _safetensors.write(path, tensors, meta, "lora_jax.save")
@@ -201,6 +202,10 @@ def _build(cls: type, static: dict, crc: dict, path_str: str, get) -> Any:
             raise _Invalid(f"array {name!r} {arrays[name].shape} has {arrays[name].ndim} axes, its "
                            f"{cls.__name__} ({_merge.describe(adapter)}) needs {len(axes)}")  # fmt: skip
     return adapter
+
+
+def _same(x: Any) -> Any:
+    return x
 
 
 def _tuples(value: Any) -> Any:

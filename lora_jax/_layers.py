@@ -102,7 +102,10 @@ def _einsum(module: nn.Einsum, method: str, args: tuple, kwargs: dict):
         return None
     x = _first_arg(args, kwargs, "inputs")
     equation = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-    spec = _specs.Einsum(equation if equation is not None else module.einsum_str, x)
+    equation = equation if equation is not None else module.einsum_str
+    if not isinstance(equation, str):
+        return None
+    spec = _specs.Einsum(equation, x)
     try:
         _specs.roles(spec)
     except ValueError:
@@ -120,7 +123,9 @@ def _conv(module: nn.Conv, method: str, args: tuple, kwargs: dict):
     n = len(kernel_size)
     broadcast = lambda v: (1,) * n if v is None else (v,) * n if isinstance(v, int) else tuple(v)  # noqa: E731
     strides, lhs_dilation, rhs_dilation = (
-        broadcast(module.strides), broadcast(module.input_dilation), broadcast(module.kernel_dilation)
+        broadcast(module.strides),
+        broadcast(module.input_dilation),
+        broadcast(module.kernel_dilation),
     )
     n_batch = x.ndim - (n + 1)
     batch_shape = None

@@ -114,7 +114,7 @@ class Adapter:
 def check_rank(value: Any, where: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{where} must be an int, found {value!r}.")
-    if value < 1:
+    if int(value) < 1:
         raise ValueError(f"{where} must be >= 1, found {value}.")
     return int(value)
 
@@ -122,13 +122,13 @@ def check_rank(value: Any, where: str) -> int:
 def check_alpha(value: Any, where: str) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where} must be a number, found {value!r}.")
-    if not (math.isfinite(value) and value > 0):
+    if not (math.isfinite(value) and float(value) > 0):
         raise ValueError(f"{where} must be > 0 and finite, found {value}.")
     return float(value)
 
 
 def check_dropout(value: Any, where: str) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0 <= float(value) < 1:
         raise ValueError(f"{where} must be a number in [0, 1), found {value!r}.")
     return float(value)
 

@@ -78,6 +78,7 @@ def fold_kernel(kernel: jax.Array, adapter: Any, inverse: bool = False) -> jax.A
     """The kind's merge (or unmerge) of one kernel, computed in float32, in ``kernel``'s dtype."""
     kind = _adapter.kind_of(adapter)
     fold = kind.unmerge if inverse else kind.merge
+    assert fold is not None  # _fold refuses kinds without an unmerge first
     return fold(kernel.astype(jnp.float32), adapter).astype(kernel.dtype)
 
 
@@ -89,7 +90,8 @@ def _fold(params: Any, adapters: Any, inverse: bool, where: str) -> Any:
         if final:
             raise ValueError(
                 f"{where}: these adapters replaced their base values, which cannot be recovered from the "
-                "merged tree: " + ", ".join(f"{p!r} ({type(by_path[p]).__name__})" for p in final)
+                "merged tree: "
+                + ", ".join(f"{p!r} ({type(by_path[p]).__name__})" for p in final)
                 + ". Keep the base tree instead of unmerging."
             )
 

@@ -70,7 +70,7 @@ def compile_pattern(pattern: Pattern | None, what: str, where: str) -> Callable[
     if callable(pattern):
         return pattern
     try:
-        patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+        patterns: list[Any] = [pattern] if isinstance(pattern, str) else list(pattern)
     except TypeError:
         patterns = [pattern]  # reported below
     compiled = []

@@ -62,7 +62,11 @@ def write(path: str | os.PathLike, tensors: Iterable[Tensor], metadata: dict[str
         if t.name in header:
             raise ValueError(f"{where}: two tensors are named {t.name!r}.")
         size = int(np.prod(t.shape, dtype=np.int64)) * t.dtype.itemsize
-        header[t.name] = {"dtype": DTYPES[t.dtype.name], "shape": list(t.shape), "data_offsets": [offset, offset + size]}  # noqa: E501
+        header[t.name] = {
+            "dtype": DTYPES[t.dtype.name],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }  # noqa: E501
         offset += size
     header["__metadata__"] = metadata
     head = json.dumps(header, separators=(",", ":")).encode()

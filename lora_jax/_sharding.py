@@ -71,18 +71,17 @@ def adapter_shardings(param_shardings: Any, adapters: Any, *, mesh: Mesh | None 
         if len(spec) > n_axes:
             problems.append(f"{path!r}: {spec} has more entries than the kernel's {n_axes} axes")
             continue
-        spec = tuple(spec) + (None,) * (n_axes - len(spec))
+        entries = tuple(spec) + (None,) * (n_axes - len(spec))
         if on is not None:
-            unknown = sorted({n for entry in spec for n in _names(entry)} - set(on.axis_names))
+            unknown = sorted({n for entry in entries for n in _names(entry)} - set(on.axis_names))
             if unknown:
                 problems.append(
-                    f"{path!r}: {PartitionSpec(*spec)} names mesh axes {unknown}, the mesh has {on.axis_names}"
+                    f"{path!r}: {PartitionSpec(*entries)} names mesh axes {unknown}, the mesh has {on.axis_names}"
                 )
                 continue
-        specs = {name: PartitionSpec(*entries) for name, entries in _adapter.array_specs(ad, spec).items()}
-        if on is not None:
-            specs = {name: NamedSharding(on, s) for name, s in specs.items()}
-        leaves.append((keys, _adapter.replace(ad, **specs)))
+        specs = {name: PartitionSpec(*e) for name, e in _adapter.array_specs(ad, entries).items()}
+        shardings: dict[str, Any] = specs if on is None else {n: NamedSharding(on, s) for n, s in specs.items()}
+        leaves.append((keys, _adapter.replace(ad, **shardings)))
     if problems:
         raise ValueError(
             "lora_jax.adapter_shardings: cannot shard the adapters:" + "".join(f"\n  {p}" for p in problems)
@@ -101,7 +100,7 @@ def place(tree: Any, shardings: Any, where: str) -> Any:
     is_sharding = lambda x: isinstance(x, (NamedSharding, PartitionSpec))  # noqa: E731
     want, have = jax.tree.structure(shardings, is_leaf=is_sharding), jax.tree.structure(tree)
     specs = [s for s in jax.tree.leaves(shardings, is_leaf=is_sharding) if not isinstance(s, NamedSharding)]
-    if want != have or specs:
+    if want != have or specs:  # type: ignore[operator]
         raise ValueError(
             f"{where}: shardings must be a tree of NamedSharding shaped like the adapters; found {want} for "
             f"adapters {have}. Build them with lj.adapter_shardings(param_shardings, adapters, mesh=mesh)."

@@ -132,7 +132,10 @@ def _outer(u: jax.Array, v: jax.Array) -> jax.Array:
     over ``(n, m)``, where a rank-``r`` GEMM would first write its own ``(n, m)`` output."""
     if u.shape[-1] > _OUTER_MAX_RANK:
         return u @ v
-    return sum(u[:, i, None] * v[i] for i in range(u.shape[-1]))
+    out = u[:, 0, None] * v[0]
+    for i in range(1, u.shape[-1]):
+        out = out + u[:, i, None] * v[i]
+    return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -224,10 +227,10 @@ def _einsum(spec: Einsum, a: jax.Array, b: jax.Array, scale: float) -> jax.Array
         to_y = tuple((kept + second_axes).index(c) for c in ys)
         return y if to_y == tuple(range(y.ndim)) else jnp.transpose(y, to_y)
     # Batched (stack) letters, repeated letters or axes summed inside x: two einsums.
-    r = next(c for c in _LETTERS if c not in xs + ks + ys)
-    u_spec = "".join(c for c in xs if c in ys) + r
-    u = jnp.einsum(f"{xs},{first_spec.replace('@', r)}->{u_spec}", x, first)
-    return jnp.einsum(f"{u_spec},{second_spec.replace('@', r)}->{ys}", _scaled(u, scale), second)
+    rank = next(c for c in _LETTERS if c not in xs + ks + ys)
+    u_spec = "".join(c for c in xs if c in ys) + rank
+    u = jnp.einsum(f"{xs},{first_spec.replace('@', rank)}->{u_spec}", x, first)
+    return jnp.einsum(f"{u_spec},{second_spec.replace('@', rank)}->{ys}", _scaled(u, scale), second)
 
 
 # ---- Conv: a conv with the base kernel size into r channels, then a 1x1 conv (PEFT) -------

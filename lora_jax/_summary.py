@@ -126,7 +126,8 @@ def _nbytes(x: Any) -> int:
 def _human(n: float) -> str:
     if n < 1024:
         return f"{n:,} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-        if n < 1024 or unit == "TiB":
+        if n < 1024:
             return f"{n:.2f} {unit}"
+    return f"{n / 1024:.2f} TiB"

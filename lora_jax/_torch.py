@@ -69,9 +69,9 @@ def conv_lora_from_torch(lora_a: np.ndarray, lora_b: np.ndarray) -> tuple[np.nda
 # ---- whole parameters: state-dict names and layouts ------------------------------------------
 
 
-def param_layout(keys: tuple, shape: tuple, name_of: Callable[[str], str], roles: Mapping | None, is_conv) -> tuple[
-    str, Layout, Layout
-]:
+def param_layout(
+    keys: tuple, shape: tuple, name_of: Callable[[str], str], roles: Mapping | None, is_conv
+) -> tuple[str, Layout, Layout]:
     """The PyTorch state-dict name of a Flax leaf, its layout transform and the inverse.
 
     Raises:

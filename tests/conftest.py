@@ -1,5 +1,7 @@
 """Shared test helpers: independent float64 NumPy references and small models."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -60,3 +62,25 @@ def mlp():
 # tests/sharded/ needs 8 (simulated) devices, set before JAX starts: test_sharding.py runs it
 # in a subprocess.
 collect_ignore = ["sharded"]
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SCRATCH = {".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache", ".mypy_cache"}
+
+
+def _tree_files():
+    """Every file of the working tree but version control, the venv, caches and example runs."""
+    found = set()
+    for directory, subdirs, files in os.walk(_ROOT):
+        subdirs[:] = [d for d in subdirs if d not in _SCRATCH and not d.endswith(".egg-info")]
+        found.update(os.path.relpath(os.path.join(directory, f), _ROOT) for f in files)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def suite_writes_nothing_into_the_working_tree():
+    """Tests write into tmp_path only: a file left in the repository (such as a stray 'step') fails the run."""
+    before = _tree_files()
+    yield
+    written = sorted(_tree_files() - before)
+    assert not written, f"the test suite wrote into the working tree: {written}"

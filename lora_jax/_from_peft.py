@@ -1,0 +1,284 @@
+"""``from_peft``: read a PEFT LoRA adapter directory (the format is described in ``_peft``).
+
+Everything is validated before anything is returned: the config (only LoRA, no feature that
+changes the math unless lora_jax imports it), the weights' keys, each module's shapes against
+its kernel, and that config and weights were written together.
+"""
+
+from __future__ import annotations
+
+import collections
+import difflib
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax import _adapter, _paths, _safetensors, _torch
+from lora_jax._full import FullWeight
+from lora_jax._lora import Adapter
+from lora_jax._peft import CONFIG, KNOWN_KEYS, LORA_KEY, MATH_FIELDS, NEUTRAL_KEYS, PAIRED, WEIGHTS, WHOLE_KEY
+
+
+def from_peft(
+    directory: str | os.PathLike,
+    params: Any,
+    *,
+    name_map: Callable[[str], str] | None = None,
+    roles: Mapping[str, tuple[str, ...]] | None = None,
+    dtype: Any = jnp.float32,
+) -> dict:
+    """Read a PEFT LoRA adapter directory (written by PEFT or :func:`to_peft`) as adapters for ``params``.
+
+    Every module in the file must map to a kernel of ``params`` whose shape fits; ranks,
+    alphas (``rank_pattern``/``alpha_pattern``) and rsLoRA are taken from the config.
+    Unknown config keys are ignored with a warning; everything is validated before
+    anything is returned.
+
+    Args:
+      directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
+      params: the Flax parameters the adapter is for.
+      name_map: the same ``path -> module name`` function given to :func:`to_peft`
+        (default: drop the final ``kernel``/``embedding``, join with ``.``); it is applied to
+        every kernel path of ``params`` to find each module's kernel.
+      roles: axis roles of N-D kernels (as for :func:`init`); without them, an N-D kernel's
+        leading axes are taken as ``in`` when that split of its shape is the only one that
+        matches the PyTorch ``(in, out)``.
+      dtype: the adapters' dtype (float32 by default; ``None`` keeps the file's).
+
+    Returns:
+      An adapter tree for ``params``.
+
+    Raises:
+      FileNotFoundError: if a file is missing.
+      ValueError: on a config that is not LoRA, lacks ``r``/``lora_alpha`` or uses an
+        unsupported PEFT feature (DoRA, ``modules_to_save``, …); on a corrupt file; on
+        modules that match no kernel (listing the nearest names) or shapes that do not fit.
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
+      >>> params = {"q_proj": {"kernel": jnp.ones((8, 4))}}
+      >>> out = tempfile.mkdtemp()
+      >>> lj.to_peft(out, lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2)))
+      >>> lj.from_peft(out, params)["q_proj"]["kernel"].a.shape
+      (8, 2)
+    """
+    directory = os.fspath(directory)
+    config = _read_config(directory)
+    weights_path = os.path.join(directory, WEIGHTS)
+    if not os.path.isfile(weights_path):
+        pickled = os.path.isfile(os.path.join(directory, "adapter_model.bin"))
+        hint = " (a pickled adapter_model.bin is never read: save with safe_serialization=True)" if pickled else ""
+        raise FileNotFoundError(f"lora_jax.from_peft: no {WEIGHTS} in {directory!r}{hint}.")
+    name_of = name_map or _torch.default_name
+    saved = _saved_modules(config)
+    with _safetensors.reading(weights_path, "lora_jax.from_peft", WEIGHTS) as f:
+        where = f.where
+        paired = f.metadata.get(PAIRED)
+        parts: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+        whole, unknown = {}, []
+        for key in f.names:
+            m, w = LORA_KEY.fullmatch(key), WHOLE_KEY.fullmatch(key)
+            if m is not None:
+                parts[m["module"]][m["part"]] = f.get(key)
+            elif w is not None and any(w["module"] == s or w["module"].endswith("." + s) for s in saved):
+                whole[w["name"]] = f.get(key)
+            else:
+                unknown.append(key)
+    if unknown:
+        raise ValueError(f"{where} holds keys that are not LoRA A/B weights (nor parameters of the config's "
+                         f"modules_to_save {saved}): {sorted(unknown)[:5]}")  # fmt: skip
+    kernels = _kernels_by_module(params, name_of)
+    problems, leaves = [], []
+    for module, part in sorted(parts.items()):
+        if module not in kernels:
+            near = difflib.get_close_matches(module, list(kernels), n=3, cutoff=0.3)
+            problems.append(f"module {module!r} matches no kernel of params (nearest: {near or sorted(kernels)[:3]})")
+            continue
+        try:
+            leaves.append((module, _from_torch(module, part, kernels[module], config, roles, dtype)))
+        except _Mismatch as e:
+            problems.append(f"module {module!r} -> {kernels[module][0]!r}: {e}")
+    full = []
+    if whole:
+        names = _torch.param_names(params, name_of, roles, None)
+        for name, value in sorted(whole.items()):
+            if name not in names:
+                near = difflib.get_close_matches(name, list(names), n=3, cutoff=0.3)
+                problems.append(f"{name!r} (modules_to_save) matches no parameter of params (nearest: {near})")
+                continue
+            keys, shape, inverse = names[name]
+            if value.size != math.prod(shape):
+                problems.append(f"{name!r} (modules_to_save) has shape {value.shape}, {_paths.join(keys)!r} is {shape}")
+                continue
+            cast = value if dtype is None else value.astype(dtype)
+            full.append((keys, FullWeight(jnp.asarray(inverse(cast)))))
+    if problems:
+        raise ValueError(f"{where} does not fit params:" + "".join(f"\n  {p}" for p in problems)
+                         + "\nPass name_map (path -> module name) if the names differ from the default.")  # fmt: skip
+    _check_pair(paired, config, where)
+    return _assemble(leaves, kernels, full)
+
+
+def _check_pair(paired: str | None, config: dict, where: str) -> None:
+    """The config fields recorded in the weights (by :func:`to_peft`) are those of the config."""
+    if paired is None:
+        return  # written by PEFT itself
+    try:
+        recorded = json.loads(paired)
+    except ValueError:
+        recorded = {}
+    differ = {k: (recorded.get(k), config.get(k)) for k in MATH_FIELDS if recorded.get(k) != config.get(k)}
+    if differ:
+        raise ValueError(
+            f"{where} was written together with another {CONFIG} (weights vs config: {differ}); the two files "
+            "come from different writes (an interrupted lora_jax.to_peft?). Write the adapter again."
+        )
+
+
+def _saved_modules(config: dict) -> list[str]:
+    saved = config.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
+        raise ValueError(f"lora_jax.from_peft: modules_to_save {saved!r} is not a list of module names.")
+    return saved
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _read_config(directory: str) -> dict:
+    path = os.path.join(directory, CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"lora_jax.from_peft: no {CONFIG} in {directory!r}.")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        config = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"lora_jax.from_peft: {path!r} is not valid JSON ({e}).") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"lora_jax.from_peft: {path!r} holds a {type(config).__name__}, expected an object.")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(
+            f"lora_jax.from_peft: {path!r} has peft_type {config.get('peft_type')!r}; only 'LORA' is supported."
+        )
+    missing = [k for k in ("r", "lora_alpha") if k not in config]
+    if missing:
+        raise ValueError(f"lora_jax.from_peft: {path!r} lacks the required keys {missing}.")
+    unsupported = {
+        k: config[k]
+        for k, neutral in NEUTRAL_KEYS.items()
+        if k in config and config[k] not in (neutral, None, False, [], {})
+    }
+    if unsupported:
+        raise ValueError(f"lora_jax.from_peft: {path!r} uses PEFT features lora_jax does not import: {unsupported}.")
+    extra = sorted(set(config) - KNOWN_KEYS - set(NEUTRAL_KEYS))
+    if extra:
+        warnings.warn(f"lora_jax.from_peft: ignoring unknown adapter_config.json keys {extra}.", stacklevel=3)
+    return config
+
+
+def _kernels_by_module(params: Any, name_of: Callable[[str], str]) -> dict[str, tuple]:
+    """``{module name: (path, shape, layer index or None, keys)}`` for every >=2-D array of params."""
+    out: dict[str, tuple] = {}
+    for keys, leaf in _paths.leaves_with_paths(params):
+        shape = tuple(getattr(leaf, "shape", ()))
+        if len(shape) < 2:
+            continue
+        path = _paths.join(keys)
+        name = name_of(path)
+        if "{}" in name:
+            out.update({name.format(i): (path, shape[1:], i, keys) for i in range(shape[0])})
+        else:
+            out[name] = (path, shape, None, keys)
+    return out
+
+
+def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
+    """PEFT's rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)``."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _from_torch(module: str, part: dict, kernel: tuple, config: dict, roles: Mapping | None, dtype) -> Adapter:
+    path, shape, _, _ = kernel
+    if "lora_embedding_A" in part or "lora_embedding_B" in part:
+        lora_a, lora_b = part.get("lora_embedding_A"), part.get("lora_embedding_B")
+    else:
+        lora_a, lora_b = part.get("lora_A.weight"), part.get("lora_B.weight")
+    if lora_a is None or lora_b is None:
+        raise _Mismatch(f"the file has {sorted(part)} only; A and B are both needed")
+    r = lora_a.shape[0]
+    rank = _pattern_value(config.get("rank_pattern"), module, config["r"])
+    if rank != r or lora_b.shape[1] != r:
+        raise _Mismatch(f"A {lora_a.shape} and B {lora_b.shape} do not have the config's rank {rank}")
+    conv = lora_a.ndim > 2
+    kernel_roles: tuple[str, ...]
+    if "lora_embedding_A" in part:
+        kernel_roles, a, b = ("in", "out"), lora_a.T, lora_b.T
+    elif conv:  # (r, cin, k...) -> (k..., cin, r); (cout, r, 1...) -> (r, cout)
+        n = lora_a.ndim - 2
+        kernel_roles = ("in",) * (n + 1) + ("out",)
+        a, b = _torch.conv_lora_from_torch(lora_a, lora_b)
+    else:
+        kernel_roles = _linear_roles(path, shape, lora_a.shape[1], lora_b.shape[0], roles)
+        a, b = lora_a.T, lora_b.T
+    a_shape, b_shape = _adapter.factor_shapes(shape, kernel_roles, r)
+    if math.prod(a_shape) != a.size or math.prod(b_shape) != b.size or (conv and a.shape != a_shape):
+        raise _Mismatch(
+            f"A {lora_a.shape} and B {lora_b.shape} do not fit the kernel {shape} with roles {kernel_roles}"
+        )
+    cast = (lambda x: jnp.asarray(x, dtype)) if dtype is not None else jnp.asarray
+    alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
+    return Adapter(
+        cast(a.reshape(a_shape)), cast(b.reshape(b_shape)), rank=r, alpha=alpha, roles=kernel_roles,
+        rslora=bool(config.get("use_rslora", False)), dropout=float(config.get("lora_dropout") or 0.0),
+    )  # fmt: skip
+
+
+def _linear_roles(path: str, shape: tuple, fan_in: int, fan_out: int, roles: Mapping | None) -> tuple[str, ...]:
+    """Roles for a kernel read from a PEFT ``Linear``: given, 2-D, or the one in/out split of its shape."""
+    given = _adapter.roles_for(path, shape, roles)
+    if given is not None:
+        return given[given.count("stack") :] if len(given) == len(shape) + 1 else given
+    splits = [i for i in range(1, len(shape)) if math.prod(shape[:i]) == fan_in and math.prod(shape[i:]) == fan_out]
+    if len(splits) != 1:
+        raise _Mismatch(f"cannot tell which axes of the kernel {shape} are in (PyTorch in={fan_in}, "
+                        f"out={fan_out}); pass roles=lj.axis_roles(model, ...)")  # fmt: skip
+    return ("in",) * splits[0] + ("out",) * (len(shape) - splits[0])
+
+
+def _assemble(leaves: list[tuple[str, Adapter]], kernels: dict, full: list) -> dict:
+    """Nest per-module adapters by kernel path, restacking the layers of stacked kernels."""
+    whole: list = list(full)
+    stacked: dict = collections.defaultdict(dict)
+    for module, ad in leaves:
+        path, _, layer, keys = kernels[module]
+        if layer is None:
+            whole.append((keys, ad))
+        else:
+            stacked[keys][layer] = ad
+    for keys, layers in stacked.items():
+        path = _paths.join(keys)
+        n = sum(1 for (p, _, i, _) in kernels.values() if p == path)
+        if sorted(layers) != list(range(n)):
+            raise ValueError(f"lora_jax.from_peft: the stacked kernel {path!r} has {n} layers, the file adapts "
+                             f"layers {sorted(layers)}; lora_jax needs all of them.")  # fmt: skip
+        first = layers[0]
+        if len({(ad.rank, ad.alpha) for ad in layers.values()}) > 1:
+            raise ValueError(
+                f"lora_jax.from_peft: the layers of {path!r} differ in rank or alpha; a stacked kernel has one."
+            )
+        a = jnp.stack([layers[i].a for i in range(n)])
+        b = jnp.stack([layers[i].b for i in range(n)])
+        whole.append((keys, _adapter.replace(first, a=a, b=b, roles=("stack",) + first.roles)))
+    return _paths.nest(whole)
