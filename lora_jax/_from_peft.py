@@ -37,9 +37,10 @@ def from_peft(
     """Read a PEFT LoRA adapter directory (written by PEFT or :func:`to_peft`) as adapters for ``params``.
 
     Every module in the file must map to a kernel of ``params`` whose shape fits; ranks,
-    alphas (``rank_pattern``/``alpha_pattern``) and rsLoRA are taken from the config.
-    Unknown config keys are ignored with a warning; everything is validated before
-    anything is returned.
+    alphas (``rank_pattern``/``alpha_pattern``) and rsLoRA are taken from the config. The
+    parameters of ``modules_to_save`` (a classification head saved whole) become
+    :class:`FullWeight` leaves of the tree, trained fully. Unknown config keys are ignored
+    with a warning; everything is validated before anything is returned.
 
     Args:
       directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
@@ -58,8 +59,9 @@ def from_peft(
     Raises:
       FileNotFoundError: if a file is missing.
       ValueError: on a config that is not LoRA, lacks ``r``/``lora_alpha`` or uses an
-        unsupported PEFT feature (DoRA, ``modules_to_save``, …); on a corrupt file; on
-        modules that match no kernel (listing the nearest names) or shapes that do not fit.
+        unsupported PEFT feature (DoRA, ``lora_bias``, …); on a corrupt file; on modules
+        that match no kernel (listing the nearest names) or shapes that do not fit; on a
+        config and weights that were not written together.
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj

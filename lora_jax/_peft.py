@@ -77,7 +77,8 @@ def to_peft(
     Args:
       directory: created if missing; ``adapter_config.json`` and
         ``adapter_model.safetensors`` in it are replaced atomically.
-      adapters: an adapter tree.
+      adapters: an adapter tree: its LoRA-like adapters are written as ``lora_A``/``lora_B``,
+        its :class:`FullWeight` parameters whole, their modules listed as ``modules_to_save``.
       name_map: ``path -> module name`` (default: drop the final ``kernel``/``embedding``,
         join with ``.``). For a kernel stacked by ``nn.scan`` it must return a name with a
         ``{}`` placeholder for the layer index, e.g. ``"model.layers.{}.self_attn.q_proj"``.
@@ -88,7 +89,8 @@ def to_peft(
 
     Raises:
       ValueError: if adapters disagree on ``use_rslora`` (PEFT has one flag), a stacked
-        kernel has no ``{}`` in its name, or two kernels map to one module name.
+        kernel has no ``{}`` in its name, two kernels map to one module name, an adapter's
+        kind has no plain LoRA form, or the config is not JSON (nothing is written then).
 
     Example:
       >>> import os, tempfile, jax, jax.numpy as jnp, lora_jax as lj

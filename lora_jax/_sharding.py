@@ -45,8 +45,8 @@ def adapter_shardings(param_shardings: Any, adapters: Any, *, mesh: Mesh | None 
       >>> params = {"mlp": {"kernel": jnp.ones((8, 4))}}
       >>> lora = lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2))
       >>> s = lj.adapter_shardings({"mlp": {"kernel": P("fsdp", "tensor")}}, lora)
-      >>> s["mlp"]["kernel"].a, s["mlp"]["kernel"].b
-      (P('fsdp', None), P(None, 'tensor'))
+      >>> tuple(s["mlp"]["kernel"].a), tuple(s["mlp"]["kernel"].b)
+      (('fsdp', None), (None, 'tensor'))
     """
     if jax.tree.leaves(param_shardings, is_leaf=_adapter.is_adapter) and all(
         _adapter.is_adapter(x) for x in jax.tree.leaves(param_shardings, is_leaf=_adapter.is_adapter)
@@ -69,14 +69,14 @@ def adapter_shardings(param_shardings: Any, adapters: Any, *, mesh: Mesh | None 
         spec = sharding.spec if isinstance(sharding, NamedSharding) else sharding
         on = sharding.mesh if isinstance(sharding, NamedSharding) else mesh
         if len(spec) > n_axes:
-            problems.append(f"{path!r}: {spec} has more entries than the kernel's {n_axes} axes")
+            problems.append(f"{path!r}: P{tuple(spec)} has more entries than the kernel's {n_axes} axes")
             continue
         entries = tuple(spec) + (None,) * (n_axes - len(spec))
         if on is not None:
             unknown = sorted({n for entry in entries for n in _names(entry)} - set(on.axis_names))
             if unknown:
                 problems.append(
-                    f"{path!r}: {PartitionSpec(*entries)} names mesh axes {unknown}, the mesh has {on.axis_names}"
+                    f"{path!r}: P{entries} names mesh axes {unknown}, the mesh has {on.axis_names}"
                 )
                 continue
         specs = {name: PartitionSpec(*e) for name, e in _adapter.array_specs(ad, entries).items()}
