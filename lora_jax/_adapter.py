@@ -185,11 +185,20 @@ def roles_problem(roles: Any, shape: Sequence[int]) -> str | None:
     return None
 
 
-def roles_for(path: str, shape: Sequence[int], roles: Mapping[str, Sequence[str]] | None) -> Any:
+def roles_for(
+    path: str, shape: Sequence[int], roles: Mapping[str, Sequence[str]] | None, where: str = "lora_jax"
+) -> Any:
     """The roles ``roles`` gives for ``path`` (an exact key first, then the first regex key that
-    fully matches), else ``("in", "out")`` for a 2-D kernel, else ``None``."""
+    fully matches), else ``("in", "out")`` for a 2-D kernel, else ``None``.
+
+    Raises:
+      TypeError: if ``roles`` is not a mapping.
+      ValueError: if one of its keys is not a valid regex.
+    """
     if roles is not None:
-        key = path if path in roles else _paths.first_match(roles, path)
+        if not isinstance(roles, Mapping):
+            raise TypeError(f"{where}: roles must be a dict {{path or regex: roles}}, found {type(roles).__name__}.")
+        key = path if path in roles else _paths.first_match(roles, path, f"{where}: roles")
         if key is not None:
             given = roles[key]
             return tuple(given) if isinstance(given, (list, tuple)) else given  # roles_problem judges the rest

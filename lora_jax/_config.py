@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from lora_jax import _lora, _paths
 
 INITS = ("lora", "gaussian")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,12 +39,13 @@ class LoraConfig:
         ``kaiming_uniform_(a=√5)`` used by PEFT; ``"gaussian"``: ``a`` normal with std ``1/r``.
         ``b`` is always zero, so a fresh adapter changes nothing.
       dropout: dropout rate in ``[0, 1)`` on the LoRA branch input (factored forward only).
-      dtype: floating dtype of ``a`` and ``b`` (float32 by default, also for bf16 bases).
+      dtype: dtype of ``a`` and ``b``: float32 (the default, also for bf16 bases), bfloat16,
+        float16 or float64.
 
     Raises:
       ValueError: on a rank < 1, alpha ≤ 0, dropout outside ``[0, 1)``, an invalid regex
         or an unknown ``init``.
-      TypeError: on a field of the wrong type or a non-floating ``dtype``.
+      TypeError: on a field of the wrong type or another ``dtype`` (float8 or integer).
 
     Example:
       >>> import lora_jax as lj
@@ -81,13 +83,13 @@ class LoraConfig:
             raise ValueError(f"lora_jax.LoraConfig: init must be one of {INITS}, found {self.init!r}.")
         set_("dropout", _lora.check_dropout(self.dropout, f"{_WHERE}: dropout"))
         try:
-            dtype = jnp.dtype(self.dtype)
+            dtype = None if self.dtype is None else jnp.dtype(self.dtype)
         except TypeError:
             dtype = None
-        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        if dtype is None or dtype.name not in DTYPES:
             raise TypeError(
-                f"lora_jax.LoraConfig: dtype must be a floating dtype such as jnp.float32 or "
-                f"jnp.bfloat16, found {self.dtype!r}."
+                f"lora_jax.LoraConfig: dtype must be a floating dtype that adapter files store exactly, one of "
+                f"{DTYPES}; found {self.dtype!r}."
             )
         set_("dtype", dtype)
 

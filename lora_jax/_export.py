@@ -61,7 +61,7 @@ def save_params(
       >>> lj.load_params(file)["dense"]["kernel"].shape
       (2, 3)
     """
-    leaves = _paths.leaves_with_paths(params)
+    leaves = list(_paths.by_path(params, "lora_jax.save_params").values())
     by_path = _merge.adapters_by_path(adapters, "lora_jax.save_params") if adapters is not None else {}
     if by_path:
         _merge.check_fit(params, by_path, "lora_jax.save_params")
@@ -119,4 +119,4 @@ def load_params(path: str | os.PathLike) -> dict:
         if set(names) != set(f.names) or any(_paths.join(k) != n for n, k in names.items()):
             missing, extra = sorted(set(names) - set(f.names)), sorted(set(f.names) - set(names))
             raise ValueError(f"{f.where} is inconsistent: arrays missing {missing}, arrays not listed {extra}.")
-        return _paths.nest((names[name], jnp.asarray(f.get(name))) for name in f.names)
+        return _paths.nest(((names[name], jnp.asarray(f.get(name))) for name in f.names), f.where)

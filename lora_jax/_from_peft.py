@@ -83,19 +83,22 @@ def from_peft(
     with _safetensors.reading(weights_path, "lora_jax.from_peft", WEIGHTS) as f:
         where = f.where
         paired = f.metadata.get(PAIRED)
-        parts: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-        whole, unknown = {}, []
+        lora_keys, whole_keys, unknown = [], [], []  # every key is classified before any tensor is read
         for key in f.names:
             m, w = LORA_KEY.fullmatch(key), WHOLE_KEY.fullmatch(key)
             if m is not None:
-                parts[m["module"]][m["part"]] = f.get(key)
+                lora_keys.append((key, m["module"], m["part"]))
             elif w is not None and any(w["module"] == s or w["module"].endswith("." + s) for s in saved):
-                whole[w["name"]] = f.get(key)
+                whole_keys.append((key, w["name"]))
             else:
                 unknown.append(key)
-    if unknown:
-        raise ValueError(f"{where} holds keys that are not LoRA A/B weights (nor parameters of the config's "
-                         f"modules_to_save {saved}): {sorted(unknown)[:5]}")  # fmt: skip
+        if unknown:
+            raise ValueError(f"{where} holds keys that are not LoRA A/B weights (nor parameters of the config's "
+                             f"modules_to_save {saved}): {sorted(unknown)[:5]}")  # fmt: skip
+        parts: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+        for key, module, part in lora_keys:
+            parts[module][part] = f.get(key)
+        whole = {name: f.get(key) for key, name in whole_keys}
     kernels = _kernels_by_module(params, name_of)
     problems, leaves = [], []
     for module, part in sorted(parts.items()):
@@ -105,7 +108,7 @@ def from_peft(
             continue
         try:
             leaves.append((module, _from_torch(module, part, kernels[module], config, roles, dtype)))
-        except _Mismatch as e:
+        except (_Mismatch, ValueError, TypeError) as e:
             problems.append(f"module {module!r} -> {kernels[module][0]!r}: {e}")
     full = []
     if whole:
@@ -163,8 +166,8 @@ def _read_config(directory: str) -> dict:
         with open(path, "rb") as f:
             raw = f.read()
         config = json.loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"lora_jax.from_peft: {path!r} is not valid JSON ({e}).") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"lora_jax.from_peft: {path!r} is not valid JSON ({type(e).__name__}: {e}).") from None
     if not isinstance(config, dict):
         raise ValueError(f"lora_jax.from_peft: {path!r} holds a {type(config).__name__}, expected an object.")
     if config.get("peft_type") != "LORA":
@@ -174,6 +177,9 @@ def _read_config(directory: str) -> dict:
     missing = [k for k in ("r", "lora_alpha") if k not in config]
     if missing:
         raise ValueError(f"lora_jax.from_peft: {path!r} lacks the required keys {missing}.")
+    wrong = _config_problems(config)
+    if wrong:
+        raise ValueError(f"lora_jax.from_peft: {path!r} has invalid values:" + "".join(f"\n  {w}" for w in wrong))
     unsupported = {
         k: config[k]
         for k, neutral in NEUTRAL_KEYS.items()
@@ -185,6 +191,42 @@ def _read_config(directory: str) -> dict:
     if extra:
         warnings.warn(f"lora_jax.from_peft: ignoring unknown adapter_config.json keys {extra}.", stacklevel=3)
     return config
+
+
+def _config_problems(config: dict) -> list[str]:
+    """What is wrong with the config fields lora_jax reads (each named, all at once)."""
+    problems = []
+
+    def check(key: str, ok: Callable[[Any], bool], expected: str, optional: bool = False) -> None:
+        value = config.get(key)
+        if (value is None and optional) or (key not in config and optional):
+            return
+        try:
+            good = ok(value)
+        except Exception:
+            good = False
+        if not good:
+            problems.append(f"{key}: {value!r}; expected {expected}")
+
+    is_rank = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+    is_alpha = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0  # noqa: E731
+
+    def is_patterns(check_value: Callable[[Any], bool]) -> Callable[[Any], bool]:
+        def ok(v: Any) -> bool:
+            return isinstance(v, dict) and all(
+                isinstance(k, str) and re.compile(k) is not None and check_value(x) for k, x in v.items()
+            )
+
+        return ok
+
+    check("r", is_rank, "an int >= 1")
+    check("lora_alpha", is_alpha, "a finite number > 0")
+    check("use_rslora", lambda v: isinstance(v, bool), "true or false", optional=True)
+    check("fan_in_fan_out", lambda v: isinstance(v, bool), "true or false", optional=True)
+    check("lora_dropout", lambda v: is_alpha(v + 1) and 0 <= v < 1, "a number in [0, 1)", optional=True)
+    check("rank_pattern", is_patterns(is_rank), "an object {regex: int >= 1}", optional=True)
+    check("alpha_pattern", is_patterns(is_alpha), "an object {regex: number > 0}", optional=True)
+    return problems
 
 
 def _kernels_by_module(params: Any, name_of: Callable[[str], str]) -> dict[str, tuple]:
@@ -219,6 +261,9 @@ def _from_torch(module: str, part: dict, kernel: tuple, config: dict, roles: Map
         lora_a, lora_b = part.get("lora_A.weight"), part.get("lora_B.weight")
     if lora_a is None or lora_b is None:
         raise _Mismatch(f"the file has {sorted(part)} only; A and B are both needed")
+    if lora_a.ndim < 2 or lora_b.ndim != lora_a.ndim or not jnp.issubdtype(lora_a.dtype, jnp.floating):
+        raise _Mismatch(f"A {lora_a.dtype}{list(lora_a.shape)} and B {lora_b.dtype}{list(lora_b.shape)} are not "
+                        "floating-point factors of equal rank >= 2")  # fmt: skip
     r = lora_a.shape[0]
     rank = _pattern_value(config.get("rank_pattern"), module, config["r"])
     if rank != r or lora_b.shape[1] != r:
@@ -232,6 +277,12 @@ def _from_torch(module: str, part: dict, kernel: tuple, config: dict, roles: Map
         kernel_roles = ("in",) * (n + 1) + ("out",)
         a, b = _torch.conv_lora_from_torch(lora_a, lora_b)
     else:
+        if config.get("fan_in_fan_out") is True and _adapter.roles_for(path, shape, roles) in (None, ("in", "out")):
+            raise _Mismatch(
+                "the config says fan_in_fan_out: true (a PyTorch Conv1D, as in GPT-2), so the Flax kernel may be "
+                "stored (out, in): pass its roles, roles=lj.axis_roles(model, ...) (a Conv1D layer registered with "
+                "lj.register_layer reports ('out', 'in')) or roles={path: ('out', 'in')}"
+            )
         kernel_roles = _linear_roles(path, shape, lora_a.shape[1], lora_b.shape[0], roles)
         a, b = lora_a.T, lora_b.T
     a_shape, b_shape = _adapter.factor_shapes(shape, kernel_roles, r)
@@ -243,13 +294,13 @@ def _from_torch(module: str, part: dict, kernel: tuple, config: dict, roles: Map
     alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
     return Adapter(
         cast(a.reshape(a_shape)), cast(b.reshape(b_shape)), rank=r, alpha=alpha, roles=kernel_roles,
-        rslora=bool(config.get("use_rslora", False)), dropout=float(config.get("lora_dropout") or 0.0),
+        rslora=config.get("use_rslora") is True, dropout=float(config.get("lora_dropout") or 0.0),
     )  # fmt: skip
 
 
 def _linear_roles(path: str, shape: tuple, fan_in: int, fan_out: int, roles: Mapping | None) -> tuple[str, ...]:
     """Roles for a kernel read from a PEFT ``Linear``: given, 2-D, or the one in/out split of its shape."""
-    given = _adapter.roles_for(path, shape, roles)
+    given = _adapter.roles_for(path, shape, roles, "lora_jax.from_peft")
     if given is not None:
         return given[given.count("stack") :] if len(given) == len(shape) + 1 else given
     splits = [i for i in range(1, len(shape)) if math.prod(shape[:i]) == fan_in and math.prod(shape[i:]) == fan_out]
@@ -283,4 +334,4 @@ def _assemble(leaves: list[tuple[str, Adapter]], kernels: dict, full: list) -> d
         a = jnp.stack([layers[i].a for i in range(n)])
         b = jnp.stack([layers[i].b for i in range(n)])
         whole.append((keys, _adapter.replace(first, a=a, b=b, roles=("stack",) + first.roles)))
-    return _paths.nest(whole)
+    return _paths.nest(whole, "lora_jax.from_peft")

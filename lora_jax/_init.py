@@ -88,7 +88,7 @@ def plan_targets(params: Any, config: LoraConfig, roles: Mapping | None, where: 
     is_target = _paths.compile_pattern(config.targets, "targets", where) or (lambda path, leaf: True)
     is_excluded = _paths.compile_pattern(config.exclude, "exclude", where) or (lambda path, leaf: False)
     is_trainable = _paths.compile_pattern(config.trainable, "trainable", where)
-    leaves = [(keys, _paths.join(keys), leaf) for keys, leaf in _paths.leaves_with_paths(params)]
+    leaves = [(keys, path, leaf) for path, (keys, leaf) in _paths.by_path(params, where).items()]
     if not leaves:
         raise ValueError(f"{where}: params has no array leaves; pass the base parameter tree.")
     targets = [(k, p, leaf) for k, p, leaf in leaves if is_target(p, leaf) and not is_excluded(p, leaf)]
@@ -106,7 +106,7 @@ def plan_targets(params: Any, config: LoraConfig, roles: Mapping | None, where: 
         if len(shape) < 2 or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             problems.setdefault("not_kernel", []).append(f"{path!r} ({_describe(leaf)})")
             continue
-        kernel_roles = _adapter.roles_for(path, shape, roles)
+        kernel_roles = _adapter.roles_for(path, shape, roles, where)
         if kernel_roles is None:
             problems.setdefault("no_roles", []).append(f"{path!r} {shape}")
             continue

@@ -131,7 +131,7 @@ def load(path: str | os.PathLike, *, shardings: Any = None) -> dict:
         problems += [f"{name!r}: an array not described by the metadata" for name in sorted(set(f.names) - expected)]
     if problems:
         raise ValueError(f"{where} is inconsistent:" + "".join(f"\n  {p}" for p in problems))
-    adapters = _paths.nest(leaves)
+    adapters = _paths.nest(leaves, where)
     return adapters if shardings is None else _sharding.place(adapters, shardings, where)
 
 

@@ -274,7 +274,7 @@ def _check_linen_apply(apply_fn: Any) -> None:
 
 
 def _check_paths_exist(params: Any, by_path: dict[str, Any]) -> None:
-    existing = {_paths.join(keys) for keys, _ in _paths.leaves_with_paths(params)}
+    existing = set(_paths.by_path(params, "lora_jax.wrap"))
     missing = [p for p in by_path if p not in existing]
     if missing:
         examples = ", ".join(repr(p) for p in sorted(existing)[:3])

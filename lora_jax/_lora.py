@@ -72,6 +72,11 @@ class Adapter:
         if why:
             raise ValueError(f"lora_jax.Adapter: {why}.")
         set_("roles", roles)
+        if not math.isfinite(float(np.float32(self.scale))) or self.scale == 0:
+            raise ValueError(
+                f"lora_jax.Adapter: alpha {self.alpha} with rank {self.rank} gives the scale {self.scale}, which "
+                "float32 cannot hold."
+            )
         self._check_shapes()
 
     def _check_shapes(self) -> None:

@@ -104,11 +104,15 @@ def _fold(params: Any, adapters: Any, inverse: bool, where: str) -> Any:
 
 def check_fit(params: Any, by_path: dict[str, Any], where: str) -> None:
     """Raise a ``ValueError`` listing every adapter whose kernel is missing or mis-shaped."""
-    shapes = {_paths.join(k): tuple(getattr(leaf, "shape", ())) for k, leaf in _paths.leaves_with_paths(params)}
+    leaves = {path: leaf for path, (_, leaf) in _paths.by_path(params, where).items()}
+    shapes = {path: tuple(getattr(leaf, "shape", ())) for path, leaf in leaves.items()}
     problems = []
     for path, adapter in by_path.items():
+        dtype = getattr(leaves.get(path), "dtype", None)
         if path not in shapes:
             problems.append(f"{path!r}: no such parameter")
+        elif dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            problems.append(f"{path!r}: the parameter has dtype {dtype}; only floating-point kernels can be adapted")
         elif shapes[path] != _adapter.kernel_shape(adapter):
             problems.append(
                 f"{path!r}: the kernel has shape {shapes[path]}, the adapter ({describe(adapter)}) fits shape "
@@ -128,13 +132,25 @@ def describe(adapter: Any) -> str:
 
 
 def adapters_by_path(adapters: Any, where: str) -> dict[str, Any]:
-    """``{path: adapter}`` of an adapter tree, checking every leaf is an adapter."""
-    flat = _paths.leaves_with_paths(adapters, is_leaf=_adapter.is_adapter)
-    wrong = [f"{_paths.join(k)!r} ({type(leaf).__name__})" for k, leaf in flat if not _adapter.is_adapter(leaf)]
+    """``{path: adapter}`` of an adapter tree, checking every leaf is an adapter whose arrays
+    are (possibly abstract) floating-point arrays."""
+    flat = _paths.by_path(adapters, where, is_leaf=_adapter.is_adapter)
+    wrong = [f"{path!r} ({type(leaf).__name__})" for path, (_, leaf) in flat.items() if not _adapter.is_adapter(leaf)]
     if wrong:
         raise TypeError(
             f"{where}: adapters must be a tree of lora_jax.Adapter (or another adapter kind; from lj.init or "
             "lj.load); "
             f"found other leaves at: {', '.join(wrong)}."
         )
-    return {_paths.join(k): leaf for k, leaf in flat}
+    not_arrays = [
+        f"{path!r}: {name} is a {type(x).__name__}" + (f" of dtype {x.dtype}" if hasattr(x, "dtype") else "")
+        for path, (_, ad) in flat.items()
+        for name, x in _adapter.arrays(ad).items()
+        if not (hasattr(x, "shape") and hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating))
+    ]
+    if not_arrays:
+        raise TypeError(
+            f"{where}: adapter arrays must be floating-point arrays (jax.Array, np.ndarray):"
+            + "".join(f"\n  {p}" for p in not_arrays)
+        )
+    return {path: leaf for path, (_, leaf) in flat.items()}

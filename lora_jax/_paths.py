@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 Key = str | int
 Keys = tuple[Key, ...]
@@ -48,13 +49,41 @@ def leaves_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -
     return [(keys_of(kp), leaf) for kp, leaf in flat]
 
 
-def nest(items: Iterable[tuple[Keys, Any]]) -> dict:
-    """Build nested dicts from ``(keys, value)`` pairs: the inverse of flattening by path."""
+def by_path(tree: Any, where: str, is_leaf: Callable[[Any], bool] | None = None) -> dict[str, tuple[Keys, Any]]:
+    """``{path: (keys, leaf)}`` of a pytree; a ``ValueError`` if two leaves join to one path
+    (``{'a/b': x}`` and ``{'a': {'b': y}}``), which every lookup by path would mix up."""
+    out: dict[str, tuple[Keys, Any]] = {}
+    clashes = []
+    for keys, leaf in leaves_with_paths(tree, is_leaf):
+        path = join(keys)
+        if path in out:
+            clashes.append(f"{out[path][0]!r} and {keys!r} both give {path!r}")
+        out[path] = (keys, leaf)
+    if clashes:
+        raise ValueError(
+            f"{where}: keys containing '/' make two leaves share a path:"
+            + "".join(f"\n  {c}" for c in clashes)
+            + "\nRename the keys so that no key contains '/'."
+        )
+    return out
+
+
+def nest(items: Iterable[tuple[Keys, Any]], where: str = "lora_jax") -> dict:
+    """Build nested dicts from ``(keys, value)`` pairs: the inverse of flattening by path.
+
+    Raises:
+      ValueError: if one path is a prefix of another (``d`` and ``d/kernel``) or repeats, so
+        that a value would be silently dropped.
+    """
     root: dict = {}
     for keys, value in items:
         node = root
-        for k in keys[:-1]:
+        for i, k in enumerate(keys[:-1]):
             node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{where}: {join(keys)!r} nests inside the entry {join(keys[: i + 1])!r}.")
+        if keys[-1] in node:
+            raise ValueError(f"{where}: {join(keys)!r} would replace another entry at the same place.")
         node[keys[-1]] = value
     return root
 
@@ -68,7 +97,7 @@ def compile_pattern(pattern: Pattern | None, what: str, where: str) -> Callable[
     if pattern is None:
         return None
     if callable(pattern):
-        return pattern
+        return _checked(pattern, what, where)
     try:
         patterns: list[Any] = [pattern] if isinstance(pattern, str) else list(pattern)
     except TypeError:
@@ -88,6 +117,29 @@ def compile_pattern(pattern: Pattern | None, what: str, where: str) -> Callable[
     return lambda path, leaf: any(c.fullmatch(path) for c in compiled)
 
 
-def first_match(patterns: Mapping[str, Any], path: str) -> str | None:
+def _checked(predicate: Callable[[str, Any], Any], what: str, where: str) -> Callable[[str, Any], bool]:
+    """A user's ``(path, leaf) -> bool`` whose exceptions and non-bool answers name the path."""
+
+    def check(path: str, leaf: Any) -> bool:
+        try:
+            answer = predicate(path, leaf)
+        except Exception as e:
+            raise ValueError(f"{where}: the {what} callable raised on {path!r}: {e!r}") from e
+        if not isinstance(answer, (bool, np.bool_)):
+            raise TypeError(
+                f"{where}: the {what} callable must return a bool, returned {type(answer).__name__} on {path!r}."
+            )
+        return bool(answer)
+
+    return check
+
+
+def first_match(patterns: Mapping[str, Any], path: str, where: str = "lora_jax") -> str | None:
     """The first key of ``patterns`` (regexes, in order) that fully matches ``path``."""
-    return next((p for p in patterns if re.fullmatch(p, path)), None)
+    for p in patterns:
+        try:
+            if re.fullmatch(p, path):
+                return p
+        except (re.error, TypeError) as e:
+            raise ValueError(f"{where}: the key {p!r} is not a valid regex ({e}).") from None
+    return None

@@ -130,9 +130,9 @@ def to_peft(
         ad = kind.as_lora(adapter)
         name = name_of(path)
         n_stack = ad.roles.count("stack")
-        if n_stack and (n_stack > 1 or "{}" not in name):
-            problems.append(f"{path!r}: stacked over {n_stack} axes; name_map must return a name with one '{{}}' "
-                            f"for the layer index (got {name!r})")  # fmt: skip
+        why = _name_problem(name, n_stack)
+        if why:
+            problems.append(f"{path!r}: {why} (got {name!r})")
             continue
         for i in range(ad.a.shape[0]) if n_stack else [None]:
             module = name.format(i) if n_stack else name
@@ -159,7 +159,13 @@ def to_peft(
         config_bytes = json.dumps(config, indent=2, sort_keys=True, allow_nan=False).encode()
     except (TypeError, ValueError) as e:
         raise ValueError(f"lora_jax.to_peft: the adapter config cannot be written as JSON ({e}).") from None
-    os.makedirs(directory, exist_ok=True)
+    directory = os.fsdecode(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"lora_jax.to_peft: {directory!r} exists and is not a directory.")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise type(e)(f"lora_jax.to_peft: cannot create the directory {directory!r}: {e.strerror or e}") from None
     # The weights first, then the config: each replaced atomically, and the weights record the
     # config's fields that change the math, so a crash between the two renames is detected by from_peft.
     meta = {"format": "pt", PAIRED: json.dumps({k: config[k] for k in MATH_FIELDS}, sort_keys=True)}
@@ -168,9 +174,34 @@ def to_peft(
         _safetensors.atomic_write(os.path.join(directory, CONFIG), lambda f: f.write(config_bytes))
 
 
+def _name_problem(name: Any, n_stack: int) -> str | None:
+    """Why ``name`` is not a PyTorch module name (with one ``{}`` for a stacked kernel's layer)."""
+    if not isinstance(name, str) or not name:
+        return "name_map must return a non-empty str"
+    if n_stack and (n_stack > 1 or name.count("{}") != 1):
+        return f"stacked over {n_stack} axes; name_map must return a name with one '{{}}' for the layer index"
+    if not n_stack and "{}" in name:
+        return "name_map returned a '{}' (a layer index), which only belongs in the name of a stacked kernel"
+    if name.replace("{}", "").count("{") or name.replace("{}", "").count("}"):
+        return "name_map returned braces other than the '{}' of a stacked kernel's layer index"
+    return None
+
+
+def pattern_key(module: str) -> str:
+    """The ``rank_pattern``/``alpha_pattern`` key that PEFT matches to ``module`` and to nothing else.
+
+    PEFT looks a module up with ``re.match(rf"(.*\\.)?({key})$", module)``; the escaped name with
+    a leading ``^`` matches the whole name only (not ``x.<module>``, nor a name differing in a
+    ``.``).
+    """
+    return "^" + re.escape(module)
+
+
 def _config(modules: dict[str, tuple[str, Adapter]], whole: list[str], base_model: str | None,
             task_type: str | None) -> dict:  # fmt: skip
     ads = [ad for _, ad in modules.values()] or [Adapter(np.zeros((1, 1)), np.zeros((1, 1)), rank=1, alpha=1.0)]
+    linear = [ad for path, ad in modules.values() if len(ad.roles) - ad.roles.count("stack") == 2
+              and not path.endswith("embedding")]  # fmt: skip
     rslora = {ad.rslora for ad in ads}
     if len(rslora) > 1:
         raise ValueError("lora_jax.to_peft: adapters mix rsLoRA and plain LoRA scaling; PEFT has one use_rslora flag.")
@@ -179,9 +210,10 @@ def _config(modules: dict[str, tuple[str, Adapter]], whole: list[str], base_mode
     return {
         "peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": rslora.pop(),
         "target_modules": sorted(modules),
-        "rank_pattern": {m: ad.rank for m, (_, ad) in sorted(modules.items()) if ad.rank != r},
-        "alpha_pattern": {m: ad.alpha for m, (_, ad) in sorted(modules.items()) if ad.alpha != alpha},
-        "lora_dropout": common(ad.dropout for ad in ads), "bias": "none", "fan_in_fan_out": False,
+        "rank_pattern": {pattern_key(m): ad.rank for m, (_, ad) in sorted(modules.items()) if ad.rank != r},
+        "alpha_pattern": {pattern_key(m): ad.alpha for m, (_, ad) in sorted(modules.items()) if ad.alpha != alpha},
+        "lora_dropout": common(ad.dropout for ad in ads), "bias": "none",
+        "fan_in_fan_out": bool(linear) and all(ad.roles[ad.roles.count("stack") :] == ("out", "in") for ad in linear),
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": whole or None,
         "base_model_name_or_path": base_model, "task_type": task_type,
     }  # fmt: skip

@@ -75,9 +75,7 @@ def adapter_shardings(param_shardings: Any, adapters: Any, *, mesh: Mesh | None 
         if on is not None:
             unknown = sorted({n for entry in entries for n in _names(entry)} - set(on.axis_names))
             if unknown:
-                problems.append(
-                    f"{path!r}: P{entries} names mesh axes {unknown}, the mesh has {on.axis_names}"
-                )
+                problems.append(f"{path!r}: P{entries} names mesh axes {unknown}, the mesh has {on.axis_names}")
                 continue
         specs = {name: PartitionSpec(*e) for name, e in _adapter.array_specs(ad, entries).items()}
         shardings: dict[str, Any] = specs if on is None else {n: NamedSharding(on, s) for n, s in specs.items()}

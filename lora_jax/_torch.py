@@ -80,6 +80,8 @@ def param_layout(
     """
     parent, last = list(keys[:-1]), keys[-1]
     module = name_of(_paths.join([*parent, "kernel"])) if parent else str(last)
+    if not isinstance(module, str) or not module:
+        raise ValueError(f"name_map returned {module!r}; a module name must be a non-empty str")
     if "{}" in module:
         raise ValueError("stacked (nn.scan) parameters have no single PyTorch tensor; export per layer")
     same: Layout = lambda x: x  # noqa: E731

@@ -95,7 +95,7 @@ def test_lora_jax_adapter_loads_in_peft_with_the_same_outputs(tmp_path, rslora):
     lj.to_peft(tmp_path, lora)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["target_modules"] == sorted(MODULES) and config["r"] == 4 and config["lora_alpha"] == 8
-    assert config["rank_pattern"] == {"fc": 2} and config["alpha_pattern"] == {"out": 3.0}
+    assert config["rank_pattern"] == {"^fc": 2} and config["alpha_pattern"] == {"^out": 3.0}
     model = peft.PeftModel.from_pretrained(net, str(tmp_path))
     expected = _flax_out(params, lora)
     assert not np.allclose(expected[0], FlaxNet().apply({"params": params}, IDS, IMG)[0], atol=1e-3)
@@ -370,3 +370,60 @@ def test_to_peft_never_leaves_a_mixed_pair(tmp_path, monkeypatch):
     assert (tmp_path / "adapter_config.json").read_bytes() == before["adapter_config.json"]
     with pytest.raises(ValueError, match=r"was written together with another adapter_config\.json.*'lora_alpha': \(8\.0, 4\.0\)"):
         lj.from_peft(tmp_path, params)
+
+
+# ---- rank_pattern / alpha_pattern keys resolve, under PEFT's own matching, to their module only ----
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from lora_jax import _peft  # noqa: E402
+
+_NAME = st.lists(st.text("abpq_()[]+*?.0", min_size=1, max_size=4).filter(lambda s: s.strip(".") == s and ".." not in s), min_size=1, max_size=3).map(".".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_NAME, min_size=2, max_size=6, unique=True))
+def test_pattern_keys_match_their_module_only_under_peft(names):
+    from peft.utils.other import get_pattern_key
+
+    keys = {_peft.pattern_key(n): n for n in names}
+    for name in names:
+        # PEFT returns the first key that matches, or the name itself when none does.
+        matching = [k for k in keys if get_pattern_key([k], name) == k]
+        assert matching == [_peft.pattern_key(name)], (name, matching)
+
+
+def test_overlapping_module_names_keep_their_own_ranks_in_peft(tmp_path):
+    """'proj' must not hit 'enc.proj'; 'a.b' must not hit 'a_b' (PEFT's regex matching)."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(D, D)
+            self.enc = torch.nn.Module()
+            self.enc.proj = torch.nn.Linear(D, D)
+            self.a_b = torch.nn.Linear(D, D)
+            self.a = torch.nn.Module()
+            self.a.b = torch.nn.Linear(D, D)
+
+    torch.manual_seed(0)
+    net = Net()
+    params = {
+        "proj": {"kernel": jnp.ones((D, D))},
+        "enc": {"proj": {"kernel": jnp.ones((D, D))}},
+        "a_b": {"kernel": jnp.ones((D, D))},
+        "a": {"b": {"kernel": jnp.ones((D, D))}},
+    }
+    cfg = lj.LoraConfig(rank=2, alpha=2, rank_pattern={"proj/kernel": 4, "a/b/kernel": 3}, alpha_pattern={"a_b/kernel": 5.0})
+    lora = randomize(lj.init(jax.random.key(0), params, cfg), jax.random.key(1))
+    lj.to_peft(tmp_path, lora)
+    model = peft.PeftModel.from_pretrained(net, tmp_path)
+    ranks = {n: m.r["default"] for n, m in model.named_modules() if hasattr(m, "r") and isinstance(m.r, dict)}
+    alphas = {n: m.lora_alpha["default"] for n, m in model.named_modules() if hasattr(m, "lora_alpha")}
+    prefix = "base_model.model."
+    assert {k[len(prefix) :]: v for k, v in ranks.items()} == {"proj": 4, "enc.proj": 2, "a_b": 2, "a.b": 3}
+    assert {k[len(prefix) :]: v for k, v in alphas.items()} == {"proj": 2, "enc.proj": 2, "a_b": 5, "a.b": 2}
+    back = lj.from_peft(tmp_path, params)
+    assert (back["proj"]["kernel"].rank, back["enc"]["proj"]["kernel"].rank, back["a"]["b"]["kernel"].rank) == (4, 2, 3)
+    assert back["a_b"]["kernel"].alpha == 5.0 and back["a"]["b"]["kernel"].alpha == 2.0
