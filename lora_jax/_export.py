@@ -113,7 +113,9 @@ def load_params(path: str | os.PathLike) -> dict:
     with _safetensors.reading(path, "lora_jax.load_params", "parameter file") as f:
         try:
             names = {name: tuple(keys) for name, keys in json.loads(f.metadata[_META_KEY])}
-        except (KeyError, ValueError, TypeError) as e:
+            if not all(isinstance(k, (str, int)) and not isinstance(k, bool) for ks in names.values() for k in ks):
+                raise TypeError("keys must be str or int")
+        except (KeyError, ValueError, TypeError, RecursionError) as e:
             raise ValueError(f"{f.where} has no valid lora_jax parameter metadata ({e!r}); was it written by "
                              "lj.save_params?") from None  # fmt: skip
         if set(names) != set(f.names) or any(_paths.join(k) != n for n, k in names.items()):

@@ -71,7 +71,7 @@ def from_peft(
       >>> lj.from_peft(out, params)["q_proj"]["kernel"].a.shape
       (8, 2)
     """
-    directory = os.fspath(directory)
+    directory = _safetensors.user_path(directory, "lora_jax.from_peft")
     config = _read_config(directory)
     weights_path = os.path.join(directory, WEIGHTS)
     if not os.path.isfile(weights_path):

@@ -71,12 +71,11 @@ def save(path: str | os.PathLike, adapters: Any) -> None:
                 "plain JSON values."
             ) from None
         arrays = _adapter.arrays(ad)
-        crc = {}
-        for name, x in arrays.items():  # a first pass for the checksums, which the header holds
-            crc[name] = zlib.crc32(np.ascontiguousarray(_safetensors.to_host(x)).tobytes())
+        for name, x in arrays.items():  # the writer checksums every tensor and the metadata
             shape, dtype = tuple(np.shape(x)), np.dtype(x.dtype)
             tensors.append(_safetensors.Tensor(f"{path_str}/{name}", shape, dtype, functools.partial(_same, x)))
-        entries[path_str] = {"keys": list(keys), "kind": _adapter.kind_of(ad).name, "static": static, "crc32": crc}
+        kind = _adapter.kind_of(ad).name
+        entries[path_str] = {"keys": list(keys), "kind": kind, "static": static, "arrays": list(arrays)}
     meta = {_META_KEY: json.dumps({"version": FORMAT_VERSION, "adapters": entries})}
     _safetensors.write(path, tensors, meta, "lora_jax.save")
 
@@ -118,14 +117,14 @@ def load(path: str | os.PathLike, *, shardings: Any = None) -> dict:
                 parsed[path_str] = _parse_entry(path_str, entry)
             except _Invalid as e:
                 problems.append(f"{path_str!r}: {e}")
-        expected = {f"{p}/{n}" for p, (_, _, _, crc) in parsed.items() for n in crc}
+        expected = {f"{p}/{n}" for p, (_, _, _, names) in parsed.items() for n in names}
         leaves = []
-        for path_str, (keys, cls, static, crc) in parsed.items():
-            missing = [n for n in crc if f"{path_str}/{n}" not in f.names]
+        for path_str, (keys, cls, static, names) in parsed.items():
+            missing = [n for n in names if f"{path_str}/{n}" not in f.names]
             try:
                 if missing:
                     raise _Invalid(", ".join(f"array {n!r} is missing" for n in missing))
-                leaves.append((keys, _build(cls, static, crc, path_str, f.get)))
+                leaves.append((keys, _build(cls, static, names, path_str, f.get)))
             except _Invalid as e:
                 problems.append(f"{path_str!r}: {e}")
         problems += [f"{name!r}: an array not described by the metadata" for name in sorted(set(f.names) - expected)]
@@ -148,8 +147,8 @@ def _entries(metadata: dict, where: str) -> dict:
     try:
         doc = json.loads(metadata[_META_KEY])
         version, entries = doc["version"], doc["adapters"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{where}: its lora_jax metadata is not valid ({e!r}).") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise ValueError(f"{where}: its lora_jax metadata is not valid ({type(e).__name__}).") from None
     if version not in (1, FORMAT_VERSION):
         raise ValueError(f"{where}: format version {version!r}, this lora_jax reads versions 1 and {FORMAT_VERSION}.")
     if not isinstance(entries, dict) or not entries:
@@ -157,20 +156,29 @@ def _entries(metadata: dict, where: str) -> dict:
     if version == 1:  # plain LoRA, its fields at the top of each entry
         lora = ("rank", "alpha", "roles", "rslora", "dropout")
         entries = {
-            p: {**e, "kind": "lora", "static": {k: e[k] for k in lora if k in e}} if isinstance(e, dict) else e
+            p: {**e, "kind": "lora", "static": {k: e[k] for k in lora if k in e}, "arrays": ["a", "b"]}
+            if isinstance(e, dict)
+            else e
             for p, e in entries.items()
         }
+    elif _safetensors.CHECKSUMS not in metadata:
+        raise ValueError(f"{where}: its checksums are missing (the file is corrupt or was altered).")
     return entries
 
 
 def _parse_entry(path_str: str, entry: Any) -> tuple:
     if not isinstance(entry, dict):
         raise _Invalid(f"metadata entry is a {type(entry).__name__}, expected an object")
-    missing = sorted({"keys", "kind", "static", "crc32"} - set(entry))
+    missing = sorted({"keys", "kind", "static", "arrays"} - set(entry))
     if missing:
         raise _Invalid(f"metadata entry lacks {missing}")
-    keys, kind, static, crc = entry["keys"], entry["kind"], entry["static"], entry["crc32"]
-    if not isinstance(keys, list) or not keys or _paths.join(keys) != path_str:
+    keys, kind, static, names = entry["keys"], entry["kind"], entry["static"], entry["arrays"]
+    if (
+        not isinstance(keys, list)
+        or not keys
+        or not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in keys)
+        or _paths.join(keys) != path_str
+    ):
         raise _Invalid(f"metadata keys {keys!r} do not spell the path")
     cls = _adapter.class_named(kind) if isinstance(kind, str) else None
     if cls is None:
@@ -179,9 +187,12 @@ def _parse_entry(path_str: str, entry: Any) -> tuple:
                        "register it with lj.register_kind before loading")  # fmt: skip
     if not isinstance(static, dict) or set(static) - set(_adapter.field_names(cls, static=True)):
         raise _Invalid(f"static fields {static!r} are not those of a {cls.__name__}")
-    if not isinstance(crc, dict) or set(crc) != set(_adapter.field_names(cls, static=False)):
+    crc = entry.get("crc32")  # version 1: a checksum per array in the entry
+    if not isinstance(names, list) or set(names) != set(_adapter.field_names(cls, static=False)):
+        raise _Invalid(f"arrays {names!r} are not those of a {cls.__name__}")
+    if crc is not None and (not isinstance(crc, dict) or set(crc) != set(names)):
         raise _Invalid(f"crc32 {crc!r} does not name the arrays of a {cls.__name__}")
-    return tuple(keys), cls, {k: _tuples(v) for k, v in static.items()}, crc
+    return tuple(keys), cls, {k: _tuples(v) for k, v in static.items()}, crc or dict.fromkeys(names)
 
 
 def _build(cls: type, static: dict, crc: dict, path_str: str, get) -> Any:
@@ -190,7 +201,7 @@ def _build(cls: type, static: dict, crc: dict, path_str: str, get) -> Any:
         arr = get(f"{path_str}/{name}")
         if not jnp.issubdtype(arr.dtype, jnp.floating):
             raise _Invalid(f"array {name!r} has dtype {arr.dtype}, expected a floating dtype")
-        if zlib.crc32(np.ascontiguousarray(arr).tobytes()) != crc[name]:
+        if crc[name] is not None and zlib.crc32(np.ascontiguousarray(arr).tobytes()) != crc[name]:
             raise _Invalid(f"array {name!r} fails its checksum (the file is corrupt)")
         arrays[name] = jnp.asarray(arr)
     try:

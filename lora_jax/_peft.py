@@ -159,7 +159,7 @@ def to_peft(
         config_bytes = json.dumps(config, indent=2, sort_keys=True, allow_nan=False).encode()
     except (TypeError, ValueError) as e:
         raise ValueError(f"lora_jax.to_peft: the adapter config cannot be written as JSON ({e}).") from None
-    directory = os.fsdecode(directory)
+    directory = _safetensors.user_path(directory, "lora_jax.to_peft")
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(f"lora_jax.to_peft: {directory!r} exists and is not a directory.")
     try:
@@ -171,7 +171,7 @@ def to_peft(
     meta = {"format": "pt", PAIRED: json.dumps({k: config[k] for k in MATH_FIELDS}, sort_keys=True)}
     _safetensors.write(os.path.join(directory, WEIGHTS), tensors, meta, "lora_jax.to_peft")
     if jax.process_index() == 0:
-        _safetensors.atomic_write(os.path.join(directory, CONFIG), lambda f: f.write(config_bytes))
+        _safetensors.atomic_write(os.path.join(directory, CONFIG), lambda f: f.write(config_bytes), "lora_jax.to_peft")
 
 
 def _name_problem(name: Any, n_stack: int) -> str | None:

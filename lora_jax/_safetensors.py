@@ -13,9 +13,11 @@ foreign file is refused by its metadata alone.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO, NamedTuple
 
@@ -37,6 +39,14 @@ class Tensor(NamedTuple):
     shape: tuple[int, ...]
     dtype: np.dtype
     produce: Callable[[], Any]
+
+
+CHECKSUMS = "lora_jax_crc32"  # "<metadata crc>:<tensor crc>,<tensor crc>,..." in hex, tensors by sorted name
+
+
+def _metadata_crc(metadata: dict[str, str]) -> int:
+    rest = {k: v for k, v in metadata.items() if k != CHECKSUMS}
+    return zlib.crc32(json.dumps(rest, sort_keys=True).encode())
 
 
 def to_host(x: Any) -> np.ndarray:
@@ -66,15 +76,21 @@ def write(path: str | os.PathLike, tensors: Iterable[Tensor], metadata: dict[str
             "dtype": DTYPES[t.dtype.name],
             "shape": list(t.shape),
             "data_offsets": [offset, offset + size],
-        }  # noqa: E501
+        }
         offset += size
-    header["__metadata__"] = metadata
+    if CHECKSUMS in metadata:
+        raise ValueError(f"{where}: the metadata key {CHECKSUMS!r} is lora_jax's own.")
+    # Checksums: the metadata's CRC-32 now, each tensor's written in place (same width) once known.
+    placeholder = ",".join(["00000000"] * len(tensors))
+    header["__metadata__"] = {**metadata, CHECKSUMS: f"{_metadata_crc(metadata):08x}:{placeholder}"}
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
+    slot = 8 + head.index(placeholder.encode()) if tensors else 0
 
     def body(f: BinaryIO | None) -> None:
         if f is not None:
             f.write(len(head).to_bytes(8, "little") + head)
+        crcs = {}
         for t in tensors:
             value = to_host(t.produce())  # every process gathers
             value = np.ascontiguousarray(value).reshape(value.shape)  # (0-d stays 0-d)
@@ -84,20 +100,37 @@ def write(path: str | os.PathLike, tensors: Iterable[Tensor], metadata: dict[str
                     f"produced {value.dtype}{list(value.shape)}."
                 )
             if f is not None:
-                f.write(value.tobytes())
+                data = value.tobytes()
+                crcs[t.name] = f"{zlib.crc32(data):08x}"
+                f.write(data)
+        if f is not None and tensors:
+            f.seek(slot)
+            f.write(",".join(crcs[name] for name in sorted(crcs)).encode())
+            f.seek(0, os.SEEK_END)
 
     if jax.process_index() == 0:
-        atomic_write(path, body)
+        atomic_write(path, body, where)
     else:
         body(None)
 
 
-def atomic_write(path: str | os.PathLike, write_to: Callable[[BinaryIO], Any]) -> None:
+def atomic_write(path: str | os.PathLike, write_to: Callable[[BinaryIO], Any], where: str = "lora_jax") -> None:
     """Call ``write_to(file)`` on a temporary file next to ``path``, then rename it to ``path``
-    with the mode the umask gives; on any exception the temporary file is removed."""
-    path = os.fspath(path)
+    with the mode the umask gives; on any exception the temporary file is removed.
+
+    Raises:
+      ValueError: if ``path`` is empty or names a directory.
+      OSError: (its own subclass) naming ``path`` if the directory is missing or not writable.
+    """
+    path = user_path(path, where)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{where}: {path!r} is a directory; give the path of a file.")
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as e:
+        reason = "does not exist" if not os.path.isdir(directory) else f"cannot be written to ({e.strerror or e})"
+        raise type(e)(f"{where}: cannot write {path!r}: the directory {directory!r} {reason}.") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write_to(f)
@@ -109,6 +142,25 @@ def atomic_write(path: str | os.PathLike, write_to: Callable[[BinaryIO], Any]) -
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _remove_stale(directory, os.path.basename(path))
+
+
+def _remove_stale(directory: str, name: str) -> None:
+    """Remove the temporary files of earlier writes of ``name`` that were killed midway."""
+    for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.*.tmp")):
+        with contextlib.suppress(OSError):
+            os.unlink(stale)
+
+
+def user_path(path: Any, where: str) -> str:
+    """``path`` (a str, bytes or ``os.PathLike``) as a str; a clear error for anything else."""
+    try:
+        path = os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise TypeError(f"{where}: expected a file path (str or os.PathLike), found {type(path).__name__}.") from None
+    if not path:
+        raise ValueError(f"{where}: the path is empty.")
+    return path
 
 
 def _umask() -> int:
@@ -130,7 +182,7 @@ class Reader(NamedTuple):
 def reading(path: str | os.PathLike, function: str, what: str) -> Iterator[Reader]:
     """Open ``path``; a ``FileNotFoundError`` or a clear ``ValueError`` if it is not a readable
     safetensors file. ``Reader.where`` is ``"<function>: '<path>'"`` for messages."""
-    path = os.fspath(path)
+    path = user_path(path, function)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{function}: no {what} at {path!r}.")
     where = f"{function}: {path!r}"
@@ -144,11 +196,32 @@ def reading(path: str | os.PathLike, function: str, what: str) -> Iterator[Reade
     except (safetensors.SafetensorError, OSError, ValueError) as e:
         raise corrupt(e) from None
     with handle as f:
+        metadata, names = f.metadata() or {}, list(f.keys())
+        expected = _checksums(metadata, names, where)
 
         def get(name: str) -> np.ndarray:
             try:
-                return f.get_tensor(name)
-            except (safetensors.SafetensorError, OSError, ValueError) as e:
+                value = f.get_tensor(name)
+            except (safetensors.SafetensorError, OSError, ValueError, TypeError, AttributeError) as e:
                 raise corrupt(e) from None
+            if expected is not None and zlib.crc32(np.ascontiguousarray(value).tobytes()) != expected[name]:
+                raise ValueError(f"{where}: the tensor {name!r} fails its checksum (the file is corrupt).")
+            return value
 
-        yield Reader(where, f.metadata() or {}, list(f.keys()), get)
+        yield Reader(where, metadata, names, get)
+
+
+def _checksums(metadata: dict[str, str], names: list[str], where: str) -> dict[str, int] | None:
+    """Each tensor's CRC-32 from a file lora_jax wrote (``None`` for other files), after
+    checking the metadata's own."""
+    if CHECKSUMS not in metadata:
+        return None
+    try:
+        meta_crc, _, tensor_crcs = metadata[CHECKSUMS].partition(":")
+        crcs = [int(c, 16) for c in tensor_crcs.split(",")] if tensor_crcs else []
+        ok = int(meta_crc, 16) == _metadata_crc(metadata) and len(crcs) == len(names)
+    except (ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{where}: its metadata fails its checksum (the file is corrupt).")
+    return dict(zip(sorted(names), crcs))

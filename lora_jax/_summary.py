@@ -120,7 +120,8 @@ def _count(x: Any) -> int:
 
 
 def _nbytes(x: Any) -> int:
-    return _count(x) * np.dtype(x.dtype).itemsize
+    dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype  # a Python scalar leaf too
+    return _count(x) * np.dtype(dtype).itemsize
 
 
 def _human(n: float) -> str:

@@ -363,7 +363,7 @@ def test_to_peft_never_leaves_a_mixed_pair(tmp_path, monkeypatch):
     from lora_jax import _safetensors
 
     real = _safetensors.atomic_write
-    monkeypatch.setattr(_safetensors, "atomic_write", lambda path, write: (real(path, write), 1 / 0)[0])
+    monkeypatch.setattr(_safetensors, "atomic_write", lambda path, write, where: (real(path, write, where), 1 / 0)[0])
     with pytest.raises(ZeroDivisionError):
         lj.to_peft(tmp_path, new)
     monkeypatch.undo()
