@@ -3,6 +3,7 @@
 import os
 import stat
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -90,3 +91,70 @@ class _Closing:
 
     def __exit__(self, *exc):
         return self.context.__exit__(*exc)
+
+
+# ---- a writer killed at random moments -----------------------------------------------------
+
+_WRITER = """
+import sys, jax, lora_jax as lj
+sys.path.insert(0, {tests!r})
+from test_safetensors import adapter_pair
+pair = adapter_pair()
+i = 0
+while True:
+    lj.save({file!r}, pair[i % 2])
+    lj.to_peft({directory!r}, pair[i % 2])
+    if i == 1:
+        print("ready", flush=True)
+    i += 1
+"""
+
+
+def adapter_pair():
+    """Two adapter trees, big enough that a write takes a while, made the same way in any process."""
+    params = {f"layer_{i}": {"kernel": jnp.zeros((256, 256))} for i in range(6)}
+    fresh = lj.init(jax.random.key(0), params, lj.LoraConfig(rank=32))
+    return [jax.tree.map(lambda x, s=seed: x + s + jnp.arange(x.size).reshape(x.shape) % 7, fresh) for seed in (1, 2)]
+
+
+def _equal(u, v):
+    return jax.tree.structure(u) == jax.tree.structure(v) and all(
+        np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v))
+    )
+
+
+def test_writer_killed_at_random_moments_leaves_old_or_new(tmp_path):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    file, directory = str(tmp_path / "ad.safetensors"), str(tmp_path / "peft")
+    script = _WRITER.format(tests=tests, file=file, directory=directory)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(tests), JAX_PLATFORMS="cpu")
+    pair = adapter_pair()
+    rng = random.Random(0)
+    kinds = set()
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        loaded = lj.load(file)
+        assert _equal(loaded, pair[0]) or _equal(loaded, pair[1])  # old or new, exactly
+        try:
+            imported = lj.from_peft(directory, {f"layer_{i}": {"kernel": jnp.zeros((256, 256))} for i in range(6)})
+            assert _equal(imported, pair[0]) or _equal(imported, pair[1])
+            kinds.add("pair")
+        except ValueError as e:  # killed between the two renames: detected, never mixed
+            assert "written together with another adapter_config.json" in str(e)
+            kinds.add("detected")
+        kinds.update("temp left" for f in os.listdir(tmp_path) if f.endswith(".tmp"))
+    lj.save(file, pair[0])
+    lj.to_peft(directory, pair[0])
+    leftovers = [f for d in (tmp_path, tmp_path / "peft") for f in os.listdir(d) if f.endswith(".tmp")]
+    assert not leftovers, leftovers  # the next successful save removes what a killed one left
+    assert kinds & {"pair", "detected"}
