@@ -72,7 +72,8 @@ class Adapter:
         if why:
             raise ValueError(f"lora_jax.Adapter: {why}.")
         set_("roles", roles)
-        if not math.isfinite(float(np.float32(self.scale))) or self.scale == 0:
+        f32 = np.finfo(np.float32)
+        if not float(f32.tiny) <= self.scale <= float(f32.max):
             raise ValueError(
                 f"lora_jax.Adapter: alpha {self.alpha} with rank {self.rank} gives the scale {self.scale}, which "
                 "float32 cannot hold."

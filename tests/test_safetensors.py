@@ -80,6 +80,11 @@ def test_foreign_file_refused_by_its_metadata_without_reading_a_tensor(tmp_path,
         lj.load(file)
     with pytest.raises(ValueError, match=r"has no valid lora_jax parameter metadata"):
         lj.load_params(file)
+    peft_dir = tmp_path / "peft"
+    lj.to_peft(peft_dir, lj.init(jax.random.key(0), {"q": {"kernel": jnp.ones((4, 3))}}, lj.LoraConfig(rank=1)))
+    os.replace(file, peft_dir / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"holds keys that are not LoRA A/B weights .*\['big'\]"):
+        lj.from_peft(peft_dir, {"q": {"kernel": jnp.ones((4, 3))}})
 
 
 class _Closing:
