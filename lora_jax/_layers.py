@@ -6,7 +6,8 @@ spec (:class:`Einsum`, :class:`Conv`, :class:`Lookup`) saying how it applies tha
 its input, or ``None`` when this call cannot be described (the kernel is then merged).
 Lookups follow the class's MRO, so a subclass of ``nn.Dense`` is a ``Dense`` unless it is
 registered itself. Flax Linen's ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv`` and
-``Embed`` are built in; :func:`register_layer` adds any other layer.
+``Embed`` and NNX's ``Linear``, ``LinearGeneral``, ``Einsum``, ``Conv`` and ``Embed`` are
+built in; :func:`register_layer` adds any other layer (Linen or NNX).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+from flax import nnx
 import jax.numpy as jnp
 from flax.linen.linear import canonicalize_padding
 
@@ -82,19 +84,33 @@ def _dense(module: nn.Dense, method: str, args: tuple, kwargs: dict):
     return "kernel", _specs.Einsum("...i,io->...o", _first_arg(args, kwargs, "inputs"))
 
 
+def _dot_general(x: Any, batch: Any, axis: Any, n_out: int) -> _specs.Einsum:
+    """The spec of ``dot_general(x, kernel)`` contracting x's ``axis`` with the kernel's in axes,
+    batched over x's ``batch`` axes (the kernel's leading axes), as Flax's DenseGeneral does."""
+    ndim = jnp.ndim(x)
+    normalize = lambda axes: tuple(sorted(a % ndim for a in _as_tuple(axes)))  # noqa: E731 (sorted, as Flax does)
+    batch, axis = normalize(batch), normalize(axis)
+    letters = _specs._LETTERS
+    xs = letters[:ndim]
+    outs = letters[ndim : ndim + n_out]
+    rest = "".join(xs[i] for i in range(ndim) if i not in batch and i not in axis)
+    of = lambda axes: "".join(xs[i] for i in axes)  # noqa: E731
+    return _specs.Einsum(f"{xs},{of(batch)}{of(axis)}{outs}->{of(batch)}{rest}{outs}", x)
+
+
 def _dense_general(module: nn.DenseGeneral, method: str, args: tuple, kwargs: dict):
     if method != "__call__":
         return None
     x = _first_arg(args, kwargs, "inputs")
-    ndim = jnp.ndim(x)
-    normalize = lambda axes: tuple(sorted(a % ndim for a in _as_tuple(axes)))  # noqa: E731 (sorted, as Flax does)
-    batch, axis = normalize(module.batch_dims), normalize(module.axis)
-    letters = _specs._LETTERS
-    xs = letters[:ndim]
-    outs = letters[ndim : ndim + len(_as_tuple(module.features))]
-    rest = "".join(xs[i] for i in range(ndim) if i not in batch and i not in axis)
-    of = lambda axes: "".join(xs[i] for i in axes)  # noqa: E731
-    return "kernel", _specs.Einsum(f"{xs},{of(batch)}{of(axis)}{outs}->{of(batch)}{rest}{outs}", x)
+    return "kernel", _dot_general(x, module.batch_dims, module.axis, len(_as_tuple(module.features)))
+
+
+def _linear_general(module: Any, method: str, args: tuple, kwargs: dict):
+    """``nnx.LinearGeneral``: kernel ``(batch..., in..., out...)``."""
+    if method != "__call__":
+        return None
+    x = _first_arg(args, kwargs, "inputs")
+    return "kernel", _dot_general(x, tuple(module.batch_axis), module.axis, len(_as_tuple(module.out_features)))
 
 
 def _einsum(module: nn.Einsum, method: str, args: tuple, kwargs: dict):
@@ -158,5 +174,8 @@ def _embed(module: nn.Embed, method: str, args: tuple, kwargs: dict):
 for _cls, _fn in (
     (nn.Dense, _dense), (nn.DenseGeneral, _dense_general), (nn.Einsum, _einsum), (nn.Conv, _conv),
     (nn.Embed, _embed),
+    # Flax NNX: the same layers under other names; Einsum, Conv and Embed have the same attributes.
+    (nnx.Linear, _dense), (nnx.LinearGeneral, _linear_general), (nnx.Einsum, _einsum), (nnx.Conv, _conv),
+    (nnx.Embed, _embed),
 ):  # fmt: skip
     register_layer(_cls, _fn)

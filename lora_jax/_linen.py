@@ -18,10 +18,11 @@ from typing import Any
 
 import flax
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _adapter, _full, _layers, _merge, _paths, _specs
+from lora_jax import _adapter, _full, _layers, _merge, _nnx, _paths, _specs
 
 _SUFFIX = "@lora"  # an adapter rides in params as '<kernel name>@lora' beside its kernel
 
@@ -75,8 +76,10 @@ def wrap(apply_fn: Callable, *, strict: bool = True, trainable: Any = None) -> C
       >>> bool((apply({"params": params, "lora": lora}, x) == model.apply({"params": params}, x)).all())
       True
     """
-    _check_linen_apply(apply_fn)
     _full.refuse_trainable(trainable, "lora_jax.wrap")
+    if _nnx.is_nnx(apply_fn):
+        return _nnx.wrap(apply_fn, strict=strict)
+    _check_linen_apply(apply_fn)
 
     @functools.wraps(apply_fn)
     def apply(variables: Mapping, *args, lora_training: bool = False, **kwargs):
@@ -160,8 +163,12 @@ def axis_roles(model: nn.Module, *args, **kwargs) -> dict[str, tuple[str, ...]]:
       >>> lj.axis_roles(nn.DenseGeneral((2, 3)), jnp.ones((1, 8)))
       {'kernel': ('in', 'out', 'out')}
     """
+    if _nnx.is_nnx(model):
+        if not isinstance(model, nnx.Module):
+            raise TypeError("lora_jax.axis_roles: pass the NNX model itself (its GraphDef has no values to trace).")
+        return _nnx.axis_roles(model, *args, **kwargs)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"lora_jax.axis_roles: model must be a flax.linen Module, found {type(model).__name__}.")
+        raise TypeError(f"lora_jax.axis_roles: model must be a Flax Linen or NNX Module, found {type(model).__name__}.")
     local: dict[str, tuple] = {}
 
     def intercept(next_fun, call_args, call_kwargs, context):
@@ -266,11 +273,15 @@ def _dropout(module: nn.Module, rate: float) -> Callable[[jax.Array], jax.Array]
 def _check_linen_apply(apply_fn: Any) -> None:
     fn = apply_fn.func if isinstance(apply_fn, functools.partial) else apply_fn
     owner = getattr(fn, "__self__", None)
-    if not (inspect.ismethod(fn) and isinstance(owner, nn.Module) and fn.__name__ == "apply"):
-        raise TypeError(
-            f"lora_jax.wrap: expected a Flax Linen model's apply method, e.g. lj.wrap(model.apply); "
-            f"found {apply_fn!r}. For an NNX model, merge with lj.apply_lora(state, adapters)."
-        )
+    if inspect.ismethod(fn) and isinstance(owner, nn.Module) and fn.__name__ == "apply":
+        return
+    if isinstance(owner, nnx.Module):
+        found = f"a method of the NNX model {type(owner).__name__}; pass the model itself: lj.wrap(model)"
+    elif isinstance(apply_fn, nn.Module):
+        found = f"the Linen model {type(apply_fn).__name__} itself; pass its apply: lj.wrap(model.apply)"
+    else:
+        found = f"a {type(apply_fn).__name__}; pass a Linen model's apply (lj.wrap(model.apply)) or an NNX model"
+    raise TypeError(f"lora_jax.wrap: expected a Flax Linen model's apply method or an NNX model; found {found}.")
 
 
 def _check_paths_exist(params: Any, by_path: dict[str, Any]) -> None:

@@ -1,0 +1,216 @@
+"""``wrap`` and ``axis_roles`` for Flax NNX models: the NNX front end of the layer specs.
+
+``wrap(model_or_graphdef)`` returns ``apply(state, lora, *args)``: for each call it rebuilds the
+model from ``state`` (``nnx.merge``), gives each layer that owns an adapted kernel a subclass of
+its own class whose ``__call__``/``attend`` add the adapter kind's factored output to the
+layer's output (the layer table of ``_layers`` says how the layer applies its kernel), and runs
+the model. The model's code and the caller's model are never changed; the base state is under
+``stop_gradient``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import warnings
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lora_jax import _adapter, _layers, _merge, _paths, _specs
+
+_METHODS = ("__call__", "attend")
+_ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("lora_jax_nnx_call", default=None)
+_SUBCLASSES: dict[type, type] = {}
+
+
+def is_nnx(x: Any) -> bool:
+    return isinstance(x, (nnx.Module, nnx.GraphDef))
+
+
+def wrap(model_or_graphdef: Any, *, strict: bool = True) -> Callable:
+    """The NNX form of :func:`lora_jax.wrap` (see there): ``apply(state, lora, *args,
+    lora_training=False, lora_rng=None, **kwargs)`` runs the model's ``__call__`` on ``state``
+    (from ``nnx.split(model)``) with adapters ``lora``, factored, and returns its output."""
+    graphdef = model_or_graphdef if isinstance(model_or_graphdef, nnx.GraphDef) else nnx.split(model_or_graphdef)[0]
+
+    def apply(state: Any, lora: Any, *args, lora_training: bool = False, lora_rng: Any = None, **kwargs):
+        if not isinstance(state, nnx.State):
+            raise TypeError(
+                "lora_jax.wrap: the wrapped NNX apply takes (state, lora, *inputs) with state from "
+                f"nnx.split(model); found a {type(state).__name__} as state."
+            )
+        if lora_training and lora_rng is None:
+            raise ValueError("lora_jax.wrap: lora_training=True needs lora_rng=<a PRNG key> for the LoRA dropout.")
+        by_path = _merge.adapters_by_path(lora, "lora_jax.wrap")
+        _merge.check_fit(state, by_path, "lora_jax.wrap")
+        state = jax.tree.map(_frozen, state)
+        substituted = {p: ad for p, ad in by_path.items() if _adapter.kind_of(ad).output is None}
+        layered = {p: ad for p, ad in by_path.items() if p not in substituted}
+
+        def run(factored: dict, merged: dict):
+            model = nnx.merge(graphdef, _merge.apply_lora(state, _nest(merged)) if merged else state)
+            call = _Call(model, factored, lora_rng if lora_training else None)
+            token = _ACTIVE.set(call)
+            try:
+                out = model(*args, **kwargs)
+            finally:
+                _ACTIVE.reset(token)
+            call.raise_problems()
+            return out, call
+
+        out, call = run(layered, substituted)
+        leftover = {p: ad for p, ad in layered.items() if p not in call.consumed}
+        # A layer run inside an NNX transform is a copy whose path is unknown: when there was one,
+        # any adapter may have been used there, and is merged rather than called unused.
+        unused = [] if call.in_transforms else [p for p in leftover if _module_of(p) not in call.visited]
+        if not strict:
+            leftover = {p: ad for p, ad in leftover.items() if p not in unused}
+        elif unused:
+            raise ValueError(
+                "lora_jax.wrap: adapters name kernels that the model never uses in this call:"
+                + "".join(f"\n  {p!r}" for p in unused)
+                + "\nAdapt only kernels of layers the model calls (or drop these adapters), or pass "
+                "strict=False to wrap to ignore them in calls that skip those layers."
+            )
+        if not leftover:
+            return out
+        warnings.warn(
+            "lora_jax.wrap: no factored LoRA forward for the layers owning "
+            + ", ".join(repr(p) for p in leftover)
+            + " (a layer type lora_jax does not know, see lj.register_layer, or one called inside an NNX "
+            "transform); these kernels are merged (W + scale·a⋅b) instead. The result is correct but computes "
+            "their weight gradients.",
+            stacklevel=2,
+        )
+        factored = {p: ad for p, ad in layered.items() if p not in leftover}
+        return run(factored, {**substituted, **leftover})[0]
+
+    return apply
+
+
+def axis_roles(model: nnx.Module, *args, **kwargs) -> dict[str, tuple[str, ...]]:
+    """The NNX form of :func:`lora_jax.axis_roles`: the roles of the kernels of the layers the
+    model's ``__call__`` calls, traced abstractly (``jax.eval_shape``, no FLOPs)."""
+    graphdef, state = nnx.split(model)
+    found: dict[str, tuple[str, ...]] = {}
+
+    def trace(state):
+        copy = nnx.merge(graphdef, state)
+        call = _Call(copy, {}, None, record=found)
+        token = _ACTIVE.set(call)
+        try:
+            return copy(*args, **kwargs)
+        finally:
+            _ACTIVE.reset(token)
+
+    jax.eval_shape(trace, state)
+    return found
+
+
+class _Call:
+    """One adapted call of a model: its layers given intercepting classes, and what they saw."""
+
+    def __init__(self, model: nnx.Module, adapters: dict[str, Any], rng: Any, record: dict | None = None):
+        self.adapters, self.rng, self.record = adapters, rng, record
+        self.consumed: set[str] = set()
+        self.visited: set[tuple] = set()
+        self.in_transforms = False
+        self.problems: list[str] = []
+        self.paths: dict[int, tuple] = {}
+        owners = {_module_of(p) for p in adapters}
+        for path, module in nnx.iter_graph(model):
+            if isinstance(module, nnx.Module) and (record is not None or tuple(path) in owners):
+                self.paths[id(module)] = tuple(path)
+                module.__class__ = _intercepting(type(module))
+
+    def after(self, module: Any, method: str, args: tuple, kwargs: dict, out: Any) -> Any:
+        path = self.paths.get(id(module))
+        if path is None:  # a copy that an NNX transform (nnx.scan, nnx.vmap, nnx.remat) made of a layer
+            self.in_transforms = True
+            return out
+        self.visited.add(path)
+        use = _layers.describe_call(module, method, args, kwargs)
+        if use is None:
+            return out
+        param, spec = use
+        kernel_path = _paths.join(path + (param,))
+        kernel = getattr(module, param)[...]
+        if self.record is not None:
+            self.record[kernel_path] = _specs.roles(spec)
+            return out
+        adapter = self.adapters.get(kernel_path)
+        if adapter is None:
+            return out
+        roles = _specs.roles(spec)
+        if _adapter.static(adapter).get("roles") != roles:
+            self.problems.append(
+                f"{kernel_path!r} ({type(module).__name__}): the adapter has roles "
+                f"{_adapter.static(adapter).get('roles')}, the layer uses its kernel {tuple(kernel.shape)} as {roles}"
+            )
+            return out
+        self.consumed.add(kernel_path)
+        rate = _adapter.static(adapter).get("dropout", 0.0)
+        drop = _dropout(self.rng, kernel_path, rate) if self.rng is not None and rate > 0 else (lambda x: x)
+        return _adapter.kind_of(adapter).output(spec, out, kernel, adapter, drop)
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise ValueError(
+                "lora_jax.wrap: adapters contradict how the model uses their kernels:"
+                + "".join(f"\n  {p}" for p in self.problems)
+                + "\nCreate adapters with roles=lj.axis_roles(model, *sample_inputs)."
+            )
+
+
+def _intercepting(cls: type) -> type:
+    """``cls`` with its ``__call__``/``attend`` reporting to the active call (one subclass per class)."""
+    if cls in _SUBCLASSES.values():
+        return cls
+    if cls not in _SUBCLASSES:
+        namespace: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        for name in _METHODS:
+            if callable(getattr(cls, name, None)):
+                namespace[name] = _reporting(cls, name)
+        _SUBCLASSES[cls] = type(cls.__name__, (cls,), namespace)
+    return _SUBCLASSES[cls]
+
+
+def _reporting(cls: type, name: str) -> Callable:
+    original = getattr(cls, name)
+
+    @functools.wraps(original)
+    def method(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        call = _ACTIVE.get()
+        return out if call is None else call.after(self, name, args, kwargs, out)
+
+    return method
+
+
+def _dropout(rng: Any, path: str, rate: float) -> Callable[[jax.Array], jax.Array]:
+    key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
+
+    def drop(x: jax.Array) -> jax.Array:
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+    return drop
+
+
+def _frozen(x: Any) -> Any:
+    floating = hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+    return jax.lax.stop_gradient(x) if floating else x
+
+
+def _module_of(path: str) -> tuple:
+    """The module path owning a kernel path, with NNX's integer keys restored."""
+    return tuple(int(k) if k.isdigit() else k for k in path.split("/")[:-1])
+
+
+def _nest(adapters: dict[str, Any]) -> dict:
+    return _paths.nest((tuple(int(k) if k.isdigit() else k for k in p.split("/")), ad) for p, ad in adapters.items())
