@@ -16,8 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
-from flax import nnx
 import jax.numpy as jnp
+from flax import nnx
 from flax.linen.linear import canonicalize_padding
 
 from lora_jax import _specs

@@ -18,9 +18,9 @@ from typing import Any
 
 import flax
 import flax.linen as nn
-from flax import nnx
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from lora_jax import _adapter, _full, _layers, _merge, _nnx, _paths, _specs
 

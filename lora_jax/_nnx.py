@@ -156,7 +156,9 @@ class _Call:
         self.consumed.add(kernel_path)
         rate = _adapter.static(adapter).get("dropout", 0.0)
         drop = _dropout(self.rng, kernel_path, rate) if self.rng is not None and rate > 0 else (lambda x: x)
-        return _adapter.kind_of(adapter).output(spec, out, kernel, adapter, drop)
+        output = _adapter.kind_of(adapter).output
+        assert output is not None  # kinds without one are merged before the call
+        return output(spec, out, kernel, adapter, drop)
 
     def raise_problems(self) -> None:
         if self.problems:
