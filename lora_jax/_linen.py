@@ -40,6 +40,12 @@ def wrap(apply_fn: Callable, *, strict: bool = True, trainable: Any = None) -> C
     ``nn.remat``/``nn.vmap``. A targeted kernel of any other layer is merged instead, with a
     warning.
 
+    Given a Flax NNX model (or its ``GraphDef``) instead, it returns ``apply(state, lora,
+    *args, lora_training=False, lora_rng=None, **kwargs)`` that runs the model's ``__call__``
+    on ``state`` (from ``nnx.split(model)``) with the adapters, factored, and returns its
+    output; ``lora_rng`` is the dropout key. Layers called inside NNX transforms
+    (``nnx.scan``/``nnx.vmap``/``nnx.remat``) are merged for now, with a warning.
+
     The returned function has ``apply_fn``'s signature plus one keyword, ``lora_training``
     (default ``False``): when true, the LoRA branch input gets dropout at each adapter's
     ``dropout`` rate (PEFT's semantics), drawn from ``rngs['dropout']``.
@@ -51,7 +57,7 @@ def wrap(apply_fn: Callable, *, strict: bool = True, trainable: Any = None) -> C
 
     Args:
       apply_fn: a Linen model's ``apply``, e.g. ``model.apply`` (or a ``functools.partial``
-        of it).
+        of it), or an NNX model or ``GraphDef``.
       strict: if true (the default), an adapter of a kernel that the call never uses is an
         error; pass ``False`` to call one part of a model (``method=encode``) with the
         adapters of the whole model.
@@ -146,7 +152,7 @@ def axis_roles(model: nn.Module, *args, **kwargs) -> dict[str, tuple[str, ...]]:
     emb.T}}, h)``) are skipped.
 
     Args:
-      model: a Linen module.
+      model: a Linen module, or an NNX model (the layers its ``__call__`` calls directly).
       *args: sample inputs for ``model.init`` (arrays or ``jax.ShapeDtypeStruct``).
       **kwargs: keyword arguments for ``model.init`` (e.g. ``train=False``, ``method=``).
 
