@@ -231,7 +231,9 @@ class _Trace:
         param, spec = use
         path = _paths.join(module.path + (param,))
         kernel = module.get_variable("params", param)
-        adapter = _localize(module.get_variable("params", param + _SUFFIX), tuple(kernel.shape), _specs.roles(spec))
+        adapter = _adapter.localize(
+            module.get_variable("params", param + _SUFFIX), tuple(kernel.shape), _specs.roles(spec)
+        )
         if isinstance(adapter, str):
             self.problems.append(f"{path!r} ({type(module).__name__}): {adapter}")
             return out
@@ -247,23 +249,6 @@ class _Trace:
                 + "".join(f"\n  {p}" for p in self.problems)
                 + "\nCreate adapters with roles=lj.axis_roles(model, *sample_inputs)."
             )
-
-
-def _localize(adapter: Any, kernel_shape: tuple[int, ...], roles: tuple[str, ...]) -> Any:
-    """The adapter as the layer sees it (stack axes sliced off by a lifted transform), or why not."""
-    adapter_roles = _adapter.static(adapter).get("roles")
-    if adapter_roles is None:
-        return f"a {type(adapter).__name__} has no axis roles, so it cannot adapt a layer"
-    n_sliced = len(adapter_roles) - len(kernel_shape)
-    if n_sliced < 0 or any(r != "stack" for r in adapter_roles[:n_sliced]) or adapter_roles[n_sliced:] != roles:
-        return f"the adapter has roles {adapter_roles}, the layer uses its kernel {kernel_shape} as {roles}"
-    try:
-        local = _adapter.unstack(adapter, n_sliced)
-    except ValueError as e:
-        return str(e)
-    if _adapter.kernel_shape(local) != kernel_shape:
-        return f"{_merge.describe(adapter)} do not fit the kernel {kernel_shape}"
-    return local
 
 
 def _dropout(module: nn.Module, rate: float) -> Callable[[jax.Array], jax.Array]:

@@ -65,9 +65,7 @@ def wrap(model_or_graphdef: Any, *, strict: bool = True) -> Callable:
 
         out, call = run(layered, substituted)
         leftover = {p: ad for p, ad in layered.items() if p not in call.consumed}
-        # A layer run inside an NNX transform is a copy whose path is unknown: when there was one,
-        # any adapter may have been used there, and is merged rather than called unused.
-        unused = [] if call.in_transforms else [p for p in leftover if _module_of(p) not in call.visited]
+        unused = [p for p in leftover if _module_of(p) not in call.visited]
         if not strict:
             leftover = {p: ad for p, ad in leftover.items() if p not in unused}
         elif unused:
@@ -82,9 +80,8 @@ def wrap(model_or_graphdef: Any, *, strict: bool = True) -> Callable:
         warnings.warn(
             "lora_jax.wrap: no factored LoRA forward for the layers owning "
             + ", ".join(repr(p) for p in leftover)
-            + " (a layer type lora_jax does not know, see lj.register_layer, or one called inside an NNX "
-            "transform); these kernels are merged (W + scale·a⋅b) instead. The result is correct but computes "
-            "their weight gradients.",
+            + " (a layer type lora_jax does not know; see lj.register_layer); these kernels are merged "
+            "(W + scale·a⋅b) instead. The result is correct but computes their weight gradients.",
             stacklevel=2,
         )
         factored = {p: ad for p, ad in layered.items() if p not in leftover}
@@ -95,9 +92,10 @@ def wrap(model_or_graphdef: Any, *, strict: bool = True) -> Callable:
 
 def axis_roles(model: nnx.Module, *args, **kwargs) -> dict[str, tuple[str, ...]]:
     """The NNX form of :func:`lora_jax.axis_roles`: the roles of the kernels of the layers the
-    model's ``__call__`` calls, traced abstractly (``jax.eval_shape``, no FLOPs)."""
+    model's ``__call__`` calls, traced abstractly (``jax.eval_shape``, no FLOPs); a kernel
+    stacked by ``nnx.vmap`` and called inside ``nnx.scan`` gets ``"stack"`` for its layer axis."""
     graphdef, state = nnx.split(model)
-    found: dict[str, tuple[str, ...]] = {}
+    found: dict[str, tuple] = {}
 
     def trace(state):
         copy = nnx.merge(graphdef, state)
@@ -109,49 +107,71 @@ def axis_roles(model: nnx.Module, *args, **kwargs) -> dict[str, tuple[str, ...]]
             _ACTIVE.reset(token)
 
     jax.eval_shape(trace, state)
-    return found
+    shapes = {
+        path: tuple(getattr(leaf, "shape", ()))
+        for path, (_, leaf) in _paths.by_path(state, "lora_jax.axis_roles").items()
+    }
+    roles, problems = {}, []
+    for path, (local_roles, local_shape) in found.items():
+        full = shapes.get(path)
+        if full is None:
+            continue  # a kernel handed to a layer from outside the state
+        n_stack = len(full) - len(local_shape)
+        if n_stack < 0 or full[n_stack:] != local_shape:
+            problems.append(f"{path!r}: the layer sees shape {local_shape}, the state holds {full}")
+            continue
+        roles[path] = ("stack",) * n_stack + tuple(local_roles)
+    if problems:
+        raise ValueError(
+            "lora_jax.axis_roles: kernels stacked along a non-leading axis:" + "".join(f"\n  {p}" for p in problems)
+        )
+    return roles
+
+
+_SUFFIX = "__lora"  # an adapter rides in its layer as the nnx.LoRAParam '<kernel name>__lora'
+_PATH = "lora_jax_path__"  # and the layer's path in the model as a static attribute
 
 
 class _Call:
-    """One adapted call of a model: its layers given intercepting classes, and what they saw."""
+    """One adapted call of a model: its adapted layers given their adapters (as ``nnx.LoRAParam``
+    attributes, so that NNX transforms slice and carry them with the kernels) and an
+    intercepting class; what the layers saw."""
 
     def __init__(self, model: nnx.Module, adapters: dict[str, Any], rng: Any, record: dict | None = None):
-        self.adapters, self.rng, self.record = adapters, rng, record
+        self.rng, self.record = rng, record
         self.consumed: set[str] = set()
         self.visited: set[tuple] = set()
-        self.in_transforms = False
         self.problems: list[str] = []
-        self.paths: dict[int, tuple] = {}
-        owners = {_module_of(p) for p in adapters}
-        for path, module in nnx.iter_graph(model):
-            if isinstance(module, nnx.Module) and (record is not None or tuple(path) in owners):
-                self.paths[id(module)] = tuple(path)
+        owners: dict[tuple, dict[str, Any]] = {}
+        for kernel_path, adapter in adapters.items():
+            owners.setdefault(_module_of(kernel_path), {})[kernel_path.split("/")[-1]] = adapter
+        for keys, module in nnx.iter_graph(model):
+            if isinstance(module, nnx.Module) and (record is not None or tuple(keys) in owners):
+                setattr(module, _PATH, _paths.join(str(k) for k in keys))
+                for param, adapter in owners.get(tuple(keys), {}).items():
+                    setattr(module, param + _SUFFIX, nnx.LoRAParam(adapter))
                 module.__class__ = _intercepting(type(module))
 
     def after(self, module: Any, method: str, args: tuple, kwargs: dict, out: Any) -> Any:
-        path = self.paths.get(id(module))
-        if path is None:  # a copy that an NNX transform (nnx.scan, nnx.vmap, nnx.remat) made of a layer
-            self.in_transforms = True
+        module_path = getattr(module, _PATH, None)
+        if module_path is None:
             return out
-        self.visited.add(path)
+        self.visited.add(_module_of(module_path + "/_"))
         use = _layers.describe_call(module, method, args, kwargs)
         if use is None:
             return out
         param, spec = use
-        kernel_path = _paths.join(path + (param,))
+        kernel_path = _paths.join([p for p in (module_path, param) if p])
         kernel = getattr(module, param)[...]
         if self.record is not None:
-            self.record[kernel_path] = _specs.roles(spec)
+            self.record[kernel_path] = (_specs.roles(spec), tuple(kernel.shape))
             return out
-        adapter = self.adapters.get(kernel_path)
-        if adapter is None:
+        holder = getattr(module, param + _SUFFIX, None)
+        if holder is None:
             return out
-        roles = _specs.roles(spec)
-        if _adapter.static(adapter).get("roles") != roles:
-            self.problems.append(
-                f"{kernel_path!r} ({type(module).__name__}): the adapter has roles "
-                f"{_adapter.static(adapter).get('roles')}, the layer uses its kernel {tuple(kernel.shape)} as {roles}"
-            )
+        adapter = _adapter.localize(_value(holder), tuple(kernel.shape), _specs.roles(spec))
+        if isinstance(adapter, str):
+            self.problems.append(f"{kernel_path!r} ({type(module).__name__}): {adapter}")
             return out
         self.consumed.add(kernel_path)
         rate = _adapter.static(adapter).get("dropout", 0.0)
@@ -167,6 +187,10 @@ class _Call:
                 + "".join(f"\n  {p}" for p in self.problems)
                 + "\nCreate adapters with roles=lj.axis_roles(model, *sample_inputs)."
             )
+
+
+def _value(variable: Any) -> Any:
+    return variable.get_value() if hasattr(variable, "get_value") else variable.value
 
 
 def _intercepting(cls: type) -> type:

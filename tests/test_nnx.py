@@ -155,7 +155,9 @@ class Block(nnx.Module):
 
 
 class Scanned(nnx.Module):
-    def __init__(self, rngs):
+    def __init__(self, rngs, remat=False):
+        self.remat = remat
+
         @nnx.split_rngs(splits=3)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make(rngs):
@@ -165,23 +167,35 @@ class Scanned(nnx.Module):
         self.head = nnx.Linear(4, 2, rngs=rngs)
 
     def __call__(self, x):
+        call = nnx.remat(lambda block, x: block(x)) if self.remat else (lambda block, x: block(x))
+
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
         def body(x, block):
-            return block(x)
+            return call(block, x)
 
         return self.head(body(x, self.blocks))
 
 
-def test_layers_inside_nnx_transforms_are_merged_with_a_warning_never_dropped():
-    model = Scanned(nnx.Rngs(0))
+@pytest.mark.parametrize("remat", [False, True])
+def test_layers_stacked_by_vmap_and_called_in_scan_and_remat_are_factored(remat):
+    model = Scanned(nnx.Rngs(0), remat=remat)
     graphdef, state = nnx.split(model)
-    x = jnp.ones((2, 4))
-    roles = {"blocks/lin/kernel": ("stack", "in", "out")}
+    x = jax.random.normal(jax.random.key(3), (2, 4))
+    roles = lj.axis_roles(model, x)
+    assert roles == {"blocks/lin/kernel": ("stack", "in", "out"), "head/kernel": ("in", "out")}
     lora = randomize(lj.init(jax.random.key(1), state, lj.LoraConfig(rank=2), roles=roles), jax.random.key(2))
-    for strict in (True, False):
-        with pytest.warns(UserWarning, match=r"'blocks/lin/kernel'.*called inside an NNX transform"):
-            y = lj.wrap(model, strict=strict)(state, lora, x)
-        np.testing.assert_allclose(y, nnx.merge(graphdef, lj.apply_lora(state, lora))(x), rtol=1e-5, atol=1e-6)
+    apply = lj.wrap(model)
+    loss = lambda ad: jnp.sum(apply(state, ad, x) ** 2)  # noqa: E731
+    merged_loss = lambda ad: jnp.sum(nnx.merge(graphdef, lj.apply_lora(state, ad))(x) ** 2)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # factored inside the transforms, not merged
+        value, grads = jax.jit(jax.value_and_grad(loss))(lora)
+    want_value, want_grads = jax.value_and_grad(merged_loss)(lora)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    hlo = jax.jit(jax.grad(loss)).lower(lora).compile().as_text()
+    assert not re.search(r"f32\[3,4,4\]\{[0-9,]*\} (dot|fusion)\(", hlo)  # no stacked kernel gradient
 
 
 class TwoHeads(nnx.Module):
