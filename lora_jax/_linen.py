@@ -43,8 +43,8 @@ def wrap(apply_fn: Callable, *, strict: bool = True, trainable: Any = None) -> C
     Given a Flax NNX model (or its ``GraphDef``) instead, it returns ``apply(state, lora,
     *args, lora_training=False, lora_rng=None, **kwargs)`` that runs the model's ``__call__``
     on ``state`` (from ``nnx.split(model)``) with the adapters, factored, and returns its
-    output; ``lora_rng`` is the dropout key. Layers called inside NNX transforms
-    (``nnx.scan``/``nnx.vmap``/``nnx.remat``) are merged for now, with a warning.
+    output; ``lora_rng`` is the dropout key. Layers stacked by ``nnx.vmap`` and called inside
+    ``nnx.scan``/``nnx.remat`` are factored too.
 
     The returned function has ``apply_fn``'s signature plus one keyword, ``lora_training``
     (default ``False``): when true, the LoRA branch input gets dropout at each adapter's
