@@ -19,6 +19,7 @@ from lora_jax._layers import register_layer
 from lora_jax._linen import axis_roles, wrap
 from lora_jax._lora import Adapter
 from lora_jax._merge import apply_lora, unmerge
+from lora_jax._nnx import attach, detach
 from lora_jax._optim import optimizer
 from lora_jax._peft import to_peft
 from lora_jax._sharding import adapter_shardings
@@ -39,7 +40,9 @@ __all__ = [
     "TargetSummary",
     "adapter_shardings",
     "apply_lora",
+    "attach",
     "axis_roles",
+    "detach",
     "from_peft",
     "init",
     "kind_of",

@@ -61,6 +61,11 @@ def register_layer(cls: type, describe: LayerFn | None) -> None:
     _LAYERS[cls] = describe
 
 
+def known(cls: type) -> bool:
+    """Whether the table describes calls of ``cls`` (along its MRO)."""
+    return next((_LAYERS[c] is not None for c in cls.__mro__ if c in _LAYERS), False)
+
+
 def describe_call(module: Any, method: str, args: tuple, kwargs: dict) -> tuple[str, _specs.Spec] | None:
     """``(param, spec)`` of one layer call, from the first class of its MRO in the table."""
     for cls in type(module).__mro__:

@@ -128,7 +128,9 @@ def axis_roles(model: nnx.Module, *args, **kwargs) -> dict[str, tuple[str, ...]]
     return roles
 
 
-_SUFFIX = "__lora"  # an adapter rides in its layer as the nnx.LoRAParam '<kernel name>__lora'
+# An adapter rides in its layer: each array as the nnx.LoRAParam '<kernel>__lora_<array>', its
+# class and static fields as the static attribute '<kernel>__lora'.
+_SUFFIX = "__lora"
 _PATH = "lora_jax_path__"  # and the layer's path in the model as a static attribute
 
 
@@ -137,7 +139,7 @@ class _Call:
     attributes, so that NNX transforms slice and carry them with the kernels) and an
     intercepting class; what the layers saw."""
 
-    def __init__(self, model: nnx.Module, adapters: dict[str, Any], rng: Any, record: dict | None = None):
+    def __init__(self, model: nnx.Module | None, adapters: dict[str, Any], rng: Any, record: dict | None = None):
         self.rng, self.record = rng, record
         self.consumed: set[str] = set()
         self.visited: set[tuple] = set()
@@ -145,11 +147,11 @@ class _Call:
         owners: dict[tuple, dict[str, Any]] = {}
         for kernel_path, adapter in adapters.items():
             owners.setdefault(_module_of(kernel_path), {})[kernel_path.split("/")[-1]] = adapter
-        for keys, module in nnx.iter_graph(model):
+        for keys, module in nnx.iter_graph(model) if model is not None else ():
             if isinstance(module, nnx.Module) and (record is not None or tuple(keys) in owners):
                 setattr(module, _PATH, _paths.join(str(k) for k in keys))
                 for param, adapter in owners.get(tuple(keys), {}).items():
-                    setattr(module, param + _SUFFIX, nnx.LoRAParam(adapter))
+                    _put(module, param, adapter)
                 module.__class__ = _intercepting(type(module))
 
     def after(self, module: Any, method: str, args: tuple, kwargs: dict, out: Any) -> Any:
@@ -166,10 +168,10 @@ class _Call:
         if self.record is not None:
             self.record[kernel_path] = (_specs.roles(spec), tuple(kernel.shape))
             return out
-        holder = getattr(module, param + _SUFFIX, None)
-        if holder is None:
+        held = _get(module, param)
+        if held is None:
             return out
-        adapter = _adapter.localize(_value(holder), tuple(kernel.shape), _specs.roles(spec))
+        adapter = _adapter.localize(held, tuple(kernel.shape), _specs.roles(spec))
         if isinstance(adapter, str):
             self.problems.append(f"{kernel_path!r} ({type(module).__name__}): {adapter}")
             return out
@@ -189,8 +191,25 @@ class _Call:
             )
 
 
-def _value(variable: Any) -> Any:
-    return variable.get_value() if hasattr(variable, "get_value") else variable.value
+def _put(module: nnx.Module, param: str, adapter: Any) -> None:
+    """Store ``adapter`` in ``module`` beside its kernel ``param``: arrays as ``nnx.LoRAParam``."""
+    setattr(module, param + _SUFFIX, (type(adapter), tuple(_adapter.static(adapter).items())))
+    for name, array in _adapter.arrays(adapter).items():
+        setattr(module, f"{param}{_SUFFIX}_{name}", nnx.LoRAParam(array))
+
+
+def _get(module: nnx.Module, param: str, remove: bool = False) -> Any:
+    """The adapter stored in ``module`` for ``param`` (``None`` if there is none)."""
+    template = getattr(module, param + _SUFFIX, None)
+    if template is None:
+        return None
+    cls, static = template
+    names = _adapter.field_names(cls, static=False)
+    arrays = {name: getattr(module, f"{param}{_SUFFIX}_{name}")[...] for name in names}
+    if remove:
+        for name in [param + _SUFFIX] + [f"{param}{_SUFFIX}_{name}" for name in names]:
+            delattr(module, name)
+    return cls(**arrays, **dict(static))
 
 
 def _intercepting(cls: type) -> type:
@@ -213,9 +232,91 @@ def _reporting(cls: type, name: str) -> Callable:
     def method(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         call = _ACTIVE.get()
-        return out if call is None else call.after(self, name, args, kwargs, out)
+        if call is None:  # the stateful style: adapters attached to the model itself
+            call = _Call(None, {}, None)
+        return call.after(self, name, args, kwargs, out)
 
     return method
+
+
+def attach(model: nnx.Module, adapters: Any) -> None:
+    """Put ``adapters`` into ``model`` (the stateful NNX style): each adapted layer gets its
+    adapter as an ``nnx.LoRAParam`` attribute and computes the factored branch whenever it is
+    called, so ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` and ``nnx.jit`` train only the
+    adapters. :func:`detach` takes them out again.
+
+    Args:
+      model: an NNX model (changed in place, as NNX models are).
+      adapters: an adapter tree for ``nnx.state(model)`` (from :func:`init`, :func:`load`,
+        :func:`from_peft`...); adapter kinds without a factored output are not attachable.
+
+    Raises:
+      TypeError: if ``model`` is not an NNX model or ``adapters`` is not an adapter tree.
+      ValueError: if an adapter does not fit ``model``'s parameters or its layer is not one
+        lora_jax factors, or ``model`` already has adapters attached.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> from flax import nnx
+      >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+      >>> lj.attach(model, lj.init(jax.random.key(1), nnx.state(model), lj.LoraConfig(rank=2)))
+      >>> type(model.kernel__lora_a).__name__
+      'LoRAParam'
+      >>> sorted(lj.detach(model))
+      ['kernel']
+    """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"lora_jax.attach: model must be a Flax NNX Module, found {type(model).__name__}.")
+    by_path = _merge.adapters_by_path(adapters, "lora_jax.attach")
+    _merge.check_fit(nnx.state(model), by_path, "lora_jax.attach")
+    if _attached(model):
+        raise ValueError("lora_jax.attach: the model already has adapters attached; lj.detach(model) them first.")
+    modules = {tuple(keys): m for keys, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
+    problems = []
+    for path, adapter in by_path.items():
+        module = modules.get(_module_of(path))
+        if _adapter.kind_of(adapter).output is None:
+            problems.append(f"{path!r}: a {type(adapter).__name__} has no factored form; merge it with lj.apply_lora")
+        elif module is None or not _layers.known(type(module)):
+            problems.append(f"{path!r}: its layer is not one lora_jax factors (see lj.register_layer)")
+    if problems:
+        raise ValueError("lora_jax.attach: cannot attach:" + "".join(f"\n  {p}" for p in problems))
+    for path, adapter in by_path.items():
+        module = modules[_module_of(path)]
+        _put(module, path.split("/")[-1], adapter)
+        setattr(module, _PATH, "/".join(path.split("/")[:-1]))
+        module.__class__ = _intercepting(type(module))
+
+
+def detach(model: nnx.Module) -> dict:
+    """Take the adapters :func:`attach` put into ``model`` out again and return them as a
+    separate adapter tree (for :func:`save`, :func:`to_peft`, :func:`apply_lora`); the layers
+    get their own classes back.
+
+    Raises:
+      TypeError: if ``model`` is not an NNX model.
+      ValueError: if it has no adapters attached.
+    """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"lora_jax.detach: model must be a Flax NNX Module, found {type(model).__name__}.")
+    leaves = []
+    for keys, module in list(nnx.iter_graph(model)):
+        if not isinstance(module, nnx.Module) or type(module) not in _SUBCLASSES.values():
+            continue
+        for name in [n for n in vars(module) if n.endswith(_SUFFIX)]:
+            param = name[: -len(_SUFFIX)]
+            keys_ = tuple(k if isinstance(k, int) else str(k) for k in keys)
+            leaves.append((keys_ + (param,), _get(module, param, remove=True)))
+        if hasattr(module, _PATH):
+            delattr(module, _PATH)
+        module.__class__ = type(module).__mro__[1]
+    if not leaves:
+        raise ValueError("lora_jax.detach: the model has no adapters attached (see lj.attach).")
+    return _paths.nest(leaves, "lora_jax.detach")
+
+
+def _attached(model: nnx.Module) -> bool:
+    return any(type(m) in _SUBCLASSES.values() for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Module))
 
 
 def _dropout(rng: Any, path: str, rate: float) -> Callable[[jax.Array], jax.Array]:

@@ -232,3 +232,58 @@ def test_bad_input():
         lj.wrap(MODEL)(STATE, wrong, IDS)
     with pytest.raises(ValueError, match=r"adapters do not fit params:\n  'ghost/kernel': no such parameter"):
         lj.wrap(MODEL)(STATE, {"ghost": {"kernel": lora["layers"][0]["kernel"]}}, IDS)
+
+
+def test_stateful_style_trains_the_same_adapters_as_the_functional_style():
+    target = jnp.linspace(-1, 1, 10).reshape(2, 5)
+    tx = optax.adam(3e-2)
+    lora0 = lj.init(jax.random.key(3), STATE, CONFIG, roles=ROLES)
+    apply = lj.wrap(MODEL)
+
+    @jax.jit
+    def step(lora, opt_state):
+        grads = jax.grad(lambda ad: jnp.mean((apply(STATE, ad, IDS) - target) ** 2))(lora)
+        updates, opt_state = tx.update(grads, opt_state, lora)
+        return optax.apply_updates(lora, updates), opt_state
+
+    lora, opt_state = lora0, tx.init(lora0)
+    for _ in range(5):
+        lora, opt_state = step(lora, opt_state)
+
+    model = nnx.merge(GRAPHDEF, STATE)  # a model of its own: attach changes it in place
+    lj.attach(model, lora0)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def stateful_step(model, optimizer):
+        loss = lambda m: jnp.mean((m(IDS) - target) ** 2)  # noqa: E731
+        optimizer.update(model, nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model))
+
+    for _ in range(5):
+        stateful_step(model, optimizer)
+    n_adapter = sum(x.size for x in jax.tree.leaves(lora0))
+    # adam's mu and nu for the adapter arrays only, its count and the optimizer's step
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(optimizer, nnx.OptState))) == 2 * n_adapter + 2
+    with pytest.raises(ValueError, match=r"already has adapters attached"):
+        lj.attach(model, lora0)
+    trained = lj.detach(model)
+    assert jax.tree.structure(trained) == jax.tree.structure(lora)
+    for got, want in zip(jax.tree.leaves(trained), jax.tree.leaves(lora)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert type(model.layers[0]) is nnx.Linear and not hasattr(model.layers[0], "kernel__lora")
+    for got, want in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(STATE)):  # base untouched
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"the model has no adapters attached"):
+        lj.detach(model)
+
+
+def test_attach_bad_input():
+    model = nnx.merge(GRAPHDEF, STATE)
+    with pytest.raises(TypeError, match=r"lora_jax\.attach: model must be a Flax NNX Module, found dict"):
+        lj.attach({}, _lora())
+    with pytest.raises(ValueError, match=r"lora_jax\.attach: adapters do not fit params:\n  'ghost/kernel'"):
+        lj.attach(model, {"ghost": {"kernel": _lora()["layers"][0]["kernel"]}})
+    norm_only = lj.init(jax.random.key(0), STATE, lj.LoraConfig(rank=2, targets="layers/0/kernel", trainable="norm/scale"))
+    with pytest.raises(ValueError, match=r"'norm/scale': a FullWeight has no factored form"):
+        lj.attach(model, norm_only)
+    assert type(model.layers[0]) is nnx.Linear  # nothing half-attached
