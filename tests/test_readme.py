@@ -10,6 +10,7 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
         blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
     assert blocks
     monkeypatch.chdir(tmp_path)
+    namespace = {}  # one reader: each block continues from the ones before it
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, "README.md", "exec"), namespace)
     assert (tmp_path / "adapter.safetensors").exists()
