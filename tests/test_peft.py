@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 from conftest import randomize
 
 import lora_jax as lj
@@ -427,3 +428,83 @@ def test_overlapping_module_names_keep_their_own_ranks_in_peft(tmp_path):
     back = lj.from_peft(tmp_path, params)
     assert (back["proj"]["kernel"].rank, back["enc"]["proj"]["kernel"].rank, back["a"]["b"]["kernel"].rank) == (4, 2, 3)
     assert back["a_b"]["kernel"].alpha == 5.0 and back["a"]["b"]["kernel"].alpha == 2.0
+
+
+# ---- NNX models: State paths with integer layer keys ------------------------------------------
+
+from flax import nnx  # noqa: E402
+
+
+class TorchStack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(V, D)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(D, D) for _ in range(2)])
+        self.out = torch.nn.Linear(D, H)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        return self.out(h)
+
+
+class NNXStack(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(V, D, rngs=rngs)
+        self.layers = nnx.List([nnx.Linear(D, D, rngs=rngs) for _ in range(2)])
+        self.out = nnx.Linear(D, H, rngs=rngs)
+
+    def __call__(self, ids):
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = jnp.tanh(layer(h))
+        return self.out(h)
+
+
+def _nnx_twins(seed=0):
+    torch.manual_seed(seed)
+    net = TorchStack().eval()
+    w = {k: jnp.asarray(v.detach().numpy()) for k, v in net.state_dict().items()}
+    model = NNXStack(nnx.Rngs(0))
+    model.embed.embedding[...] = w["embed.weight"]
+    for i, layer in enumerate(model.layers):
+        layer.kernel[...], layer.bias[...] = w[f"layers.{i}.weight"].T, w[f"layers.{i}.bias"]
+    model.out.kernel[...], model.out.bias[...] = w["out.weight"].T, w["out.bias"]
+    return net, model
+
+
+def test_nnx_adapters_both_ways_with_peft(tmp_path):
+    net, model = _nnx_twins()
+    graphdef, state = nnx.split(model)
+    with torch.no_grad():
+        np.testing.assert_allclose(model(IDS), net(torch.as_tensor(IDS)).numpy(), atol=1e-5)
+    cfg = lj.LoraConfig(rank=2, alpha=4, targets=r"(embed/embedding|.*/kernel)", rank_pattern={"layers/1/kernel": 3})
+    lora = randomize(lj.init(jax.random.key(0), state, cfg), jax.random.key(1), 0.3)
+    lj.to_peft(tmp_path / "out", lora)
+    peft_model = peft.PeftModel.from_pretrained(net, tmp_path / "out").eval()
+    with torch.no_grad():
+        want = peft_model(torch.as_tensor(IDS)).numpy()
+    np.testing.assert_allclose(lj.wrap(model)(state, lora, IDS), want, rtol=1e-5, atol=1e-5)
+    # PEFT-trained adapters into the NNX model, merged export included.
+    net2, model2 = _nnx_twins(seed=1)
+    torch.manual_seed(2)
+    trained = peft.get_peft_model(net2, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["layers.0", "layers.1", "out"]))
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p))
+    trained.save_pretrained(tmp_path / "in")
+    graphdef2, state2 = nnx.split(model2)
+    imported = lj.from_peft(tmp_path / "in", state2)
+    assert sorted(imported["layers"]) == [0, 1]  # integer keys, as in the State
+    with torch.no_grad():
+        want = trained.eval()(torch.as_tensor(IDS)).numpy()
+    np.testing.assert_allclose(lj.wrap(model2)(state2, imported, IDS), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(nnx.merge(graphdef2, lj.apply_lora(state2, imported))(IDS), want, rtol=1e-5, atol=1e-5)
+    lj.save_params(tmp_path / "merged.safetensors", state2, imported, torch_names=True)
+    merged = safetensors.numpy.load_file(tmp_path / "merged.safetensors")
+    reference = {k: v.numpy() for k, v in trained.merge_and_unload().state_dict().items()}
+    assert merged.keys() == reference.keys()
+    for k in reference:
+        np.testing.assert_allclose(merged[k], reference[k], rtol=1e-5, atol=1e-6)
