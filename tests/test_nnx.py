@@ -327,5 +327,5 @@ def test_scanned_layers_do_not_copy_the_stacked_base():
     stack = 8 * 512 * 512 * 4
     adapters = sum(a.nbytes for a in jax.tree.leaves(lora))
     activations = 8 * 2 * x.size * 4  # each layer's input and output, kept for the backward pass
-    assert step <= 1.05 * forward + 3 * adapters + activations  # adapters, their gradients, adam-free
+    assert step <= 1.05 * forward + 3 * adapters + activations  # plus adapters and their gradients
     assert step < stack / 4  # not one copy of the stacked base
