@@ -103,7 +103,16 @@ def wrap(apply_fn: Callable, *, strict: bool = True, trainable: Any = None) -> C
         _check_paths_exist(params, by_path)
         params = jax.lax.stop_gradient(params)
         others = {k: v for k, v in variables.items() if k not in ("params", "lora")}
-        substituted = {p: ad for p, ad in by_path.items() if _adapter.kind_of(ad).output is None}
+        # Kinds without a layer output, and kernels below an integer key (no Linen module has one:
+        # an NNX module bridged in with nnx.bridge.ToLinen), are merged into params instead.
+        bridged = _integer_keyed(params, by_path)
+        if bridged:
+            warnings.warn(
+                "lora_jax.wrap: " + ", ".join(repr(p) for p in sorted(bridged)) + " belong to an NNX module bridged "
+                "into Linen; they are merged (W + scale·a⋅b), not factored. lj.wrap(nnx_model) factors NNX models.",
+                stacklevel=2,
+            )
+        substituted = {p: ad for p, ad in by_path.items() if _adapter.kind_of(ad).output is None or p in bridged}
         layered = {p: ad for p, ad in by_path.items() if p not in substituted}
 
         def run(factored: dict[str, Any], merged: dict[str, Any]):
@@ -116,7 +125,9 @@ def wrap(apply_fn: Callable, *, strict: bool = True, trainable: Any = None) -> C
 
         out, trace = run(layered, substituted)
         leftover = {p: ad for p, ad in layered.items() if p not in trace.consumed}
-        unused = [p for p in leftover if _module_of(p) not in trace.visited]
+        # An adapter whose layer was not called but one of whose enclosing modules was (an NNX
+        # module bridged into Linen, say) may have been used there: it is merged, never dropped.
+        unused = [p for p in leftover if not _called(_module_of(p), trace.visited)]
         if not strict:
             leftover = {p: ad for p, ad in leftover.items() if p not in unused}
         elif unused:
@@ -174,7 +185,10 @@ def axis_roles(model: nn.Module, *args, **kwargs) -> dict[str, tuple[str, ...]]:
             raise TypeError("lora_jax.axis_roles: pass the NNX model itself (its GraphDef has no values to trace).")
         return _nnx.axis_roles(model, *args, **kwargs)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"lora_jax.axis_roles: model must be a Flax Linen or NNX Module, found {type(model).__name__}.")
+        raise TypeError(
+            f"lora_jax.axis_roles: model must be a flax.linen Module, found {type(model).__name__} "
+            "(a Flax NNX model works too)."
+        )
     local: dict[str, tuple] = {}
 
     def intercept(next_fun, call_args, call_kwargs, context):
@@ -272,7 +286,10 @@ def _check_linen_apply(apply_fn: Any) -> None:
         found = f"the Linen model {type(apply_fn).__name__} itself; pass its apply: lj.wrap(model.apply)"
     else:
         found = f"a {type(apply_fn).__name__}; pass a Linen model's apply (lj.wrap(model.apply)) or an NNX model"
-    raise TypeError(f"lora_jax.wrap: expected a Flax Linen model's apply method or an NNX model; found {found}.")
+    raise TypeError(
+        f"lora_jax.wrap: expected a Flax Linen model's apply method, e.g. lj.wrap(model.apply), or an NNX model; "
+        f"found {found}."
+    )
 
 
 def _check_paths_exist(params: Any, by_path: dict[str, Any]) -> None:
@@ -291,6 +308,16 @@ def _module_of(path: str) -> tuple:
     """The module path owning a kernel path, as ``Module.path`` spells it."""
     keys = path.split("/")[:-1]
     return tuple(keys)
+
+
+def _called(module: tuple, visited: set[tuple]) -> bool:
+    """Whether ``module`` or one of its enclosing modules (not the root) was called."""
+    return any(module[:k] in visited for k in range(min(1, len(module)), len(module) + 1))
+
+
+def _integer_keyed(params: Any, by_path: dict[str, Any]) -> set[str]:
+    index = _paths.by_path(params, "lora_jax.wrap")
+    return {p for p in by_path if p in index and any(isinstance(k, int) for k in index[p][0])}
 
 
 def _inject(params: dict, adapters: dict[str, Any]) -> dict:

@@ -329,3 +329,28 @@ def test_scanned_layers_do_not_copy_the_stacked_base():
     activations = 8 * 2 * x.size * 4  # each layer's input and output, kept for the backward pass
     assert step <= 1.05 * forward + 3 * adapters + activations  # plus adapters and their gradients
     assert step < stack / 4  # not one copy of the stacked base
+
+
+def test_an_nnx_module_bridged_into_linen_is_merged_with_a_warning():
+    from flax.nnx import bridge
+
+    class Inner(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = nnx.List([nnx.Linear(4, 4, rngs=rngs) for _ in range(2)])
+
+        def __call__(self, x):
+            for layer in self.layers:
+                x = jnp.tanh(layer(x))
+            return x
+
+    class Outer(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return bridge.ToLinen(Inner)(nn.Dense(4)(x))
+
+    model, x = Outer(), jnp.ones((2, 4))
+    params = model.init(jax.random.key(0), x)["params"]
+    lora = randomize(lj.init(jax.random.key(1), params, lj.LoraConfig(rank=2)), jax.random.key(2))
+    with pytest.warns(UserWarning, match=r"'ToLinen_0/layers/0/kernel', 'ToLinen_0/layers/1/kernel' belong to an NNX module bridged"):
+        y = lj.wrap(model.apply)({"params": params, "lora": lora}, x)
+    np.testing.assert_allclose(y, model.apply({"params": lj.apply_lora(params, lora)}, x), rtol=1e-5, atol=1e-6)
