@@ -8,8 +8,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from lora_jax import _adapter, _paths
+from lora_jax import _adapter, _nnx, _paths
 from lora_jax._config import LoraConfig
 from lora_jax._full import FullWeight
 from lora_jax._lora import Adapter
@@ -32,7 +33,11 @@ def init(
 
     Args:
       key: a PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``).
-      params: the base parameters (not modified).
+      params: the base parameters (not modified): a Linen params dict, an NNX ``State``, or
+        an NNX model, whose built-in layers (``Linear``, ``LinearGeneral``, ``Einsum``,
+        ``Conv``, ``Embed``, also stacked by ``nnx.vmap``) then give their kernels' roles, so
+        ``roles`` is needed only for other layers; the adapters are keyed like
+        ``nnx.state(model)``.
       config: a :class:`LoraConfig`.
       roles: ``{path: roles}`` giving, for kernels that are not plain 2-D ``(in, out)``
         matrices, the role of each axis (``"stack"``, ``"in"``, ``"out"``). Keys are exact
@@ -57,6 +62,9 @@ def init(
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"lora_jax.init: config must be a lora_jax.LoraConfig, found {type(config).__name__}.")
+    if isinstance(params, nnx.Module):  # an NNX model: its layers say their kernels' roles
+        roles = {**_nnx.layer_roles(params), **(roles or {})}
+        params = nnx.state(params, nnx.Param)
     plan, trainable = plan_targets(params, config, roles, "lora_jax.init")
     adapters: list[tuple[Any, Any]] = [(keys, FullWeight(leaf.astype(config.dtype))) for keys, leaf in trainable]
     for keys, path, shape, kernel_roles in plan:

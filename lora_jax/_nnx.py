@@ -134,6 +134,45 @@ _SUFFIX = "__lora"
 _PATH = "lora_jax_path__"  # and the layer's path in the model as a static attribute
 
 
+def layer_roles(model: nnx.Module) -> dict[str, tuple[str, ...]]:
+    """The roles of the kernels of ``model``'s built-in layers, read off the layers themselves
+    (no call): leading axes a kernel has beyond the layer's own (``nnx.vmap``) are stacks."""
+    out = {}
+    for keys, module in nnx.iter_graph(model):
+        local = _own_roles(module) if isinstance(module, nnx.Module) else None
+        if local is None:
+            continue
+        param, own = local
+        kernel = getattr(module, param, None)
+        ndim = len(getattr(kernel, "shape", ()))
+        if ndim >= len(own):
+            out[_paths.join([*map(str, keys), param])] = ("stack",) * (ndim - len(own)) + own
+    return out
+
+
+def _own_roles(module: nnx.Module) -> tuple[str, tuple[str, ...]] | None:
+    if isinstance(module, nnx.LinearGeneral):
+        n = lambda v: len(v) if isinstance(v, (tuple, list)) else 1  # noqa: E731
+        roles = (
+            ("stack",) * len(module.batch_axis) + ("in",) * n(module.in_features) + ("out",) * n(module.out_features)
+        )
+        return "kernel", roles
+    if isinstance(module, nnx.Einsum):
+        x, k, y = module.einsum_str.replace(" ", "").replace("->", ",").split(",")
+        try:
+            return "kernel", _specs._einsum_roles(x.replace("...", ""), k, y.replace("...", ""))
+        except ValueError:
+            return None
+    if isinstance(module, nnx.Conv):
+        size = module.kernel_size if isinstance(module.kernel_size, (tuple, list)) else (module.kernel_size,)
+        return "kernel", ("in",) * (len(size) + 1) + ("out",)
+    if isinstance(module, nnx.Linear):
+        return "kernel", ("in", "out")
+    if isinstance(module, nnx.Embed):
+        return "embedding", ("in", "out")
+    return None
+
+
 class _Call:
     """One adapted call of a model: its adapted layers given their adapters (as ``nnx.LoRAParam``
     attributes, so that NNX transforms slice and carry them with the kernels) and an

@@ -354,3 +354,16 @@ def test_an_nnx_module_bridged_into_linen_is_merged_with_a_warning():
     with pytest.warns(UserWarning, match=r"'ToLinen_0/layers/0/kernel', 'ToLinen_0/layers/1/kernel' belong to an NNX module bridged"):
         y = lj.wrap(model.apply)({"params": params, "lora": lora}, x)
     np.testing.assert_allclose(y, model.apply({"params": lj.apply_lora(params, lora)}, x), rtol=1e-5, atol=1e-6)
+
+
+def test_init_reads_roles_off_an_nnx_models_layers():
+    """No roles to pass for built-in layers: init(key, model, config) equals init with traced roles."""
+    from_model = lj.init(jax.random.key(1), MODEL, CONFIG)
+    from_state = lj.init(jax.random.key(1), STATE, CONFIG, roles=ROLES)
+    assert jax.tree.structure(from_model) == jax.tree.structure(from_state)
+    for u, v in zip(jax.tree.leaves(from_model), jax.tree.leaves(from_state)):
+        np.testing.assert_array_equal(u, v)
+    scanned = Scanned(nnx.Rngs(0))
+    lora = lj.init(jax.random.key(1), scanned, lj.LoraConfig(rank=2))
+    assert lora["blocks"]["lin"]["kernel"].roles == ("stack", "in", "out")
+    assert lj.axis_roles(scanned, jnp.ones((2, 4)))["blocks/lin/kernel"] == ("stack", "in", "out")
