@@ -1,11 +1,13 @@
-"""``wrap`` and ``axis_roles`` for Flax NNX models: the NNX front end of the layer specs.
+"""The NNX front end of the layer specs: ``wrap``, ``axis_roles``, ``attach``/``detach``.
 
 ``wrap(model_or_graphdef)`` returns ``apply(state, lora, *args)``: for each call it rebuilds the
-model from ``state`` (``nnx.merge``), gives each layer that owns an adapted kernel a subclass of
-its own class whose ``__call__``/``attend`` add the adapter kind's factored output to the
-layer's output (the layer table of ``_layers`` says how the layer applies its kernel), and runs
-the model. The model's code and the caller's model are never changed; the base state is under
-``stop_gradient``.
+model from ``state`` (``nnx.merge``), puts each adapter into its layer (its arrays as
+``nnx.LoRAParam``s, so that ``nnx.scan``/``nnx.vmap``/``nnx.remat`` slice and carry them with
+the kernel), gives the layer a subclass of its own class whose ``__call__``/``attend`` add the
+adapter kind's factored output (the layer table of ``_layers`` says how the layer applies its
+kernel), and runs the model. The model's code and the caller's model are never changed; the
+base state is under ``stop_gradient``. ``attach``/``detach`` do the same to a model in place,
+for the stateful style (``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``).
 """
 
 from __future__ import annotations
