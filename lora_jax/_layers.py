@@ -12,6 +12,7 @@ built in; :func:`register_layer` adds any other layer (Linen or NNX).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +60,38 @@ def register_layer(cls: type, describe: LayerFn | None) -> None:
     if describe is not None and not callable(describe):
         raise TypeError(f"lora_jax.register_layer: describe must be callable or None, found {describe!r}.")
     _LAYERS[cls] = describe
+
+
+def run_adapted(run: Callable, layered: dict, substituted: dict, strict: bool) -> Any:
+    """The common core of the front ends' ``wrap``: ``run(factored, merged) -> (output,
+    consumed, called)`` runs the model once with ``factored`` adapters on their layers and
+    ``merged`` ones folded into the kernels. Adapters whose layers did not consume them are
+    unused (``called(path)`` false: an error, or ignored when not ``strict``) or belong to
+    layers the table does not know: those are merged in a second run, with a warning."""
+    out, consumed, called = run(layered, substituted)
+    leftover = {p: ad for p, ad in layered.items() if p not in consumed}
+    unused = [p for p in leftover if not called(p)]
+    if not strict:
+        leftover = {p: ad for p, ad in leftover.items() if p not in unused}
+    elif unused:
+        raise ValueError(
+            "lora_jax.wrap: adapters name kernels that the model never uses in this call:"
+            + "".join(f"\n  {p!r}" for p in unused)
+            + "\nAdapt only kernels of layers the model calls (or drop these adapters), or pass "
+            "strict=False to wrap to ignore them in calls that skip those layers."
+        )
+    if not leftover:
+        return out
+    warnings.warn(
+        "lora_jax.wrap: no factored LoRA forward for the layers owning "
+        + ", ".join(repr(p) for p in leftover)
+        + " (a layer type or configuration lora_jax does not know; see lj.register_layer); these "
+        "kernels are merged (W + scale·a⋅b) instead. The result is correct but computes their weight "
+        "gradients.",
+        stacklevel=3,
+    )
+    factored = {p: ad for p, ad in layered.items() if p not in leftover}
+    return run(factored, {**substituted, **leftover})[0]
 
 
 def known(cls: type) -> bool:

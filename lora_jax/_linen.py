@@ -121,34 +121,11 @@ def wrap(apply_fn: Callable, *, strict: bool = True, trainable: Any = None) -> C
             with nn.intercept_methods(trace.intercept):
                 out = apply_fn({"params": base, **others}, *args, **kwargs)
             trace.raise_problems()
-            return out, trace
+            # An adapter whose layer was not called but one of whose enclosing modules was (an
+            # NNX module bridged into Linen, say) may have been used there: merged, never dropped.
+            return out, trace.consumed, lambda path: _called(_module_of(path), trace.visited)
 
-        out, trace = run(layered, substituted)
-        leftover = {p: ad for p, ad in layered.items() if p not in trace.consumed}
-        # An adapter whose layer was not called but one of whose enclosing modules was (an NNX
-        # module bridged into Linen, say) may have been used there: it is merged, never dropped.
-        unused = [p for p in leftover if not _called(_module_of(p), trace.visited)]
-        if not strict:
-            leftover = {p: ad for p, ad in leftover.items() if p not in unused}
-        elif unused:
-            raise ValueError(
-                "lora_jax.wrap: adapters name kernels that the model never uses in this call:"
-                + "".join(f"\n  {p!r}" for p in unused)
-                + "\nAdapt only kernels of layers the model calls (or drop these adapters), or pass "
-                "strict=False to wrap to ignore them in calls that skip those layers."
-            )
-        if not leftover:
-            return out
-        warnings.warn(
-            "lora_jax.wrap: no factored LoRA forward for the layers owning "
-            + ", ".join(repr(p) for p in leftover)
-            + " (a layer type or configuration lora_jax does not know; see lj.register_layer); these "
-            "kernels are merged (W + scale·a⋅b) instead. The result is correct but computes their weight "
-            "gradients.",
-            stacklevel=2,
-        )
-        factored = {p: ad for p, ad in layered.items() if p not in leftover}
-        return run(factored, {**substituted, **leftover})[0]
+        return _layers.run_adapted(run, layered, substituted, strict)
 
     return apply
 

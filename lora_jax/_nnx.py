@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import warnings
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -63,31 +62,9 @@ def wrap(model_or_graphdef: Any, *, strict: bool = True) -> Callable:
             finally:
                 _ACTIVE.reset(token)
             call.raise_problems()
-            return out, call
+            return out, call.consumed, lambda path: _module_of(path) in call.visited
 
-        out, call = run(layered, substituted)
-        leftover = {p: ad for p, ad in layered.items() if p not in call.consumed}
-        unused = [p for p in leftover if _module_of(p) not in call.visited]
-        if not strict:
-            leftover = {p: ad for p, ad in leftover.items() if p not in unused}
-        elif unused:
-            raise ValueError(
-                "lora_jax.wrap: adapters name kernels that the model never uses in this call:"
-                + "".join(f"\n  {p!r}" for p in unused)
-                + "\nAdapt only kernels of layers the model calls (or drop these adapters), or pass "
-                "strict=False to wrap to ignore them in calls that skip those layers."
-            )
-        if not leftover:
-            return out
-        warnings.warn(
-            "lora_jax.wrap: no factored LoRA forward for the layers owning "
-            + ", ".join(repr(p) for p in leftover)
-            + " (a layer type lora_jax does not know; see lj.register_layer); these kernels are merged "
-            "(W + scale·a⋅b) instead. The result is correct but computes their weight gradients.",
-            stacklevel=2,
-        )
-        factored = {p: ad for p, ad in layered.items() if p not in leftover}
-        return run(factored, {**substituted, **leftover})[0]
+        return _layers.run_adapted(run, layered, substituted, strict)
 
     return apply
 
