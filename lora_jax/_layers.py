@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.linen.linear import canonicalize_padding
 
-from lora_jax import _specs
+from lora_jax import _paths, _specs
 
 LayerFn = Callable[[Any, str, tuple, dict], "tuple[str, _specs.Spec] | None"]
 _LAYERS: dict[type, LayerFn | None] = {}
@@ -92,6 +92,31 @@ def run_adapted(run: Callable, layered: dict, substituted: dict, strict: bool) -
     )
     factored = {p: ad for p, ad in layered.items() if p not in leftover}
     return run(factored, {**substituted, **leftover})[0]
+
+
+def with_stacks(seen: dict[str, tuple], tree: Any) -> dict[str, tuple[str, ...]]:
+    """``axis_roles``' last step: ``seen`` maps a kernel path to the roles and shape a layer saw;
+    the leading axes the kernel has in ``tree`` beyond those (``nn.scan``, ``nnx.vmap``) are
+    stacks. Kernels not in ``tree`` (handed to a layer from outside it) are skipped."""
+    shapes = {
+        p: tuple(getattr(leaf, "shape", ())) for p, (_, leaf) in _paths.by_path(tree, "lora_jax.axis_roles").items()
+    }
+    roles, problems = {}, []
+    for path, (local_roles, local_shape) in seen.items():
+        full = shapes.get(path)
+        if full is None:
+            continue
+        n_stack = len(full) - len(local_shape)
+        if n_stack < 0 or full[n_stack:] != local_shape:
+            problems.append(f"{path!r}: the layer sees shape {local_shape}, the parameters hold {full}")
+            continue
+        roles[path] = ("stack",) * n_stack + tuple(local_roles)
+    if problems:
+        raise ValueError(
+            "lora_jax.axis_roles: kernels stacked along a non-leading axis (lora_jax supports the leading axis "
+            "that nn.scan/nn.vmap/nnx.vmap add):" + "".join(f"\n  {p}" for p in problems)
+        )
+    return roles
 
 
 def known(cls: type) -> bool:

@@ -183,24 +183,7 @@ def axis_roles(model: nn.Module, *args, **kwargs) -> dict[str, tuple[str, ...]]:
             return model.init({"params": key, "dropout": key}, *args, **kwargs)
 
     params = jax.eval_shape(init).get("params", {})
-    shapes = {_paths.join(keys): leaf.shape for keys, leaf in _paths.leaves_with_paths(params)}
-    roles, problems = {}, []
-    for path, (local_roles, local_shape) in local.items():
-        if path not in shapes:
-            continue  # a kernel handed to a layer from outside the parameter tree
-        full = tuple(shapes[path])
-        n_stack = len(full) - len(local_shape)
-        if n_stack < 0 or full[n_stack:] != local_shape:
-            problems.append(f"{path!r}: the layer sees shape {local_shape}, params hold {full}")
-            continue
-        roles[path] = ("stack",) * n_stack + tuple(local_roles)
-    if problems:
-        raise ValueError(
-            "lora_jax.axis_roles: kernels stacked along a non-leading axis (lora_jax supports the "
-            "leading axis that nn.scan/nn.vmap add with variable_axes={'params': 0}):"
-            + "".join(f"\n  {p}" for p in problems)
-        )
-    return roles
+    return _layers.with_stacks(local, params)
 
 
 class _Trace:

@@ -86,25 +86,7 @@ def axis_roles(model: nnx.Module, *args, **kwargs) -> dict[str, tuple[str, ...]]
             _ACTIVE.reset(token)
 
     jax.eval_shape(trace, state)
-    shapes = {
-        path: tuple(getattr(leaf, "shape", ()))
-        for path, (_, leaf) in _paths.by_path(state, "lora_jax.axis_roles").items()
-    }
-    roles, problems = {}, []
-    for path, (local_roles, local_shape) in found.items():
-        full = shapes.get(path)
-        if full is None:
-            continue  # a kernel handed to a layer from outside the state
-        n_stack = len(full) - len(local_shape)
-        if n_stack < 0 or full[n_stack:] != local_shape:
-            problems.append(f"{path!r}: the layer sees shape {local_shape}, the state holds {full}")
-            continue
-        roles[path] = ("stack",) * n_stack + tuple(local_roles)
-    if problems:
-        raise ValueError(
-            "lora_jax.axis_roles: kernels stacked along a non-leading axis:" + "".join(f"\n  {p}" for p in problems)
-        )
-    return roles
+    return _layers.with_stacks(found, state)
 
 
 # An adapter rides in its layer: each array as the nnx.LoRAParam '<kernel>__lora_<array>', its
