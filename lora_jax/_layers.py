@@ -108,7 +108,7 @@ def with_stacks(seen: dict[str, tuple], tree: Any) -> dict[str, tuple[str, ...]]
             continue
         n_stack = len(full) - len(local_shape)
         if n_stack < 0 or full[n_stack:] != local_shape:
-            problems.append(f"{path!r}: the layer sees shape {local_shape}, the parameters hold {full}")
+            problems.append(f"{path!r}: the layer sees shape {local_shape}, params hold {full}")
             continue
         roles[path] = ("stack",) * n_stack + tuple(local_roles)
     if problems:
