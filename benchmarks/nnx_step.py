@@ -53,21 +53,8 @@ def main() -> None:
         updates, opt_state = adam.update(grads, opt_state, state)
         return optax.apply_updates(state, updates), opt_state
 
-    def functional_step(state, lora, opt_state, tokens):
-        grads = jax.grad(lambda ad: next_token_loss(apply(state, ad, tokens), tokens))(lora)
-        updates, opt_state = adam.update(grads, opt_state, lora)
-        return optax.apply_updates(lora, updates), opt_state
-
     stateful = nnx.merge(graphdef, state)
     lj.attach(stateful, lora)
-    optimizer = nnx.Optimizer(stateful, adam, wrt=nnx.LoRAParam)
-    s_graphdef, s_state = nnx.split((stateful, optimizer))
-
-    def stateful_step(s_state, tokens):  # what nnx.jit does around the body
-        model, optimizer = nnx.merge(s_graphdef, s_state)
-        loss = lambda m: next_token_loss(m(tokens), tokens)  # noqa: E731
-        optimizer.update(model, nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model))
-        return nnx.state((model, optimizer))
 
     linen = GPT(cfg)
     base = linen.init(jax.random.key(1), tokens)["params"]
@@ -82,8 +69,8 @@ def main() -> None:
 
     steps = {
         "NNX full fine-tuning": (jax.jit(full_step), (state, adam.init(state), tokens)),
-        "lora_jax NNX functional": (jax.jit(functional_step), (state, lora, adam.init(lora), tokens)),
-        "lora_jax NNX stateful": (jax.jit(stateful_step), (s_state, tokens)),
+        "lora_jax NNX functional": _functional_step(apply, state, lora, adam, tokens),
+        "lora_jax NNX stateful": _stateful_step(stateful, adam, tokens),
         "lora_jax Linen (twin)": (jax.jit(linen_step), (base, linen_lora, adam.init(linen_lora), tokens)),
     }
     qwix_step = _qwix_step(cfg, tokens, args.rank, adam)
@@ -101,6 +88,23 @@ def _qwix_step(cfg, tokens, rank, adam):
         return None
     rule = qwix.LoraRule(module_path=NNX_TARGETS.removesuffix("/kernel"), rank=rank, alpha=2.0 * rank)
     model = qwix.apply_lora_to_model(NNXGPT(cfg, nnx.Rngs(1)), qwix.LoraProvider([rule]), tokens, rngs=nnx.Rngs(3))
+    return _stateful_step(model, adam, tokens)
+
+
+def _functional_step(apply, state, lora, adam, tokens):
+    """A jitted ``jax.grad`` step over the separate adapter tree, and its arguments."""
+
+    def step(state, lora, opt_state, tokens):
+        grads = jax.grad(lambda ad: next_token_loss(apply(state, ad, tokens), tokens))(lora)
+        updates, opt_state = adam.update(grads, opt_state, lora)
+        return optax.apply_updates(lora, updates), opt_state
+
+    return jax.jit(step), (state, lora, adam.init(lora), tokens)
+
+
+def _stateful_step(model, adam, tokens):
+    """A step training ``model``'s ``nnx.LoRAParam``s with ``nnx.Optimizer``, jitted through
+    ``nnx.split``/``nnx.merge`` as ``nnx.jit`` does (so that it can be lowered), and its arguments."""
     optimizer = nnx.Optimizer(model, adam, wrt=nnx.LoRAParam)
     graphdef, state = nnx.split((model, optimizer))
 
@@ -118,31 +122,15 @@ def _mlp_only(cfg, tokens, rank, adam) -> dict:
     model = NNXGPT(cfg, nnx.Rngs(1))
     graphdef, state = nnx.split(model)
     lora = lj.init(jax.random.key(2), state, lj.LoraConfig(rank=rank, alpha=rank, targets=MLP_TARGETS))
-    apply = lj.wrap(model)
-
-    def ours(state, lora, opt_state, tokens):
-        grads = jax.grad(lambda ad: next_token_loss(apply(state, ad, tokens), tokens))(lora)
-        updates, opt_state = adam.update(grads, opt_state, lora)
-        return optax.apply_updates(lora, updates), opt_state
-
     flax_model = NNXGPT(cfg, nnx.Rngs(1))
     for block in flax_model.blocks:
         for name in ("fc", "proj"):
             layer = getattr(block, name)
             lora_layer = nnx.LoRALinear(layer.in_features, layer.out_features, lora_rank=rank, rngs=nnx.Rngs(3))
             setattr(block, name, lora_layer)
-    optimizer = nnx.Optimizer(flax_model, adam, wrt=nnx.LoRAParam)
-    f_graphdef, f_state = nnx.split((flax_model, optimizer))
-
-    def flax_step(f_state, tokens):
-        model, optimizer = nnx.merge(f_graphdef, f_state)
-        loss = lambda m: next_token_loss(m(tokens), tokens)  # noqa: E731
-        optimizer.update(model, nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model))
-        return nnx.state((model, optimizer))
-
     return {
-        "lora_jax NNX, MLP only": (jax.jit(ours), (state, lora, adam.init(lora), tokens)),
-        "nnx.LoRALinear, MLP only": (jax.jit(flax_step), (f_state, tokens)),
+        "lora_jax NNX, MLP only": _functional_step(lj.wrap(model), state, lora, adam, tokens),
+        "nnx.LoRALinear, MLP only": _stateful_step(flax_model, adam, tokens),
     }
 
 

@@ -100,12 +100,13 @@ def wrap(apply_fn: Callable, *, strict: bool = True, trainable: Any = None) -> C
             raise ValueError("lora_jax.wrap: lora_training=True needs a dropout rng: pass rngs={'dropout': key}.")
         params = flax.core.unfreeze(variables["params"])
         by_path = _merge.adapters_by_path(variables["lora"], "lora_jax.wrap")
-        _check_paths_exist(params, by_path)
+        index = _paths.by_path(params, "lora_jax.wrap")
+        _check_paths_exist(index, by_path)
         params = jax.lax.stop_gradient(params)
         others = {k: v for k, v in variables.items() if k not in ("params", "lora")}
         # Kinds without a layer output, and kernels below an integer key (no Linen module has one:
         # an NNX module bridged in with nnx.bridge.ToLinen), are merged into params instead.
-        bridged = _integer_keyed(params, by_path)
+        bridged = {p for p in by_path if any(isinstance(k, int) for k in index[p][0])}
         if bridged:
             warnings.warn(
                 "lora_jax.wrap: " + ", ".join(repr(p) for p in sorted(bridged)) + " belong to an NNX module bridged "
@@ -252,8 +253,7 @@ def _check_linen_apply(apply_fn: Any) -> None:
     )
 
 
-def _check_paths_exist(params: Any, by_path: dict[str, Any]) -> None:
-    existing = set(_paths.by_path(params, "lora_jax.wrap"))
+def _check_paths_exist(existing: dict[str, Any], by_path: dict[str, Any]) -> None:
     missing = [p for p in by_path if p not in existing]
     if missing:
         examples = ", ".join(repr(p) for p in sorted(existing)[:3])
@@ -273,11 +273,6 @@ def _module_of(path: str) -> tuple:
 def _called(module: tuple, visited: set[tuple]) -> bool:
     """Whether ``module`` or one of its enclosing modules (not the root) was called."""
     return any(module[:k] in visited for k in range(min(1, len(module)), len(module) + 1))
-
-
-def _integer_keyed(params: Any, by_path: dict[str, Any]) -> set[str]:
-    index = _paths.by_path(params, "lora_jax.wrap")
-    return {p for p in by_path if p in index and any(isinstance(k, int) for k in index[p][0])}
 
 
 def _inject(params: dict, adapters: dict[str, Any]) -> dict:
