@@ -10,6 +10,7 @@ True
 
 from lora_jax._adapter import Kind, kind_of, register_kind
 from lora_jax._config import LoraConfig
+from lora_jax._cost import Usage, lowrank_costs
 from lora_jax._export import load_params, save_params
 from lora_jax._from_peft import from_peft
 from lora_jax._full import FullWeight
@@ -38,6 +39,7 @@ __all__ = [
     "LoraConfig",
     "Summary",
     "TargetSummary",
+    "Usage",
     "adapter_shardings",
     "apply_lora",
     "attach",
@@ -48,6 +50,7 @@ __all__ = [
     "kind_of",
     "load",
     "lowrank",
+    "lowrank_costs",
     "load_params",
     "optimizer",
     "register_kind",

@@ -45,6 +45,10 @@ class Kind(NamedTuple):
         parameter trained fully).
       as_lora: ``adapter -> lj.Adapter``, its plain LoRA form (for PEFT files), or ``None``
         if it has none.
+      costs: ``(adapter, usages) -> (factored, merged)``: the training FLOPs of the factored
+        output and of merging into the kernel inside the step, over the calls ``usages``
+        (``lj.Usage``; see ``lj.lowrank_costs``); ``wrap(compute="auto")`` merges when the
+        second is lower. ``None``: always factored.
     """
 
     name: str
@@ -53,6 +57,7 @@ class Kind(NamedTuple):
     unmerge: Callable[[jax.Array, Any], jax.Array] | None
     output: Callable[..., jax.Array] | None = None
     as_lora: Callable[[Any], Any] | None = None
+    costs: Callable[[Any, Any], tuple[float, float]] | None = None
 
 
 _KINDS: dict[type, Kind] = {}

@@ -12,19 +12,22 @@ built in; :func:`register_layer` adds any other layer (Linen or NNX).
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.linen.linear import canonicalize_padding
 
-from lora_jax import _paths, _specs
+from lora_jax import _adapter, _cost, _paths, _specs
 
 LayerFn = Callable[[Any, str, tuple, dict], "tuple[str, _specs.Spec] | None"]
 _LAYERS: dict[type, LayerFn | None] = {}
+_LOG = logging.getLogger("lora_jax")
 
 
 def register_layer(cls: type, describe: LayerFn | None) -> None:
@@ -62,17 +65,52 @@ def register_layer(cls: type, describe: LayerFn | None) -> None:
     _LAYERS[cls] = describe
 
 
-def run_adapted(run: Callable, layered: dict, substituted: dict, strict: bool) -> Any:
-    """The common core of the front ends' ``wrap``: ``run(factored, merged) -> (output,
-    consumed, called)`` runs the model once with ``factored`` adapters on their layers and
-    ``merged`` ones folded into the kernels. Adapters whose layers did not consume them are
-    unused (``called(path)`` false: an error, or ignored when not ``strict``) or belong to
-    layers the table does not know: those are merged in a second run, with a warning."""
-    out, consumed, called = run(layered, substituted)
-    leftover = {p: ad for p, ad in layered.items() if p not in consumed}
-    unused = [p for p in leftover if not called(p)]
+class Pass(NamedTuple):
+    """What one run of the model with adapters saw: its output, the adapters whose layers
+    computed their factored outputs, whether the layer owning a kernel path was called, and
+    the :class:`Usage` of each call of each factored adapter."""
+
+    out: Any
+    consumed: set[str]
+    called: Callable[[str], bool]
+    usages: dict[str, list[_cost.Usage]]
+
+
+def run_adapted(
+    run: Callable[[dict, dict], Pass], layered: dict, substituted: dict, *, strict: bool, compute: str, training: bool
+) -> Any:
+    """The common core of the front ends' ``wrap``: ``run(factored, merged)`` runs the model
+    once with ``factored`` adapters on their layers and ``merged`` ones folded into their
+    kernels (``W + scale·a⋅b``, the base frozen, the adapters still trained).
+
+    ``compute="auto"`` first traces the model abstractly (``jax.eval_shape``: no FLOPs) when
+    some adapter could be cheaper merged (``_cost.mergeable``), to learn how many tokens each
+    layer sees, and merges the adapters the cost model picks; ``"factored"``/``"merged"``
+    force one form. An adapter whose dropout is active stays factored (the dropout applies to
+    the branch input only). Adapters whose layers did not consume them are unused
+    (``called(path)`` false: an error, or ignored when not ``strict``) or belong to layers the
+    table does not know: those are merged, with a warning."""
+    dropped = {p for p, ad in layered.items() if training and _adapter.static(ad).get("dropout", 0.0) > 0}
+    if compute == "merged" and dropped:
+        raise ValueError(
+            "lora_jax.wrap: compute='merged' cannot apply LoRA dropout (it acts on the branch input only), but "
+            f"lora_training=True and these adapters have dropout > 0: {sorted(dropped)}. Use compute='auto' or "
+            "'factored', or adapters without dropout."
+        )
+    forced = set(layered) if compute == "merged" else set()
+    factored = {p: ad for p, ad in layered.items() if p not in forced}
+    merged = {**substituted, **{p: layered[p] for p in forced}}
+    probe = compute == "auto" and any(_cost.mergeable(ad) for p, ad in layered.items() if p not in dropped)
+    if probe:
+        seen: list[Pass] = []
+        jax.eval_shape(lambda: seen.append(run(factored, merged)))
+        first = seen[0]
+    else:
+        first = run(factored, merged)
+    leftover = [p for p in factored if p not in first.consumed]
+    unused = [p for p in leftover + sorted(forced) if not first.called(p)]
     if not strict:
-        leftover = {p: ad for p, ad in leftover.items() if p not in unused}
+        leftover = [p for p in leftover if p not in unused]
     elif unused:
         raise ValueError(
             "lora_jax.wrap: adapters name kernels that the model never uses in this call:"
@@ -80,18 +118,23 @@ def run_adapted(run: Callable, layered: dict, substituted: dict, strict: bool) -
             + "\nAdapt only kernels of layers the model calls (or drop these adapters), or pass "
             "strict=False to wrap to ignore them in calls that skip those layers."
         )
-    if not leftover:
-        return out
-    warnings.warn(
-        "lora_jax.wrap: no factored LoRA forward for the layers owning "
-        + ", ".join(repr(p) for p in leftover)
-        + " (a layer type or configuration lora_jax does not know; see lj.register_layer); these "
-        "kernels are merged (W + scale·a⋅b) instead. The result is correct but computes their weight "
-        "gradients.",
-        stacklevel=3,
-    )
-    factored = {p: ad for p, ad in layered.items() if p not in leftover}
-    return run(factored, {**substituted, **leftover})[0]
+    chosen = _cost.choose({p: ad for p, ad in factored.items() if p not in dropped}, first.usages) if probe else set()
+    if not (probe or leftover):
+        return first.out
+    if leftover:
+        warnings.warn(
+            "lora_jax.wrap: no factored LoRA forward for the layers owning "
+            + ", ".join(repr(p) for p in leftover)
+            + " (a layer type or configuration lora_jax does not know; see lj.register_layer); these "
+            "kernels are merged (W + scale·a⋅b) instead. The result is correct but computes their weight "
+            "gradients.",
+            stacklevel=3,
+        )
+    if chosen:
+        _LOG.debug("lora_jax.wrap: merging %s (cheaper than factored at their ranks and token counts)", sorted(chosen))
+    to_merge = set(leftover) | chosen
+    factored = {p: ad for p, ad in factored.items() if p not in to_merge}
+    return run(factored, {**merged, **{p: layered[p] for p in to_merge}}).out
 
 
 def with_stacks(seen: dict[str, tuple], tree: Any) -> dict[str, tuple[str, ...]]:

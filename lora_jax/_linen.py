@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax import _adapter, _full, _layers, _merge, _nnx, _paths, _specs
+from lora_jax import _adapter, _cost, _full, _layers, _merge, _nnx, _paths, _specs
 
 _SUFFIX = "@lora"  # an adapter rides in params as '<kernel name>@lora' beside its kernel
 
 
-def wrap(apply_fn: Callable, *, strict: bool = True, trainable: Any = None) -> Callable:
+def wrap(apply_fn: Callable, *, strict: bool = True, compute: str = "auto", trainable: Any = None) -> Callable:
     """A Linen ``apply`` that takes ``{'params': base, 'lora': adapters}`` and computes LoRA
     factored: ``x⋅W + scale·(x⋅a)⋅b`` for every adapted kernel, never forming ``W'``.
 
@@ -46,6 +46,15 @@ def wrap(apply_fn: Callable, *, strict: bool = True, trainable: Any = None) -> C
     output; ``lora_rng`` is the dropout key. Layers stacked by ``nnx.vmap`` and called inside
     ``nnx.scan``/``nnx.remat`` are factored too.
 
+    Each call chooses, per adapted kernel, the cheaper of two computations of the same
+    result (``compute="auto"``): the factored branch, or merging ``W + scale·a⋅b`` inside the
+    call and letting the layer use the merged kernel (the base still frozen, the gradient
+    reaching the adapter through the merge). A training-step FLOP model over static shapes
+    (tokens, in, out, rank; ``lj.lowrank_costs``) decides; merging pays off only for ranks
+    above ``in·out / (3·(in + out))`` (42.7 for a 256 × 256 kernel), and only then is the model
+    first traced abstractly to count each layer's tokens. ``"factored"`` and ``"merged"``
+    force one form for every kernel.
+
     The returned function has ``apply_fn``'s signature plus one keyword, ``lora_training``
     (default ``False``): when true, the LoRA branch input gets dropout at each adapter's
     ``dropout`` rate (PEFT's semantics), drawn from ``rngs['dropout']``.
@@ -61,6 +70,8 @@ def wrap(apply_fn: Callable, *, strict: bool = True, trainable: Any = None) -> C
       strict: if true (the default), an adapter of a kernel that the call never uses is an
         error; pass ``False`` to call one part of a model (``method=encode``) with the
         adapters of the whole model.
+      compute: ``"auto"`` (the default), ``"factored"`` or ``"merged"``: see above. Adapters
+        with active dropout are always factored (``"merged"`` refuses them).
       trainable: no longer taken here: base parameters to train fully are chosen once, with
         ``LoraConfig(trainable=...)``, and travel in the adapter tree.
 
@@ -83,8 +94,9 @@ def wrap(apply_fn: Callable, *, strict: bool = True, trainable: Any = None) -> C
       True
     """
     _full.refuse_trainable(trainable, "lora_jax.wrap")
+    _cost.check_mode(compute, "lora_jax.wrap")
     if _nnx.is_nnx(apply_fn):
-        return _nnx.wrap(apply_fn, strict=strict)
+        return _nnx.wrap(apply_fn, strict=strict, compute=compute)
     _check_linen_apply(apply_fn)
 
     @functools.wraps(apply_fn)
@@ -116,7 +128,7 @@ def wrap(apply_fn: Callable, *, strict: bool = True, trainable: Any = None) -> C
         substituted = {p: ad for p, ad in by_path.items() if _adapter.kind_of(ad).output is None or p in bridged}
         layered = {p: ad for p, ad in by_path.items() if p not in substituted}
 
-        def run(factored: dict[str, Any], merged: dict[str, Any]):
+        def run(factored: dict[str, Any], merged: dict[str, Any]) -> _layers.Pass:
             trace = _Trace(lora_training)
             base = _inject(_merge_kernels(params, merged), factored)
             with nn.intercept_methods(trace.intercept):
@@ -124,9 +136,12 @@ def wrap(apply_fn: Callable, *, strict: bool = True, trainable: Any = None) -> C
             trace.raise_problems()
             # An adapter whose layer was not called but one of whose enclosing modules was (an
             # NNX module bridged into Linen, say) may have been used there: merged, never dropped.
-            return out, trace.consumed, lambda path: _called(_module_of(path), trace.visited)
+            called = lambda path: _called(_module_of(path), trace.visited)  # noqa: E731
+            return _layers.Pass(out, trace.consumed, called, trace.calls.usages())
 
-        return _layers.run_adapted(run, layered, substituted, strict)
+        return _layers.run_adapted(
+            run, layered, substituted, strict=strict, compute=compute, training=lora_training
+        )
 
     return apply
 
@@ -195,6 +210,7 @@ class _Trace:
         self.consumed: set[str] = set()
         self.visited: set[tuple] = set()
         self.problems: list[str] = []
+        self.calls = _cost.Calls()
 
     def intercept(self, next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
@@ -213,6 +229,7 @@ class _Trace:
             self.problems.append(f"{path!r} ({type(module).__name__}): {adapter}")
             return out
         self.consumed.add(path)
+        self.calls.add(path, module, spec, tuple(kernel.shape))
         rate = _adapter.static(adapter).get("dropout", 0.0)
         drop = _dropout(module, rate) if self.training and rate > 0 else (lambda x: x)
         return _adapter.kind_of(adapter).output(spec, out, kernel, adapter, drop)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _adapter, _specs
+from lora_jax import _adapter, _cost, _specs
 from lora_jax._adapter import DEFAULT_ROLES_2D, Roles
 
 
@@ -175,5 +175,6 @@ _adapter.register_kind(
         unmerge=lambda w, ad: w - delta(ad),
         output=output,
         as_lora=lambda ad: ad,
+        costs=lambda ad, usages: _cost.lowrank_costs(usages, ad.rank),
     ),
 )

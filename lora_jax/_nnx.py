@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax import _adapter, _layers, _merge, _paths, _specs
+from lora_jax import _adapter, _cost, _layers, _merge, _paths, _specs
 
 _METHODS = ("__call__", "attend")
 _ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("lora_jax_nnx_call", default=None)
@@ -33,7 +33,7 @@ def is_nnx(x: Any) -> bool:
     return isinstance(x, (nnx.Module, nnx.GraphDef))
 
 
-def wrap(model_or_graphdef: Any, *, strict: bool = True) -> Callable:
+def wrap(model_or_graphdef: Any, *, strict: bool = True, compute: str = "auto") -> Callable:
     """The NNX form of :func:`lora_jax.wrap` (see there): ``apply(state, lora, *args,
     lora_training=False, lora_rng=None, **kwargs)`` runs the model's ``__call__`` on ``state``
     (from ``nnx.split(model)``) with adapters ``lora``, factored, and returns its output."""
@@ -53,18 +53,21 @@ def wrap(model_or_graphdef: Any, *, strict: bool = True) -> Callable:
         substituted = {p: ad for p, ad in by_path.items() if _adapter.kind_of(ad).output is None}
         layered = {p: ad for p, ad in by_path.items() if p not in substituted}
 
-        def run(factored: dict, merged: dict):
+        def run(factored: dict, merged: dict) -> _layers.Pass:
             model = nnx.merge(graphdef, _merge.apply_lora(state, _nest(merged)) if merged else state)
-            call = _Call(model, factored, lora_rng if lora_training else None)
+            call = _Call(model, factored, lora_rng if lora_training else None, watch=set(merged) - set(substituted))
             token = _ACTIVE.set(call)
             try:
                 out = model(*args, **kwargs)
             finally:
                 _ACTIVE.reset(token)
             call.raise_problems()
-            return out, call.consumed, lambda path: _module_of(path) in call.visited
+            called = lambda path: _module_of(path) in call.visited  # noqa: E731
+            return _layers.Pass(out, call.consumed, called, call.calls.usages())
 
-        return _layers.run_adapted(run, layered, substituted, strict)
+        return _layers.run_adapted(
+            run, layered, substituted, strict=strict, compute=compute, training=lora_training
+        )
 
     return apply
 
@@ -139,16 +142,20 @@ class _Call:
     attributes, so that NNX transforms slice and carry them with the kernels) and an
     intercepting class; what the layers saw."""
 
-    def __init__(self, model: nnx.Module | None, adapters: dict[str, Any], rng: Any, record: dict | None = None):
+    def __init__(
+        self, model: nnx.Module | None, adapters: dict[str, Any], rng: Any, record: dict | None = None, watch=()
+    ):
         self.rng, self.record = rng, record
         self.consumed: set[str] = set()
         self.visited: set[tuple] = set()
         self.problems: list[str] = []
+        self.calls = _cost.Calls()
         owners: dict[tuple, dict[str, Any]] = {}
         for kernel_path, adapter in adapters.items():
             owners.setdefault(_module_of(kernel_path), {})[kernel_path.split("/")[-1]] = adapter
+        watched = {_module_of(p) for p in watch}  # layers of merged adapters: whether they are called
         for keys, module in nnx.iter_graph(model) if model is not None else ():
-            if isinstance(module, nnx.Module) and (record is not None or tuple(keys) in owners):
+            if isinstance(module, nnx.Module) and (record is not None or tuple(keys) in owners.keys() | watched):
                 setattr(module, _PATH, _paths.join(str(k) for k in keys))
                 for param, adapter in owners.get(tuple(keys), {}).items():
                     _put(module, param, adapter)
@@ -176,6 +183,7 @@ class _Call:
             self.problems.append(f"{kernel_path!r} ({type(module).__name__}): {adapter}")
             return out
         self.consumed.add(kernel_path)
+        self.calls.add(kernel_path, module, spec, tuple(kernel.shape))
         rate = _adapter.static(adapter).get("dropout", 0.0)
         drop = _dropout(self.rng, kernel_path, rate) if self.rng is not None and rate > 0 else (lambda x: x)
         output = _adapter.kind_of(adapter).output
@@ -230,25 +238,71 @@ def _reporting(cls: type, name: str) -> Callable:
 
     @functools.wraps(original)
     def method(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
         call = _ACTIVE.get()
         if call is None:  # the stateful style: adapters attached to the model itself
+            merged = _merged_call(self, name, args, kwargs)
+            if merged is not None:
+                return original(self, *args, **kwargs) if merged is _UNCHANGED else merged(original)
             call = _Call(None, {}, None)
+        out = original(self, *args, **kwargs)
         return call.after(self, name, args, kwargs, out)
 
     return method
 
 
-def attach(model: nnx.Module, adapters: Any) -> None:
+_COMPUTE = "lora_jax_compute__"  # attach's compute mode, a static attribute of each adapted layer
+_UNCHANGED = object()
+
+
+def _merged_call(module: nnx.Module, method: str, args: tuple, kwargs: dict) -> Any:
+    """For an attached adapter that this call computes merged (by ``attach``'s ``compute``
+    and the cost model), ``run(original)`` calling ``original`` on a copy of the layer whose
+    kernel is ``W + scale·a⋅b``; ``_UNCHANGED`` for a layer without one;
+    ``None`` to compute the call factored."""
+    use = _layers.describe_call(module, method, args, kwargs)
+    held = None if use is None else _get(module, use[0])
+    if use is None or held is None:
+        return _UNCHANGED
+    param, spec = use
+    variable = getattr(module, param)
+    kernel = variable[...]
+    adapter = _adapter.localize(held, tuple(kernel.shape), _specs.roles(spec))
+    compute = getattr(module, _COMPUTE, "auto")
+    if isinstance(adapter, str) or compute == "factored":
+        return None  # a misfit is reported by the factored call
+    if compute == "auto":
+        if not _cost.mergeable(adapter):
+            return None
+        cost = _cost.costs(adapter, [_cost.usage(spec, tuple(kernel.shape))])
+        if cost is None or cost[1] >= cost[0]:
+            return None
+
+    def run(original: Callable) -> Any:
+        # A transient copy of the layer holding the merged kernel: mutating the layer itself
+        # is refused under a jax transform other than the one that made it.
+        merged = object.__new__(type(module))
+        vars(merged).update(vars(module))
+        vars(merged)[param] = type(variable)(_merge.fold_kernel(kernel, adapter))
+        return original(merged, *args, **kwargs)
+
+    return run
+
+
+def attach(model: nnx.Module, adapters: Any, *, compute: str = "auto") -> None:
     """Put ``adapters`` into ``model`` (the stateful NNX style): each adapted layer gets its
     adapter as an ``nnx.LoRAParam`` attribute and computes the factored branch whenever it is
     called, so ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` and ``nnx.jit`` train only the
     adapters. :func:`detach` takes them out again.
 
+    With ``compute="auto"`` each call of an adapted layer instead runs the layer on its
+    merged kernel ``W + scale·a⋅b`` when the cost model says that is cheaper for that call
+    (high ranks, many tokens; see :func:`wrap`); ``"factored"``/``"merged"`` force one form.
+
     Args:
       model: an NNX model (changed in place, as NNX models are).
       adapters: an adapter tree for ``nnx.state(model)`` (from :func:`init`, :func:`load`,
         :func:`from_peft`...); adapter kinds without a factored output are not attachable.
+      compute: ``"auto"`` (the default), ``"factored"`` or ``"merged"``.
 
     Raises:
       TypeError: if ``model`` is not an NNX model or ``adapters`` is not an adapter tree.
@@ -267,6 +321,7 @@ def attach(model: nnx.Module, adapters: Any) -> None:
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"lora_jax.attach: model must be a Flax NNX Module, found {type(model).__name__}.")
+    _cost.check_mode(compute, "lora_jax.attach")
     by_path = _merge.adapters_by_path(adapters, "lora_jax.attach")
     _merge.check_fit(nnx.state(model), by_path, "lora_jax.attach")
     if _attached(model):
@@ -285,6 +340,7 @@ def attach(model: nnx.Module, adapters: Any) -> None:
         module = modules[_module_of(path)]
         _put(module, path.split("/")[-1], adapter)
         setattr(module, _PATH, "/".join(path.split("/")[:-1]))
+        setattr(module, _COMPUTE, compute)
         module.__class__ = _intercepting(type(module))
 
 
@@ -307,8 +363,9 @@ def detach(model: nnx.Module) -> dict:
             param = name[: -len(_SUFFIX)]
             keys_ = tuple(k if isinstance(k, int) else str(k) for k in keys)
             leaves.append((keys_ + (param,), _get(module, param, remove=True)))
-        if hasattr(module, _PATH):
-            delattr(module, _PATH)
+        for name in (_PATH, _COMPUTE):
+            if hasattr(module, name):
+                delattr(module, name)
         module.__class__ = type(module).__mro__[1]
     if not leaves:
         raise ValueError("lora_jax.detach: the model has no adapters attached (see lj.attach).")

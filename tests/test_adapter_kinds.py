@@ -69,7 +69,7 @@ def test_factored_forward_equals_the_merge_and_rescales_the_base():
     gain = _gain_adapters()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # factored, not merged
-        y = lj.wrap(MODEL.apply)({"params": PARAMS, "lora": gain}, X)
+        y = lj.wrap(MODEL.apply, compute="factored")({"params": PARAMS, "lora": gain}, X)
     np.testing.assert_allclose(y, MODEL.apply({"params": lj.apply_lora(PARAMS, gain)}, X), rtol=1e-5, atol=1e-6)
     # An independent float64 reference of the merge.
     w = np.asarray(PARAMS["fc1"]["kernel"], np.float64)
@@ -81,7 +81,7 @@ def test_factored_forward_equals_the_merge_and_rescales_the_base():
 
 
 def test_trains_through_wrap_and_optimizer():
-    apply = lj.wrap(MODEL.apply)
+    apply = lj.wrap(MODEL.apply, compute="factored")
     variables = {"params": PARAMS, "lora": _gain_adapters()}
     tx = lj.optimizer(optax.adam(3e-2))
     loss = lambda v: jnp.mean((apply(v, X) - Y) ** 2)  # noqa: E731

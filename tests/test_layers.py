@@ -94,7 +94,7 @@ def test_axis_roles_of_custom_layers():
 @pytest.mark.parametrize("jit", [False, True])
 def test_custom_layers_train_factored_with_values_and_gradients_of_the_merged_path(jit):
     lora = _lora()
-    apply = lj.wrap(MODEL.apply)
+    apply = lj.wrap(MODEL.apply, compute="factored")
     factored = lambda ad: _loss(apply({"params": PARAMS, "lora": ad}, X))  # noqa: E731
     merged = lambda ad: _loss(MODEL.apply({"params": lj.apply_lora(PARAMS, ad)}, X))  # noqa: E731
     grad = jax.jit(jax.value_and_grad(factored)) if jit else jax.value_and_grad(factored)
@@ -109,7 +109,7 @@ def test_custom_layers_train_factored_with_values_and_gradients_of_the_merged_pa
 
 def test_no_base_weight_gradient_in_the_compiled_step():
     lora = _lora()
-    apply = lj.wrap(MODEL.apply)
+    apply = lj.wrap(MODEL.apply, compute="factored")
     factored = jax.grad(lambda ad: _loss(apply({"params": PARAMS, "lora": ad}, X)))
     full = jax.grad(lambda p: _loss(MODEL.apply({"params": p}, X)))
     hlo_fact = jax.jit(factored).lower(lora).compile().as_text()
@@ -131,7 +131,7 @@ def test_transposed_kernel_with_default_roles_is_refused():
         match=r"'c_attn/kernel' \(Conv1D\): the adapter has roles \('in', 'out'\), the layer uses its kernel \(12, 12\) "
         r"as \('out', 'in'\)",
     ):
-        lj.wrap(MODEL.apply)({"params": PARAMS, "lora": lora}, X)
+        lj.wrap(MODEL.apply, compute="factored")({"params": PARAMS, "lora": lora}, X)
 
 
 def test_opting_a_class_out_merges_it_with_a_warning():
@@ -143,7 +143,7 @@ def test_opting_a_class_out_merges_it_with_a_warning():
     params = model.init(jax.random.key(0), X)["params"]
     lora = randomize(lj.init(jax.random.key(1), params, lj.LoraConfig(rank=2)), jax.random.key(2))
     with pytest.warns(UserWarning, match=r"no factored LoRA forward for the layers owning 'kernel'.*lj\.register_layer"):
-        y = lj.wrap(model.apply)({"params": params, "lora": lora}, X)
+        y = lj.wrap(model.apply, compute="factored")({"params": params, "lora": lora}, X)
     np.testing.assert_allclose(y, model.apply({"params": lj.apply_lora(params, lora)}, X), rtol=1e-5, atol=1e-6)
 
 
@@ -172,7 +172,7 @@ def test_tied_head_kernel_outside_the_params_is_skipped():
     params = model.init(jax.random.key(0), ids)["params"]
     # Only the MLP: the head reads the embedding's base value directly, beside any adapter (see README).
     lora = randomize(lj.init(jax.random.key(1), params, lj.LoraConfig(rank=2, targets="mlp/kernel")), jax.random.key(2))
-    y = lj.wrap(model.apply)({"params": params, "lora": lora}, ids)
+    y = lj.wrap(model.apply, compute="factored")({"params": params, "lora": lora}, ids)
     np.testing.assert_allclose(y, model.apply({"params": lj.apply_lora(params, lora)}, ids), rtol=1e-5, atol=1e-5)
 
 
@@ -194,7 +194,7 @@ def test_calling_one_half_of_a_model_with_strict_false():
     lora = randomize(lj.init(jax.random.key(1), params, lj.LoraConfig(rank=2)), jax.random.key(2))
     variables = {"params": params, "lora": lora}
     with pytest.raises(ValueError, match=r"(?s)never uses in this call:\n  'dec/kernel'.*strict=False"):
-        lj.wrap(model.apply)(variables, X, method="encode")
-    y = lj.wrap(model.apply, strict=False)(variables, X, method="encode")
+        lj.wrap(model.apply, compute="factored")(variables, X, method="encode")
+    y = lj.wrap(model.apply, strict=False, compute="factored")(variables, X, method="encode")
     want = model.apply({"params": lj.apply_lora(params, lora)}, X, method="encode")
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)

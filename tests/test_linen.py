@@ -64,14 +64,14 @@ def test_axis_roles_of_a_transformer():
 
 def test_grads_wrt_whole_dict_reach_adapters_only():
     lora = _lora()
-    apply = lj.wrap(MODEL.apply)
+    apply = lj.wrap(MODEL.apply, compute="factored")
     grads = jax.grad(lambda v: _xent(apply(v, IDS)))({"params": PARAMS, "lora": lora})
     assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads["params"]))
     assert all(np.any(np.asarray(g)) for g in jax.tree.leaves(grads["lora"]))
 
 
 def test_trainable_base_subtree_gets_gradients():
-    apply = lj.wrap(MODEL.apply)
+    apply = lj.wrap(MODEL.apply, compute="factored")
     lora = _lora(trainable=r"head/.*")
     variables = {"params": PARAMS, "lora": lora}
     grads = jax.grad(lambda v: _xent(apply(v, IDS)))(variables)
@@ -82,7 +82,7 @@ def test_trainable_base_subtree_gets_gradients():
     merged = MODEL.apply({"params": lj.apply_lora(PARAMS, moved)}, IDS)
     np.testing.assert_allclose(apply({"params": PARAMS, "lora": moved}, IDS), merged, rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match=r"lora_jax\.wrap: trainable= moved to LoraConfig"):
-        lj.wrap(MODEL.apply, trainable=r"head/.*")
+        lj.wrap(MODEL.apply, trainable=r"head/.*", compute="factored")
 
 
 def _flops(fn, *args):
@@ -92,7 +92,7 @@ def _flops(fn, *args):
 def test_lora_step_costs_less_than_full_finetuning_and_computes_no_weight_gradient():
     """Structural, not timed: XLA's own FLOP count, and no dot producing a frozen kernel's gradient."""
     lora = _lora()
-    apply = lj.wrap(MODEL.apply)
+    apply = lj.wrap(MODEL.apply, compute="factored")
     full = jax.grad(lambda p: _xent(MODEL.apply({"params": p}, IDS)))
     factored = jax.grad(lambda ad: _xent(apply({"params": PARAMS, "lora": ad}, IDS)))
     whole = jax.grad(lambda v: _xent(apply(v, IDS)))
@@ -111,7 +111,7 @@ def test_lora_step_costs_less_than_full_finetuning_and_computes_no_weight_gradie
 
 
 def test_optimizer_path_trains_and_keeps_base_bit_identical():
-    apply = lj.wrap(MODEL.apply)
+    apply = lj.wrap(MODEL.apply, compute="factored")
     variables = {"params": PARAMS, "lora": lj.init(jax.random.key(0), PARAMS, CONFIG, roles=ROLES)}
     tx = lj.optimizer(optax.adam(3e-2))
     state = tx.init(variables)
@@ -133,7 +133,7 @@ def test_optimizer_path_trains_and_keeps_base_bit_identical():
 
 def test_dropout_only_when_training_with_an_rng():
     lora = _lora(dropout=0.5)
-    apply = lj.wrap(MODEL.apply)
+    apply = lj.wrap(MODEL.apply, compute="factored")
     v = {"params": PARAMS, "lora": lora}
     merged = MODEL.apply({"params": lj.apply_lora(PARAMS, lora)}, IDS)
     rngs = {"dropout": jax.random.key(5)}
@@ -163,7 +163,7 @@ def test_dropout_matches_peft_semantics_on_a_dense_layer():
     lora = randomize(
         lj.init(jax.random.key(2), params, lj.LoraConfig(rank=2, alpha=4, dropout=0.25)), jax.random.key(3)
     )
-    y = lj.wrap(model.apply)(
+    y = lj.wrap(model.apply, compute="factored")(
         {"params": params, "lora": lora}, x, rngs={"dropout": jax.random.key(9)}, lora_training=True
     )
     ad = lora["kernel"]
@@ -196,7 +196,7 @@ def test_remat_and_scan_under_jit_grad():
         lj.init(jax.random.key(2), params, lj.LoraConfig(rank=2, dropout=0.1), roles=lj.axis_roles(model, x)),
         jax.random.key(3),
     )
-    apply = lj.wrap(model.apply)
+    apply = lj.wrap(model.apply, compute="factored")
     y = jax.jit(functools.partial(apply, lora_training=True))(
         {"params": params, "lora": lora}, x, rngs={"dropout": jax.random.key(4)}
     )
@@ -221,11 +221,11 @@ def test_wrap_rejects_non_linen_apply(fn):
     with pytest.raises(
         TypeError, match=r"lora_jax\.wrap: expected a Flax Linen model's apply method, e\.g\. lj\.wrap\(model\.apply\)"
     ):
-        lj.wrap(fn)
+        lj.wrap(fn, compute="factored")
 
 
 def test_wrap_accepts_partial_of_apply():
-    apply = lj.wrap(functools.partial(MODEL.apply, head=False))
+    apply = lj.wrap(functools.partial(MODEL.apply, head=False), compute="factored")
     assert apply({"params": PARAMS, "lora": _lora()}, IDS).shape == (2, T, D)
 
 
@@ -233,12 +233,12 @@ def test_variables_without_lora():
     with pytest.raises(
         TypeError, match=r"takes variables \{'params': base, 'lora': adapters, \.\.\.\}; found \['params'\]"
     ):
-        lj.wrap(MODEL.apply)({"params": PARAMS}, IDS)
+        lj.wrap(MODEL.apply, compute="factored")({"params": PARAMS}, IDS)
 
 
 def test_training_without_dropout_rng():
     with pytest.raises(ValueError, match=r"lora_training=True needs a dropout rng: pass rngs=\{'dropout': key\}"):
-        lj.wrap(MODEL.apply)({"params": PARAMS, "lora": _lora()}, IDS, lora_training=True)
+        lj.wrap(MODEL.apply, compute="factored")({"params": PARAMS, "lora": _lora()}, IDS, lora_training=True)
 
 
 def test_adapter_for_kernel_missing_from_params():
@@ -247,7 +247,7 @@ def test_adapter_for_kernel_missing_from_params():
     with pytest.raises(
         ValueError, match=r"adapters name kernels that params lacks:\n  'decoder/kernel'\n\(params has e\.g\."
     ):
-        lj.wrap(MODEL.apply)({"params": PARAMS, "lora": lora}, IDS)
+        lj.wrap(MODEL.apply, compute="factored")({"params": PARAMS, "lora": lora}, IDS)
 
 
 def test_adapter_for_kernel_the_model_never_uses():
@@ -256,7 +256,7 @@ def test_adapter_for_kernel_the_model_never_uses():
     with pytest.raises(
         ValueError, match=r"adapters name kernels that the model never uses in this call:\n  'head/kernel'"
     ):
-        lj.wrap(MODEL.apply)({"params": PARAMS, "lora": lora}, IDS, head=False)
+        lj.wrap(MODEL.apply, compute="factored")({"params": PARAMS, "lora": lora}, IDS, head=False)
 
 
 def test_roles_that_contradict_the_layer():
@@ -272,7 +272,7 @@ def test_roles_that_contradict_the_layer():
         r"the layer uses its kernel \(24, 2, 12\) as \('in', 'out', 'out'\)\n"
         r"  'block_1/query/kernel'.*\nCreate adapters with roles=lj\.axis_roles",
     ):
-        lj.wrap(MODEL.apply)({"params": PARAMS, "lora": lora}, IDS)
+        lj.wrap(MODEL.apply, compute="factored")({"params": PARAMS, "lora": lora}, IDS)
 
 
 def test_axis_roles_rejects_non_module():

@@ -68,13 +68,13 @@ def test_axis_roles_of_every_layer_type():
 
 def test_fresh_adapter_is_a_no_op():
     fresh = lj.init(jax.random.key(0), STATE, CONFIG, roles=ROLES)
-    np.testing.assert_array_equal(lj.wrap(MODEL)(STATE, fresh, IDS), MODEL(IDS))
+    np.testing.assert_array_equal(lj.wrap(MODEL, compute="factored")(STATE, fresh, IDS), MODEL(IDS))
 
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_factored_equals_merged_values_and_gradients(jit):
     lora = _lora()
-    apply = lj.wrap(GRAPHDEF)  # a GraphDef works as well as the model
+    apply = lj.wrap(GRAPHDEF, compute="factored")  # a GraphDef works as well as the model
     loss = lambda ad: jnp.mean(jnp.sin(apply(STATE, ad, IDS)) ** 2)  # noqa: E731
     merged_loss = lambda ad: jnp.mean(jnp.sin(_merged(ad)) ** 2)  # noqa: E731
     grad = jax.jit(jax.value_and_grad(loss)) if jit else jax.value_and_grad(loss)
@@ -90,7 +90,7 @@ def test_factored_equals_merged_values_and_gradients(jit):
 
 def test_no_base_weight_gradient_in_the_compiled_step():
     lora = _lora()
-    apply = lj.wrap(MODEL)
+    apply = lj.wrap(MODEL, compute="factored")
     factored = jax.grad(lambda ad: jnp.mean(apply(STATE, ad, IDS) ** 2))
     full = jax.grad(lambda st: jnp.mean(nnx.merge(GRAPHDEF, st)(IDS) ** 2))
     hlo_fact = jax.jit(factored).lower(lora).compile().as_text()
@@ -110,7 +110,7 @@ def test_step_flops_below_full_finetuning_and_merged_at_a_realistic_width():
     graphdef, state = nnx.split(mlp)
     x = jax.random.normal(jax.random.key(0), (2, 256, 256))
     lora = lj.init(jax.random.key(1), state, lj.LoraConfig(rank=8))
-    apply = lj.wrap(mlp)
+    apply = lj.wrap(mlp, compute="factored")
     flops = lambda f, arg: jax.jit(jax.grad(f)).lower(arg).compile().cost_analysis()["flops"]  # noqa: E731
     full = flops(lambda st: jnp.mean(nnx.merge(graphdef, st)(x) ** 2), state)
     factored = flops(lambda ad: jnp.mean(apply(state, ad, x) ** 2), lora)
@@ -119,7 +119,7 @@ def test_step_flops_below_full_finetuning_and_merged_at_a_realistic_width():
 
 
 def test_functional_training_step():
-    apply = lj.wrap(MODEL)
+    apply = lj.wrap(MODEL, compute="factored")
     target = jnp.linspace(-1, 1, 10).reshape(2, 5)
     lora = lj.init(jax.random.key(3), STATE, CONFIG, roles=ROLES)
     tx = optax.adam(3e-2)
@@ -140,7 +140,7 @@ def test_functional_training_step():
 
 def test_dropout_needs_a_key_and_acts_on_the_branch_only():
     lora = randomize(lj.init(jax.random.key(0), STATE, lj.LoraConfig(rank=2, targets=".*/kernel", dropout=0.5), roles=ROLES), jax.random.key(1))
-    apply = lj.wrap(MODEL)
+    apply = lj.wrap(MODEL, compute="factored")
     with pytest.raises(ValueError, match=r"lora_training=True needs lora_rng"):
         apply(STATE, lora, IDS, lora_training=True)
     y1 = apply(STATE, lora, IDS, lora_training=True, lora_rng=jax.random.key(5))
@@ -187,7 +187,7 @@ def test_layers_stacked_by_vmap_and_called_in_scan_and_remat_are_factored(remat)
     roles = lj.axis_roles(model, x)
     assert roles == {"blocks/lin/kernel": ("stack", "in", "out"), "head/kernel": ("in", "out")}
     lora = randomize(lj.init(jax.random.key(1), state, lj.LoraConfig(rank=2), roles=roles), jax.random.key(2))
-    apply = lj.wrap(model)
+    apply = lj.wrap(model, compute="factored")
     loss = lambda ad: jnp.sum(apply(state, ad, x) ** 2)  # noqa: E731
     merged_loss = lambda ad: jnp.sum(nnx.merge(graphdef, lj.apply_lora(state, ad))(x) ** 2)  # noqa: E731
     with warnings.catch_warnings():
@@ -215,33 +215,33 @@ def test_unused_adapters_and_strict():
     _, state = nnx.split(model)
     lora = randomize(lj.init(jax.random.key(1), state, lj.LoraConfig(rank=2)), jax.random.key(2))
     with pytest.raises(ValueError, match=r"never uses in this call:\n  'b/kernel'"):
-        lj.wrap(model)(state, lora, jnp.ones((1, 4)))
-    y = lj.wrap(model, strict=False)(state, lora, jnp.ones((1, 4)))
+        lj.wrap(model, compute="factored")(state, lora, jnp.ones((1, 4)))
+    y = lj.wrap(model, strict=False, compute="factored")(state, lora, jnp.ones((1, 4)))
     np.testing.assert_allclose(y, nnx.merge(*nnx.split(model)[:1], lj.apply_lora(state, lora))(jnp.ones((1, 4))), rtol=1e-5)
 
 
 def test_bad_input():
     lora = _lora()
     with pytest.raises(TypeError, match=r"takes \(state, lora, \*inputs\) with state from nnx.split\(model\); found a dict"):
-        lj.wrap(MODEL)({"params": 1}, lora, IDS)
+        lj.wrap(MODEL, compute="factored")({"params": 1}, lora, IDS)
     with pytest.raises(TypeError, match=r"found a method of the NNX model Net; pass the model itself: lj.wrap\(model\)"):
-        lj.wrap(MODEL.__call__)
+        lj.wrap(MODEL.__call__, compute="factored")
     with pytest.raises(TypeError, match=r"found the Linen model Dense itself; pass its apply: lj.wrap\(model.apply\)"):
-        lj.wrap(nn.Dense(3))
+        lj.wrap(nn.Dense(3), compute="factored")
     with pytest.raises(TypeError, match=r"pass the NNX model itself"):
         lj.axis_roles(GRAPHDEF, IDS)
     wrong = dict(lora, layers={0: {"kernel": lj.Adapter(jnp.ones((6, 2)), jnp.ones((2, 6)), rank=2, alpha=1.0, roles=("out", "in"))}, 1: lora["layers"][1]})
     with pytest.raises(ValueError, match=r"'layers/0/kernel' \(Linear\): the adapter has roles \('out', 'in'\), the layer uses its kernel \(6, 6\) as \('in', 'out'\)"):
-        lj.wrap(MODEL)(STATE, wrong, IDS)
+        lj.wrap(MODEL, compute="factored")(STATE, wrong, IDS)
     with pytest.raises(ValueError, match=r"adapters do not fit params:\n  'ghost/kernel': no such parameter"):
-        lj.wrap(MODEL)(STATE, {"ghost": {"kernel": lora["layers"][0]["kernel"]}}, IDS)
+        lj.wrap(MODEL, compute="factored")(STATE, {"ghost": {"kernel": lora["layers"][0]["kernel"]}}, IDS)
 
 
 def test_stateful_style_trains_the_same_adapters_as_the_functional_style():
     target = jnp.linspace(-1, 1, 10).reshape(2, 5)
     tx = optax.adam(3e-2)
     lora0 = lj.init(jax.random.key(3), STATE, CONFIG, roles=ROLES)
-    apply = lj.wrap(MODEL)
+    apply = lj.wrap(MODEL, compute="factored")
 
     @jax.jit
     def step(lora, opt_state):
@@ -323,7 +323,7 @@ def test_scanned_layers_do_not_copy_the_stacked_base():
     graphdef, state = nnx.split(model)
     x = jnp.ones((4, 512))
     lora = lj.init(jax.random.key(0), state, lj.LoraConfig(rank=8), roles=lj.axis_roles(model, x))
-    apply = lj.wrap(model)
+    apply = lj.wrap(model, compute="factored")
     memory = lambda f, arg: jax.jit(f).lower(arg).compile().memory_analysis().temp_size_in_bytes  # noqa: E731
     step = memory(jax.grad(lambda ad: jnp.sum(apply(state, ad, x) ** 2)), lora)
     forward = memory(lambda st: jnp.sum(nnx.merge(graphdef, st)(x) ** 2), state)
@@ -355,7 +355,7 @@ def test_an_nnx_module_bridged_into_linen_is_merged_with_a_warning():
     params = model.init(jax.random.key(0), x)["params"]
     lora = randomize(lj.init(jax.random.key(1), params, lj.LoraConfig(rank=2)), jax.random.key(2))
     with pytest.warns(UserWarning, match=r"'ToLinen_0/layers/0/kernel', 'ToLinen_0/layers/1/kernel' belong to an NNX module bridged"):
-        y = lj.wrap(model.apply)({"params": params, "lora": lora}, x)
+        y = lj.wrap(model.apply, compute="factored")({"params": params, "lora": lora}, x)
     np.testing.assert_allclose(y, model.apply({"params": lj.apply_lora(params, lora)}, x), rtol=1e-5, atol=1e-6)
 
 

@@ -70,7 +70,7 @@ def _torch_out(model):
 
 
 def _flax_out(params, lora):
-    return lj.wrap(FlaxNet().apply)({"params": params, "lora": lora}, IDS, IMG)
+    return lj.wrap(FlaxNet().apply, compute="factored")({"params": params, "lora": lora}, IDS, IMG)
 
 
 def test_twins_agree_without_adapters():
@@ -323,7 +323,7 @@ def test_modules_to_save_exported_to_peft(tmp_path):
     model = peft.PeftModel.from_pretrained(net, tmp_path).eval()
     with torch.no_grad():
         want = model(torch.as_tensor(X_CLS)).numpy()
-    got = lj.wrap(FlaxClassifier().apply)({"params": params, "lora": lora}, X_CLS)
+    got = lj.wrap(FlaxClassifier().apply, compute="factored")({"params": params, "lora": lora}, X_CLS)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -342,7 +342,7 @@ def test_modules_to_save_imported_from_peft(tmp_path):
     with torch.no_grad():
         want = model(torch.as_tensor(X_CLS)).numpy()
         merged = {k: v.numpy() for k, v in model.merge_and_unload().state_dict().items()}
-    got = lj.wrap(FlaxClassifier().apply)({"params": params, "lora": lora}, X_CLS)
+    got = lj.wrap(FlaxClassifier().apply, compute="factored")({"params": params, "lora": lora}, X_CLS)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     ours = lj.apply_lora(params, lora)
     np.testing.assert_allclose(ours["classifier"]["kernel"], merged["classifier.weight"].T, rtol=1e-6)
@@ -485,7 +485,7 @@ def test_nnx_adapters_both_ways_with_peft(tmp_path):
     peft_model = peft.PeftModel.from_pretrained(net, tmp_path / "out").eval()
     with torch.no_grad():
         want = peft_model(torch.as_tensor(IDS)).numpy()
-    np.testing.assert_allclose(lj.wrap(model)(state, lora, IDS), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lj.wrap(model, compute="factored")(state, lora, IDS), want, rtol=1e-5, atol=1e-5)
     # PEFT-trained adapters into the NNX model, merged export included.
     net2, model2 = _nnx_twins(seed=1)
     torch.manual_seed(2)
@@ -500,7 +500,7 @@ def test_nnx_adapters_both_ways_with_peft(tmp_path):
     assert sorted(imported["layers"]) == [0, 1]  # integer keys, as in the State
     with torch.no_grad():
         want = trained.eval()(torch.as_tensor(IDS)).numpy()
-    np.testing.assert_allclose(lj.wrap(model2)(state2, imported, IDS), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lj.wrap(model2, compute="factored")(state2, imported, IDS), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(nnx.merge(graphdef2, lj.apply_lora(state2, imported))(IDS), want, rtol=1e-5, atol=1e-5)
     lj.save_params(tmp_path / "merged.safetensors", state2, imported, torch_names=True)
     merged = safetensors.numpy.load_file(tmp_path / "merged.safetensors")

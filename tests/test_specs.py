@@ -109,7 +109,7 @@ def test_axis_roles_are_the_documented_ones(name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_factored_equals_merged_values_and_gradients(name):
     model, inputs, params, _, lora = _setup(name)
-    factored = lj.wrap(model.apply)
+    factored = lj.wrap(model.apply, compute="factored")
 
     def loss_factored(lora):
         return jnp.sum(jnp.sin(factored({"params": params, "lora": lora}, *inputs)))
@@ -130,7 +130,7 @@ def test_factored_equals_merged_values_and_gradients(name):
 @pytest.mark.parametrize("name", ["dense", "attention", "scan_remat", "conv2d", "embed_attend"])
 def test_fresh_adapter_is_a_noop(name):
     model, inputs, params, fresh, _ = _setup(name)
-    y = lj.wrap(model.apply)({"params": params, "lora": fresh}, *inputs)
+    y = lj.wrap(model.apply, compute="factored")({"params": params, "lora": fresh}, *inputs)
     np.testing.assert_array_equal(y, model.apply({"params": params}, *inputs))
 
 
@@ -138,7 +138,7 @@ def test_fresh_adapter_is_a_noop(name):
 def test_bf16_base_keeps_its_dtype(name):
     model, inputs, params, _, lora = _setup(name, dtype=jnp.bfloat16)
     model = model.clone(dtype=jnp.bfloat16) if hasattr(model, "dtype") else model
-    y = lj.wrap(model.apply)({"params": params, "lora": lora}, *inputs)
+    y = lj.wrap(model.apply, compute="factored")({"params": params, "lora": lora}, *inputs)
     y_m = model.apply({"params": lj.apply_lora(params, lora)}, *inputs)
     assert y.dtype == y_m.dtype
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(lora))
@@ -151,10 +151,10 @@ def test_unknown_layer_is_merged_with_a_warning():
     roles = {"kernel": ("in", "in", "in", "out")}
     lora = randomize(lj.init(jax.random.key(1), params, lj.LoraConfig(rank=2), roles=roles), jax.random.key(2))
     with pytest.warns(UserWarning, match=r"no factored LoRA forward for the layers owning 'kernel'.*merged"):
-        y = lj.wrap(model.apply)({"params": params, "lora": lora}, IMG)
+        y = lj.wrap(model.apply, compute="factored")({"params": params, "lora": lora}, IMG)
     np.testing.assert_allclose(y, model.apply({"params": lj.apply_lora(params, lora)}, IMG), rtol=1e-5, atol=1e-5)
     with pytest.warns(UserWarning, match="merged"):
-        g = jax.grad(lambda ad: jnp.sum(lj.wrap(model.apply)({"params": params, "lora": ad}, IMG) ** 2))(lora)
+        g = jax.grad(lambda ad: jnp.sum(lj.wrap(model.apply, compute="factored")({"params": params, "lora": ad}, IMG) ** 2))(lora)
     g_m = jax.grad(lambda ad: jnp.sum(model.apply({"params": lj.apply_lora(params, ad)}, IMG) ** 2))(lora)
     for u, v in zip(jax.tree.leaves(g), jax.tree.leaves(g_m)):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5)
@@ -169,5 +169,5 @@ def test_grouped_conv_falls_back_to_merge():
         jax.random.key(2),
     )
     with pytest.warns(UserWarning, match="merged"):
-        y = lj.wrap(model.apply)({"params": params, "lora": lora}, img)
+        y = lj.wrap(model.apply, compute="factored")({"params": params, "lora": lora}, img)
     np.testing.assert_allclose(y, model.apply({"params": lj.apply_lora(params, lora)}, img), rtol=1e-5, atol=1e-5)

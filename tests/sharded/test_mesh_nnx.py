@@ -58,7 +58,7 @@ def _run(mesh=None):
         state = jax.device_put(STATE, shardings)
         lora = jax.device_put(lora, lj.adapter_shardings(shardings, lora))
         tokens = jax.device_put(TOKENS, NamedSharding(mesh, P(None, ("data", "fsdp"), None)))
-    apply, tx = lj.wrap(GRAPHDEF), optax.adam(1e-2)
+    apply, tx = lj.wrap(GRAPHDEF, compute="factored"), optax.adam(1e-2)
 
     @jax.jit
     def step(lora, opt_state, batch):
