@@ -9,6 +9,7 @@ True
 """
 
 from lora_jax._adapter import Kind, kind_of, register_kind
+from lora_jax._attach import attach, detach
 from lora_jax._config import LoraConfig
 from lora_jax._cost import Usage, lowrank_costs
 from lora_jax._export import load_params, save_params
@@ -20,7 +21,6 @@ from lora_jax._layers import register_layer
 from lora_jax._linen import axis_roles, wrap
 from lora_jax._lora import Adapter
 from lora_jax._merge import apply_lora, unmerge
-from lora_jax._nnx import attach, detach
 from lora_jax._optim import optimizer
 from lora_jax._peft import to_peft
 from lora_jax._sharding import adapter_shardings

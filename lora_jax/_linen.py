@@ -29,12 +29,13 @@ _SUFFIX = "@lora"  # an adapter rides in params as '<kernel name>@lora' beside i
 
 def wrap(apply_fn: Callable, *, strict: bool = True, compute: str = "auto", trainable: Any = None) -> Callable:
     """A Linen ``apply`` that takes ``{'params': base, 'lora': adapters}`` and computes LoRA
-    factored: ``x⋅W + scale·(x⋅a)⋅b`` for every adapted kernel, never forming ``W'``.
+    factored, ``x⋅W + scale·(x⋅a)⋅b``, without forming ``W'`` (or merged inside the call for
+    the kernels where that is cheaper: see ``compute``).
 
     The output equals ``apply_fn({'params': apply_lora(base, adapters)}, ...)``; gradients
     reach the adapters only (and the :class:`FullWeight` parameters among them, which
-    replace their base values): the base is under ``stop_gradient``, so no weight gradient
-    of a frozen kernel is ever computed. Factored layers: ``nn.Dense``, ``nn.DenseGeneral``,
+    replace their base values): the base is under ``stop_gradient``, so the optimizer never
+    sees it, and a factored kernel gets no weight gradient at all. Factored layers: ``nn.Dense``, ``nn.DenseGeneral``,
     ``nn.Einsum``, ``nn.Conv`` (ungrouped), ``nn.Embed`` (``__call__`` and ``attend``), their
     subclasses and any layer added with :func:`register_layer`, also inside ``nn.scan``/
     ``nn.remat``/``nn.vmap``. A targeted kernel of any other layer is merged instead, with a

@@ -1,4 +1,4 @@
-"""The NNX front end of the layer specs: ``wrap``, ``axis_roles``, ``attach``/``detach``.
+"""The NNX front end of the layer specs: ``wrap``, ``axis_roles`` and the layer interception.
 
 ``wrap(model_or_graphdef)`` returns ``apply(state, lora, *args)``: for each call it rebuilds the
 model from ``state`` (``nnx.merge``), puts each adapter into its layer (its arrays as
@@ -6,8 +6,8 @@ model from ``state`` (``nnx.merge``), puts each adapter into its layer (its arra
 the kernel), gives the layer a subclass of its own class whose ``__call__``/``attend`` add the
 adapter kind's factored output (the layer table of ``_layers`` says how the layer applies its
 kernel), and runs the model. The model's code and the caller's model are never changed; the
-base state is under ``stop_gradient``. ``attach``/``detach`` do the same to a model in place,
-for the stateful style (``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``).
+base state is under ``stop_gradient``. ``_attach`` does the same to a model in place, for the
+stateful style (``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``).
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ def _reporting(cls: type, name: str) -> Callable:
         if call is None:  # the stateful style: adapters attached to the model itself
             merged = _merged_call(self, name, args, kwargs)
             if merged is not None:
-                return original(self, *args, **kwargs) if merged is _UNCHANGED else merged(original)
+                return merged(original)
             call = _Call(None, {}, None)
         out = original(self, *args, **kwargs)
         return call.after(self, name, args, kwargs, out)
@@ -251,18 +251,16 @@ def _reporting(cls: type, name: str) -> Callable:
 
 
 _COMPUTE = "lora_jax_compute__"  # attach's compute mode, a static attribute of each adapted layer
-_UNCHANGED = object()
 
 
-def _merged_call(module: nnx.Module, method: str, args: tuple, kwargs: dict) -> Any:
+def _merged_call(module: nnx.Module, method: str, args: tuple, kwargs: dict) -> Callable | None:
     """For an attached adapter that this call computes merged (by ``attach``'s ``compute``
     and the cost model), ``run(original)`` calling ``original`` on a copy of the layer whose
-    kernel is ``W + scale·a⋅b``; ``_UNCHANGED`` for a layer without one;
-    ``None`` to compute the call factored."""
+    kernel is ``W + scale·a⋅b``; ``None`` to compute the call as usual (factored)."""
     use = _layers.describe_call(module, method, args, kwargs)
     held = None if use is None else _get(module, use[0])
     if use is None or held is None:
-        return _UNCHANGED
+        return None
     param, spec = use
     variable = getattr(module, param)
     kernel = variable[...]
@@ -286,94 +284,6 @@ def _merged_call(module: nnx.Module, method: str, args: tuple, kwargs: dict) -> 
         return original(merged, *args, **kwargs)
 
     return run
-
-
-def attach(model: nnx.Module, adapters: Any, *, compute: str = "auto") -> None:
-    """Put ``adapters`` into ``model`` (the stateful NNX style): each adapted layer gets its
-    adapter as an ``nnx.LoRAParam`` attribute and computes the factored branch whenever it is
-    called, so ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` and ``nnx.jit`` train only the
-    adapters. :func:`detach` takes them out again.
-
-    With ``compute="auto"`` each call of an adapted layer instead runs the layer on its
-    merged kernel ``W + scale·a⋅b`` when the cost model says that is cheaper for that call
-    (high ranks, many tokens; see :func:`wrap`); ``"factored"``/``"merged"`` force one form.
-
-    Args:
-      model: an NNX model (changed in place, as NNX models are).
-      adapters: an adapter tree for ``nnx.state(model)`` (from :func:`init`, :func:`load`,
-        :func:`from_peft`...); adapter kinds without a factored output are not attachable.
-      compute: ``"auto"`` (the default), ``"factored"`` or ``"merged"``.
-
-    Raises:
-      TypeError: if ``model`` is not an NNX model or ``adapters`` is not an adapter tree.
-      ValueError: if an adapter does not fit ``model``'s parameters or its layer is not one
-        lora_jax factors, or ``model`` already has adapters attached.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, lora_jax as lj
-      >>> from flax import nnx
-      >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
-      >>> lj.attach(model, lj.init(jax.random.key(1), nnx.state(model), lj.LoraConfig(rank=2)))
-      >>> type(model.kernel__lora_a).__name__
-      'LoRAParam'
-      >>> sorted(lj.detach(model))
-      ['kernel']
-    """
-    if not isinstance(model, nnx.Module):
-        raise TypeError(f"lora_jax.attach: model must be a Flax NNX Module, found {type(model).__name__}.")
-    _cost.check_mode(compute, "lora_jax.attach")
-    by_path = _merge.adapters_by_path(adapters, "lora_jax.attach")
-    _merge.check_fit(nnx.state(model), by_path, "lora_jax.attach")
-    if _attached(model):
-        raise ValueError("lora_jax.attach: the model already has adapters attached; lj.detach(model) them first.")
-    modules = {tuple(keys): m for keys, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
-    problems = []
-    for path, adapter in by_path.items():
-        module = modules.get(_module_of(path))
-        if _adapter.kind_of(adapter).output is None:
-            problems.append(f"{path!r}: a {type(adapter).__name__} has no factored form; merge it with lj.apply_lora")
-        elif module is None or not _layers.known(type(module)):
-            problems.append(f"{path!r}: its layer is not one lora_jax factors (see lj.register_layer)")
-    if problems:
-        raise ValueError("lora_jax.attach: cannot attach:" + "".join(f"\n  {p}" for p in problems))
-    for path, adapter in by_path.items():
-        module = modules[_module_of(path)]
-        _put(module, path.split("/")[-1], adapter)
-        setattr(module, _PATH, "/".join(path.split("/")[:-1]))
-        setattr(module, _COMPUTE, compute)
-        module.__class__ = _intercepting(type(module))
-
-
-def detach(model: nnx.Module) -> dict:
-    """Take the adapters :func:`attach` put into ``model`` out again and return them as a
-    separate adapter tree (for :func:`save`, :func:`to_peft`, :func:`apply_lora`); the layers
-    get their own classes back.
-
-    Raises:
-      TypeError: if ``model`` is not an NNX model.
-      ValueError: if it has no adapters attached.
-    """
-    if not isinstance(model, nnx.Module):
-        raise TypeError(f"lora_jax.detach: model must be a Flax NNX Module, found {type(model).__name__}.")
-    leaves = []
-    for keys, module in list(nnx.iter_graph(model)):
-        if not isinstance(module, nnx.Module) or type(module) not in _SUBCLASSES.values():
-            continue
-        for name in [n for n in vars(module) if n.endswith(_SUFFIX)]:
-            param = name[: -len(_SUFFIX)]
-            keys_ = tuple(k if isinstance(k, int) else str(k) for k in keys)
-            leaves.append((keys_ + (param,), _get(module, param, remove=True)))
-        for name in (_PATH, _COMPUTE):
-            if hasattr(module, name):
-                delattr(module, name)
-        module.__class__ = type(module).__mro__[1]
-    if not leaves:
-        raise ValueError("lora_jax.detach: the model has no adapters attached (see lj.attach).")
-    return _paths.nest(leaves, "lora_jax.detach")
-
-
-def _attached(model: nnx.Module) -> bool:
-    return any(type(m) in _SUBCLASSES.values() for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Module))
 
 
 def _dropout(rng: Any, path: str, rate: float) -> Callable[[jax.Array], jax.Array]:
