@@ -1,0 +1,346 @@
+"""Gemma 3 (text) in Flax NNX, its weights and tokenizer read from a GGUF file.
+
+The model follows Hugging Face transformers' ``Gemma3ForCausalLM`` layer for layer, with the
+same module names (``model.layers.N.self_attn.q_proj``...), so lora_jax's PEFT export
+addresses it as PEFT does: RMSNorm with ``1 + weight`` in float32, query/key RMSNorm, rotary
+embeddings with base 10,000 on sliding-window layers and ``rope.freq_base`` on every sixth
+(global) layer, grouped-query attention scaled by ``query_pre_attn_scalar ** -0.5``, a GeGLU MLP
+(tanh GELU), embeddings scaled by ``√width`` and tied to the output head. Nothing here knows
+about LoRA.
+
+``load(path)`` reads a GGUF file (llama.cpp's layout: ``blk.N.attn_q.weight``... with norm
+weights stored as ``1 + weight``), dequantizes it with the ``gguf`` package and returns
+``(config, model, tokenizer)``; :class:`Tokenizer` is SentencePiece's BPE over the file's
+vocabulary and scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma3Config:
+    """The shape of a Gemma 3 text model (defaults: Gemma 3 270M)."""
+
+    vocab: int = 262144
+    width: int = 640
+    layers: int = 18
+    heads: int = 4
+    kv_heads: int = 1
+    head_dim: int = 256
+    mlp: int = 2048
+    eps: float = 1e-6
+    sliding_window: int = 512
+    global_every: int = 6  # layer i attends globally when (i + 1) % global_every == 0
+    rope_global: float = 1_000_000.0
+    rope_local: float = 10_000.0
+    query_pre_attn_scalar: float = 256.0
+    context: int = 32768
+    dtype: Any = jnp.float32
+
+    def is_global(self, layer: int) -> bool:
+        return (layer + 1) % self.global_every == 0
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.weight = nnx.Param(jnp.zeros((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * (1.0 + self.weight[...])).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotary embedding of ``x (batch, time, heads, dim)`` at ``positions (batch, time)``,
+    the halves of the last axis rotated as a pair (transformers' ``rotate_half``)."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (base ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / x.shape[-1]))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # (b, t, half)
+    cos, sin = (jnp.concatenate([f(angles)] * 2, axis=-1)[:, :, None, :].astype(x.dtype) for f in (jnp.cos, jnp.sin))
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Gemma3Config, rngs: nnx.Rngs):
+        linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=cfg.dtype, rngs=rngs)  # noqa: E731
+        self.q_proj = linear(cfg.width, cfg.heads * cfg.head_dim)
+        self.k_proj = linear(cfg.width, cfg.kv_heads * cfg.head_dim)
+        self.v_proj = linear(cfg.width, cfg.kv_heads * cfg.head_dim)
+        self.o_proj = linear(cfg.heads * cfg.head_dim, cfg.width)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.eps)
+        self.cfg = cfg
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, rope_base: float) -> jax.Array:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        groups = cfg.heads // cfg.kv_heads
+        q = self.q_norm(self.q_proj(x).reshape(b, t, cfg.heads, cfg.head_dim))
+        k = self.k_norm(self.k_proj(x).reshape(b, t, cfg.kv_heads, cfg.head_dim))
+        v = self.v_proj(x).reshape(b, t, cfg.kv_heads, cfg.head_dim)
+        q, k = rope(q, positions, rope_base), rope(k, positions, rope_base)
+        q = q.reshape(b, t, cfg.kv_heads, groups, cfg.head_dim)  # query head h uses kv head h // groups
+        logits = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(cfg.query_pre_attn_scalar**-0.5, x.dtype)
+        logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32), -1e30)
+        weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(b, t, cfg.heads * cfg.head_dim)
+        return self.o_proj(out)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: Gemma3Config, rngs: nnx.Rngs):
+        linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=cfg.dtype, rngs=rngs)  # noqa: E731
+        self.gate_proj = linear(cfg.width, cfg.mlp)
+        self.up_proj = linear(cfg.width, cfg.mlp)
+        self.down_proj = linear(cfg.mlp, cfg.width)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Gemma3Config, rngs: nnx.Rngs):
+        self.self_attn = Attention(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+        norm = lambda: RMSNorm(cfg.width, cfg.eps)  # noqa: E731
+        self.input_layernorm, self.post_attention_layernorm = norm(), norm()
+        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+
+    def __call__(self, x, positions, mask, rope_base):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, mask, rope_base))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class TextModel(nnx.Module):
+    def __init__(self, cfg: Gemma3Config, rngs: nnx.Rngs):
+        self.embed_tokens = nnx.Embed(cfg.vocab, cfg.width, dtype=cfg.dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.layers)])
+        self.norm = RMSNorm(cfg.width, cfg.eps)
+        self.cfg = cfg
+
+    def __call__(self, ids: jax.Array, valid: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        t = ids.shape[1]
+        positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)  # left padding keeps positions from 0
+        i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+        causal = (j <= i)[None] & valid[:, None, :].astype(bool)
+        local = causal & (i - j < cfg.sliding_window)[None]
+        x = self.embed_tokens(ids) * jnp.asarray(math.sqrt(cfg.width), cfg.dtype)
+        for n, layer in enumerate(self.layers):
+            is_global = cfg.is_global(n)
+            x = layer(x, positions, causal if is_global else local, cfg.rope_global if is_global else cfg.rope_local)
+        return self.norm(x)
+
+
+class Gemma3(nnx.Module):
+    """``Gemma3(cfg, rngs)(ids, valid=None, at=None)``: logits ``(batch, time, vocab)`` for int
+    ``ids (batch, time)``; ``valid`` marks real tokens (left padding is masked and gets no
+    position); ``at (batch, n)`` computes the logits at those positions only (the 262k-row
+    head dominates the cost of a step otherwise)."""
+
+    def __init__(self, cfg: Gemma3Config, rngs: nnx.Rngs):
+        self.model = TextModel(cfg, rngs)
+
+    def __call__(self, ids: jax.Array, valid: jax.Array | None = None, at: jax.Array | None = None) -> jax.Array:
+        valid = jnp.ones(ids.shape, jnp.int32) if valid is None else valid.astype(jnp.int32)
+        h = self.model(ids, valid)
+        if at is not None:
+            h = jnp.take_along_axis(h, at[..., None], axis=1)
+        return self.model.embed_tokens.attend(h)
+
+
+# ---- GGUF ------------------------------------------------------------------------------
+
+_GGUF_NAMES = {  # llama.cpp's per-block tensor names -> this model's (transposed for kernels)
+    "attn_q": ("self_attn", "q_proj", "kernel"),
+    "attn_k": ("self_attn", "k_proj", "kernel"),
+    "attn_v": ("self_attn", "v_proj", "kernel"),
+    "attn_output": ("self_attn", "o_proj", "kernel"),
+    "attn_q_norm": ("self_attn", "q_norm", "weight"),
+    "attn_k_norm": ("self_attn", "k_norm", "weight"),
+    "ffn_gate": ("mlp", "gate_proj", "kernel"),
+    "ffn_up": ("mlp", "up_proj", "kernel"),
+    "ffn_down": ("mlp", "down_proj", "kernel"),
+    "attn_norm": ("input_layernorm", "weight"),
+    "post_attention_norm": ("post_attention_layernorm", "weight"),
+    "ffn_norm": ("pre_feedforward_layernorm", "weight"),
+    "post_ffw_norm": ("post_feedforward_layernorm", "weight"),
+}
+
+
+class GGUFError(ValueError):
+    """A GGUF file that is not a readable Gemma 3 model."""
+
+
+def read_gguf(path: str | Path) -> tuple[Gemma3Config, dict[tuple, np.ndarray], dict[str, Any]]:
+    """``(config, {state path: float32 array}, tokenizer metadata)`` of a Gemma 3 GGUF file."""
+    try:
+        import gguf
+    except ImportError as e:
+        raise GGUFError("reading GGUF files needs the gguf package: pip install gguf") from e
+    try:
+        reader = gguf.GGUFReader(str(path))
+        fields = {name: field.contents() for name, field in reader.fields.items()}
+    except (ValueError, OSError, IndexError, KeyError) as e:  # numpy memmaps raise ValueError on a short file
+        raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    arch = fields.get("general.architecture")
+    if arch != "gemma3":
+        raise GGUFError(f"{path}: a GGUF of architecture {arch!r}; this example runs Gemma 3 ('gemma3') models")
+    get = lambda key, default=None: fields.get(f"gemma3.{key}", default)  # noqa: E731
+    cfg = Gemma3Config(
+        width=int(get("embedding_length")),
+        layers=int(get("block_count")),
+        heads=int(get("attention.head_count")),
+        kv_heads=int(get("attention.head_count_kv")),
+        head_dim=int(get("attention.key_length")),
+        mlp=int(get("feed_forward_length")),
+        eps=float(get("attention.layer_norm_rms_epsilon")),
+        sliding_window=int(get("attention.sliding_window")),
+        rope_global=float(get("rope.freq_base", 1_000_000.0)),
+        context=int(get("context_length")),
+        vocab=len(fields["tokenizer.ggml.tokens"]),
+        query_pre_attn_scalar=float(get("attention.key_length")),
+    )
+    arrays: dict[tuple, np.ndarray] = {}
+    for tensor in reader.tensors:
+        data = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+        data = data.reshape(tuple(int(n) for n in reversed(tensor.shape)))  # (out, in), as PyTorch stores it
+        parts = tensor.name.split(".")
+        if tensor.name == "token_embd.weight":
+            arrays[("model", "embed_tokens", "embedding")] = data
+        elif tensor.name == "output_norm.weight":
+            arrays[("model", "norm", "weight")] = data - 1.0
+        elif parts[0] == "blk" and parts[2] in _GGUF_NAMES and parts[-1] == "weight":
+            keys = ("model", "layers", int(parts[1])) + _GGUF_NAMES[parts[2]]
+            arrays[keys] = data.T if keys[-1] == "kernel" else data - 1.0  # GGUF stores 1 + norm weight
+        else:
+            raise GGUFError(f"{path}: unexpected tensor {tensor.name!r} for a Gemma 3 text model")
+    tokenizer = {k.removeprefix("tokenizer.ggml."): v for k, v in fields.items() if k.startswith("tokenizer.ggml.")}
+    return cfg, arrays, tokenizer
+
+
+def load(path: str | Path, dtype: Any = jnp.float32) -> tuple[Gemma3Config, Gemma3, Tokenizer]:
+    """``(config, model, tokenizer)`` of a Gemma 3 GGUF file, weights dequantized to ``dtype``."""
+    cfg, arrays, meta = read_gguf(path)
+    cfg = dataclasses.replace(cfg, dtype=dtype)
+    model = nnx.eval_shape(lambda: Gemma3(cfg, nnx.Rngs(0)))
+    state = nnx.state(model)
+    flat = dict(nnx.to_flat_state(state))
+    missing = sorted(set(flat) - set(arrays))
+    if missing:
+        raise GGUFError(f"{path}: the file lacks {len(missing)} tensors, e.g. {'/'.join(map(str, missing[0]))}")
+    for keys, variable in flat.items():
+        value = arrays[keys]
+        if value.shape != variable.shape:
+            raise GGUFError(f"{path}: {'/'.join(map(str, keys))} has shape {value.shape}, expected {variable.shape}")
+        dt = jnp.float32 if keys[-1] == "weight" else dtype  # norms stay float32
+        variable.set_value(jnp.asarray(value, dt))
+    nnx.update(model, state)
+    return cfg, model, Tokenizer(meta["tokens"], meta["scores"], meta["token_type"], meta)
+
+
+# ---- tokenizer ---------------------------------------------------------------------------
+
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+class Tokenizer:
+    """SentencePiece BPE over a GGUF vocabulary: spaces become ``▁``; user-defined pieces are
+    matched first (longest first); each remaining run of text starts as characters and the
+    adjacent pair whose joined piece has the highest score is merged until none is in the
+    vocabulary (ties: leftmost); characters outside it fall back to ``<0xXX>`` byte pieces."""
+
+    def __init__(self, pieces, scores, types, meta: dict | None = None):
+        meta = meta or {}
+        self.pieces = [str(p) for p in pieces]
+        self.scores = np.asarray(scores, np.float32)
+        self.types = np.asarray(types, np.int32)
+        self.ids = {p: i for i, p in enumerate(self.pieces) if self.types[i] in (NORMAL, USER_DEFINED, BYTE)}
+        self.user = sorted((p for i, p in enumerate(self.pieces) if self.types[i] == USER_DEFINED), key=len)[::-1]
+        self.user_first = {}
+        for p in self.user:
+            self.user_first.setdefault(p[0], []).append(p)
+        self.bytes = {int(p[3:5], 16): i for i, p in enumerate(self.pieces) if self.types[i] == BYTE}
+        self.bos = int(meta.get("bos_token_id", 2))
+        self.eos = int(meta.get("eos_token_id", 1))
+        self.pad = int(meta.get("padding_token_id", 0))
+        self.unk = int(meta.get("unknown_token_id", 3))
+        self.add_bos = bool(meta.get("add_bos_token", True))
+        self.space_prefix = bool(meta.get("add_space_prefix", False))
+
+    def encode(self, text: str, bos: bool | None = None) -> list[int]:
+        text = ("▁" if self.space_prefix and text else "") + text.replace(" ", "▁")
+        out = [self.bos] if (self.add_bos if bos is None else bos) else []
+        start = i = 0
+        while i < len(text):
+            match = next((p for p in self.user_first.get(text[i], ()) if text.startswith(p, i)), None)
+            if match is None:
+                i += 1
+                continue
+            out += self._bpe(text[start:i]) + [self.ids[match]]
+            i = start = i + len(match)
+        return out + self._bpe(text[start:])
+
+    def _bpe(self, text: str) -> list[int]:
+        if not text:
+            return []
+        symbols = list(text)
+        nxt, prv = list(range(1, len(symbols) + 1)), list(range(-1, len(symbols) - 1))
+        alive = [True] * len(symbols)
+        heap: list[tuple[float, int, int, str]] = []
+
+        def push(left: int) -> None:
+            right = nxt[left]
+            if right < len(symbols):
+                joined = symbols[left] + symbols[right]
+                piece = self.ids.get(joined)
+                if piece is not None and self.types[piece] == NORMAL:
+                    heapq.heappush(heap, (-float(self.scores[piece]), left, right, joined))
+
+        for k in range(len(symbols) - 1):
+            push(k)
+        while heap:
+            _, left, right, joined = heapq.heappop(heap)
+            if not (alive[left] and alive[right] and nxt[left] == right and symbols[left] + symbols[right] == joined):
+                continue  # stale: one side was merged since
+            symbols[left], alive[right] = joined, False
+            nxt[left] = nxt[right]
+            if nxt[right] < len(symbols):
+                prv[nxt[right]] = left
+            if prv[left] >= 0:
+                push(prv[left])
+            push(left)
+        out = []
+        for k, symbol in enumerate(symbols):
+            if not alive[k]:
+                continue
+            piece = self.ids.get(symbol)
+            if piece is not None:
+                out.append(piece)
+            else:  # byte fallback
+                out += [self.bytes.get(b, self.unk) for b in symbol.encode("utf-8")]
+        return out
+
+    def decode(self, ids) -> str:
+        data = bytearray()
+        for i in ids:
+            i = int(i)
+            if self.types[i] == BYTE:
+                data.append(int(self.pieces[i][3:5], 16))
+            elif self.types[i] in (NORMAL, USER_DEFINED):
+                data += self.pieces[i].replace("▁", " ").encode("utf-8")
+        return data.decode("utf-8", errors="replace")
