@@ -186,8 +186,7 @@ class GGUFError(ValueError):
     """A GGUF file that is not a readable Gemma 3 model."""
 
 
-def read_gguf(path: str | Path) -> tuple[Gemma3Config, dict[tuple, np.ndarray], dict[str, Any]]:
-    """``(config, {state path: float32 array}, tokenizer metadata)`` of a Gemma 3 GGUF file."""
+def _open(path: str | Path) -> tuple[Any, dict[str, Any]]:
     try:
         import gguf
     except ImportError as e:
@@ -200,6 +199,21 @@ def read_gguf(path: str | Path) -> tuple[Gemma3Config, dict[tuple, np.ndarray], 
     arch = fields.get("general.architecture")
     if arch != "gemma3":
         raise GGUFError(f"{path}: a GGUF of architecture {arch!r}; this example runs Gemma 3 ('gemma3') models")
+    return reader, fields
+
+
+def read_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a Gemma 3 GGUF file (its metadata only: no weights are read)."""
+    _, fields = _open(path)
+    meta = {k.removeprefix("tokenizer.ggml."): v for k, v in fields.items() if k.startswith("tokenizer.ggml.")}
+    return Tokenizer(meta["tokens"], meta["scores"], meta["token_type"], meta)
+
+
+def read_gguf(path: str | Path) -> tuple[Gemma3Config, dict[tuple, np.ndarray], dict[str, Any]]:
+    """``(config, {state path: float32 array}, tokenizer metadata)`` of a Gemma 3 GGUF file."""
+    import gguf
+
+    reader, fields = _open(path)
     get = lambda key, default=None: fields.get(f"gemma3.{key}", default)  # noqa: E731
     cfg = Gemma3Config(
         width=int(get("embedding_length")),
@@ -251,6 +265,72 @@ def load(path: str | Path, dtype: Any = jnp.float32) -> tuple[Gemma3Config, Gemm
         variable.set_value(jnp.asarray(value, dt))
     nnx.update(model, state)
     return cfg, model, Tokenizer(meta["tokens"], meta["scores"], meta["token_type"], meta)
+
+
+def write_tiny_gguf(path: str | Path, cfg: Gemma3Config, seed: int = 0) -> Path:
+    """A Gemma 3 GGUF file with random float32 weights of shape ``cfg`` and a small vocabulary
+    (4 control pieces, 256 bytes, printable ASCII and ``▁``, then joined pairs up to
+    ``cfg.vocab``), in llama.cpp's layout: for tests and ``--quick`` runs without the real weights."""
+    import gguf
+
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [CONTROL, CONTROL, CONTROL, UNKNOWN] + [BYTE] * 256
+    chars = ["▁"] + [chr(c) for c in range(33, 127)]
+    pieces += chars
+    types += [NORMAL] * len(chars)
+    rng = np.random.default_rng(seed)
+    while len(pieces) < cfg.vocab:
+        joined = str(rng.choice(chars[:60])) + str(rng.choice(chars[:60]))
+        if joined not in pieces:
+            pieces.append(joined)
+            types.append(NORMAL)
+    pieces, types = pieces[: cfg.vocab], types[: cfg.vocab]
+    scores = [0.0] * 260 + [-float(i) for i in range(len(pieces) - 260)]
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_context_length(cfg.context)
+    writer.add_embedding_length(cfg.width)
+    writer.add_block_count(cfg.layers)
+    writer.add_feed_forward_length(cfg.mlp)
+    writer.add_head_count(cfg.heads)
+    writer.add_head_count_kv(cfg.kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_layer_norm_rms_eps(cfg.eps)
+    writer.add_rope_freq_base(cfg.rope_global)
+    writer.add_sliding_window(cfg.sliding_window)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_key_value("tokenizer.ggml.add_space_prefix", False, gguf.GGUFValueType.BOOL)
+
+    def tensor(name: str, *shape: int, norm: bool = False) -> None:
+        value = rng.normal(0.0, 0.3 if norm else 0.05, shape).astype(np.float32)
+        writer.add_tensor(name, value + 1.0 if norm else value)  # norms as llama.cpp stores them: 1 + weight
+
+    tensor("token_embd.weight", cfg.vocab, cfg.width)
+    tensor("output_norm.weight", cfg.width, norm=True)
+    q, kv = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    for n in range(cfg.layers):
+        for name, shape in (("attn_q", (q, cfg.width)), ("attn_k", (kv, cfg.width)), ("attn_v", (kv, cfg.width)),
+                            ("attn_output", (cfg.width, q)), ("ffn_gate", (cfg.mlp, cfg.width)),
+                            ("ffn_up", (cfg.mlp, cfg.width)), ("ffn_down", (cfg.width, cfg.mlp))):  # fmt: skip
+            tensor(f"blk.{n}.{name}.weight", *shape)
+        for name, dim in (("attn_q_norm", cfg.head_dim), ("attn_k_norm", cfg.head_dim), ("attn_norm", cfg.width),
+                          ("post_attention_norm", cfg.width), ("ffn_norm", cfg.width),
+                          ("post_ffw_norm", cfg.width)):  # fmt: skip
+            tensor(f"blk.{n}.{name}.weight", dim, norm=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
 
 
 # ---- tokenizer ---------------------------------------------------------------------------

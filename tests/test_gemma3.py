@@ -1,0 +1,115 @@
+"""examples/gemma3.py: the Gemma 3 model against transformers' Gemma3ForCausalLM on the same
+GGUF file (a tiny random one here; the real 270M weights are checked by hand, see the README),
+and the tokenizer against SentencePiece BPE's rules."""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
+import gemma3 as g  # noqa: E402
+
+TINY = g.Gemma3Config(vocab=400, width=64, layers=7, heads=4, kv_heads=2, head_dim=16, mlp=128, sliding_window=4)
+IDS = np.array([[2, 300, 301, 310, 320, 330, 340, 350, 360, 370, 380, 390], [2, 5, 77, 260, 261, 262, 9, 399, 3, 1, 0, 6]])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = g.write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", TINY, seed=1)
+    return path, g.load(path)
+
+
+def test_logits_equal_transformers_on_the_same_gguf(tiny):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path, (cfg, model, _) = tiny
+    assert cfg == TINY.__class__(**{**TINY.__dict__, "eps": cfg.eps, "query_pre_attn_scalar": 16.0})
+    # transformers reads no query_pre_attn_scalar from GGUF (its default, 256, is the 270M model's
+    # head size); llama.cpp, and this loader, use the head size: say it for the tiny model.
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, query_pre_attn_scalar=TINY.head_dim
+    )
+    assert ref.config.layer_types[5] == "full_attention" and ref.config.sliding_window == 4
+    with torch.no_grad():
+        want = ref(torch.tensor(IDS)).logits.numpy()
+    got = np.asarray(model(jnp.asarray(IDS)))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_logits_at_positions_and_left_padding(tiny):
+    _, (_, model, _) = tiny
+    full = model(jnp.asarray(IDS))
+    at = jnp.array([[3, 11], [0, 7]])
+    np.testing.assert_allclose(model(jnp.asarray(IDS), at=at), jnp.take_along_axis(full, at[..., None], 1), atol=1e-6)
+    padded = jnp.concatenate([jnp.zeros((2, 3), jnp.int32), jnp.asarray(IDS)], axis=1)
+    valid = jnp.concatenate([jnp.zeros((2, 3)), jnp.ones(IDS.shape)], axis=1)
+    np.testing.assert_allclose(model(padded, valid)[:, 3:], full, atol=2e-5)
+
+
+def _tokenizer(pieces, scores, types=None, **meta):
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+    all_pieces = ["<pad>", "<eos>", "<bos>", "<unk>"] + byte_pieces + list(pieces)
+    all_types = [g.CONTROL] * 3 + [g.UNKNOWN] + [g.BYTE] * 256 + list(types or [g.NORMAL] * len(pieces))
+    return g.Tokenizer(all_pieces, [0.0] * 260 + list(scores), all_types, meta)
+
+
+def test_bpe_merges_the_best_scored_pair_first_and_the_leftmost_on_ties():
+    pieces = ["a", "b", "c", "▁", "ab", "bc", "▁a"]
+    at = lambda piece: 260 + pieces.index(piece)  # noqa: E731
+    tok = _tokenizer(pieces, [0, 0, 0, 0, -5, -1, -3])
+    assert tok.encode("abc", bos=False) == [at("a"), at("bc")]  # bc (-1) beats ab (-5)
+    tie = _tokenizer(pieces, [0, 0, 0, 0, -1, -1, -3])
+    assert tie.encode("abc", bos=False) == [at("ab"), at("c")]  # equal scores: the leftmost pair
+    assert tok.encode(" a", bos=True) == [2, at("▁a")]  # spaces are ▁, bos first
+    assert tok.decode(tok.encode("ab c abc", bos=False)) == "ab c abc"
+    longer = _tokenizer(pieces + ["abc"], [0, 0, 0, 0, -5, -1, -3, -9])
+    assert longer.encode("abc", bos=False) == [260 + len(pieces)]  # merges go on: a + bc = abc
+
+
+def test_bytes_fall_back_and_user_defined_pieces_match_whole():
+    pieces = ["a", "<tag>", "<"]
+    tok = _tokenizer(pieces, [0, 0, 0], [g.NORMAL, g.USER_DEFINED, g.NORMAL])
+    ids = tok.encode("a<tag>é<", bos=False)
+    assert ids == [260, 261, 4 + 0xC3, 4 + 0xA9, 262]  # é is not a piece: its two UTF-8 bytes
+    assert tok.decode(ids) == "a<tag>é<"
+
+
+def test_a_gguf_of_another_architecture_or_truncated_is_refused(tmp_path, tiny):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "llama.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(g.GGUFError, match="architecture 'llama'"):
+        g.load(path)
+    data = tiny[0].read_bytes()
+    short = tmp_path / "short.gguf"
+    short.write_bytes(data[: len(data) // 2])
+    with pytest.raises(g.GGUFError, match="not a readable GGUF file"):
+        g.load(short)
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(g.GGUFError, match="not a readable GGUF file"):
+        g.load(tmp_path / "junk.gguf")
+
+
+def test_the_model_trains_with_lora_factored(tiny):
+    import lora_jax as lj
+    from flax import nnx
+
+    _, (_, model, _) = tiny
+    graphdef, state = nnx.split(model)
+    targets = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
+    lora = lj.init(jax.random.key(0), model, lj.LoraConfig(rank=4, targets=targets))
+    apply = lj.wrap(model, compute="factored")
+    loss = lambda ad: jnp.mean(apply(state, ad, jnp.asarray(IDS)) ** 2)  # noqa: E731
+    grads = jax.grad(loss)(lora)
+    assert len(lj.summary(state, lora).targets) == 7 * TINY.layers
+    assert any(np.any(np.asarray(x)) for x in jax.tree.leaves(grads))
