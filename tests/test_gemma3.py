@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
 import gemma3 as g  # noqa: E402
+import sentencepiece_bpe as spm  # noqa: E402
 
 TINY = g.Gemma3Config(vocab=400, width=64, layers=7, heads=4, kv_heads=2, head_dim=16, mlp=128, sliding_window=4)
 IDS = np.array([[2, 300, 301, 310, 320, 330, 340, 350, 360, 370, 380, 390], [2, 5, 77, 260, 261, 262, 9, 399, 3, 1, 0, 6]])
@@ -53,8 +54,8 @@ def test_logits_at_positions_and_left_padding(tiny):
 def _tokenizer(pieces, scores, types=None, **meta):
     byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
     all_pieces = ["<pad>", "<eos>", "<bos>", "<unk>"] + byte_pieces + list(pieces)
-    all_types = [g.CONTROL] * 3 + [g.UNKNOWN] + [g.BYTE] * 256 + list(types or [g.NORMAL] * len(pieces))
-    return g.Tokenizer(all_pieces, [0.0] * 260 + list(scores), all_types, meta)
+    all_types = [spm.CONTROL] * 3 + [spm.UNKNOWN] + [spm.BYTE] * 256 + list(types or [spm.NORMAL] * len(pieces))
+    return spm.Tokenizer(all_pieces, [0.0] * 260 + list(scores), all_types, meta)
 
 
 def test_bpe_merges_the_best_scored_pair_first_and_the_leftmost_on_ties():
@@ -72,7 +73,7 @@ def test_bpe_merges_the_best_scored_pair_first_and_the_leftmost_on_ties():
 
 def test_bytes_fall_back_and_user_defined_pieces_match_whole():
     pieces = ["a", "<tag>", "<"]
-    tok = _tokenizer(pieces, [0, 0, 0], [g.NORMAL, g.USER_DEFINED, g.NORMAL])
+    tok = _tokenizer(pieces, [0, 0, 0], [spm.NORMAL, spm.USER_DEFINED, spm.NORMAL])
     ids = tok.encode("a<tag>é<", bos=False)
     assert ids == [260, 261, 4 + 0xC3, 4 + 0xA9, 262]  # é is not a piece: its two UTF-8 bytes
     assert tok.decode(ids) == "a<tag>é<"
