@@ -102,8 +102,9 @@ def test_a_gguf_of_another_architecture_or_truncated_is_refused(tmp_path, tiny):
 
 
 def test_the_model_trains_with_lora_factored(tiny):
-    import lora_jax as lj
     from flax import nnx
+
+    import lora_jax as lj
 
     _, (_, model, _) = tiny
     graphdef, state = nnx.split(model)
