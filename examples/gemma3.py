@@ -156,6 +156,8 @@ class Gemma3(nnx.Module):
         self.model = TextModel(cfg, rngs)
 
     def __call__(self, ids: jax.Array, valid: jax.Array | None = None, at: jax.Array | None = None) -> jax.Array:
+        if ids.shape[1] > self.model.cfg.context:
+            raise ValueError(f"{ids.shape[1]} tokens exceed the model's context of {self.model.cfg.context}")
         valid = jnp.ones(ids.shape, jnp.int32) if valid is None else valid.astype(jnp.int32)
         h = self.model(ids, valid)
         if at is not None:

@@ -51,6 +51,13 @@ def test_logits_at_positions_and_left_padding(tiny):
     np.testing.assert_allclose(model(padded, valid)[:, 3:], full, atol=2e-5)
 
 
+def test_a_sequence_longer_than_the_context_is_refused(tmp_path):
+    cfg = g.Gemma3Config(vocab=300, width=32, layers=1, heads=2, kv_heads=1, head_dim=8, mlp=32, context=16)
+    _, model, _ = g.load(g.write_tiny_gguf(tmp_path / "short.gguf", cfg))
+    with pytest.raises(ValueError, match="17 tokens exceed the model's context of 16"):
+        model(jnp.zeros((1, 17), jnp.int32))
+
+
 def _tokenizer(pieces, scores, types=None, **meta):
     byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
     all_pieces = ["<pad>", "<eos>", "<bos>", "<unk>"] + byte_pieces + list(pieces)
