@@ -37,7 +37,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gemma3  # noqa: E402
 import records  # noqa: E402
-from gpt_finetune import UserError, _check_writable  # noqa: E402
+from gpt_finetune import UserError, check_writable  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
 
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace) -> None:
     settings = QUICK if args.quick else DEFAULT
     steps = args.steps or settings.steps
-    _check_writable(args.out)
+    check_writable(args.out)
     start = time.perf_counter()
     path = weights_file(args)
     cfg, model, tok = gemma3.load(path)
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> None:
     config = lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=TARGETS)
     lora = lj.init(jax.random.key(args.seed), model, config)
     summary = lj.summary(state, lora)
-    print(summary.__str__().splitlines()[-1])
+    print(str(summary).splitlines()[-1])
     apply = lj.wrap(model)
     empty = jax.tree.map(jnp.zeros_like, lora)  # b = 0: exactly the base model
 

