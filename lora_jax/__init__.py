@@ -10,6 +10,7 @@ True
 
 from lora_jax._adapter import Kind, kind_of, register_kind
 from lora_jax._attach import attach, detach
+from lora_jax._combine import combine
 from lora_jax._config import LoraConfig
 from lora_jax._cost import Usage, lowrank_costs
 from lora_jax._export import load_params, save_params
@@ -44,6 +45,7 @@ __all__ = [
     "apply_lora",
     "attach",
     "axis_roles",
+    "combine",
     "detach",
     "from_peft",
     "init",
