@@ -51,7 +51,9 @@ def combine(
     Args:
       adapters: adapter trees (plain LoRA, or kinds with a LoRA form) for the same params.
       weights: one number per tree (negative subtracts).
-      method: one of ``METHODS`` (PEFT's ``combination_type``; see the module docstring).
+      method: PEFT's ``combination_type``: ``"linear"``, ``"cat"``, ``"svd"``, ``"ties"``,
+        ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"`` or an ``*_svd`` variant of the
+        last four (see the module docstring).
       rank: the rank of an ``*svd`` result (default: the largest input rank).
       density: the fraction kept by ``ties``/``dare``/``magnitude_prune``, in (0, 1].
       majority_sign_method: ``"total"`` or ``"frequency"`` (``ties``, ``dare_ties``).
