@@ -76,6 +76,54 @@ class Pass(NamedTuple):
     usages: dict[str, list[_cost.Usage]]
 
 
+class Seen:
+    """What one run of a model with adapters saw, kept by each front end's interceptor: the
+    adapters whose layers computed their outputs (``consumed``), the modules called
+    (``visited``), adapters that contradict their layers (``problems``), and each call's cost
+    :class:`Usage` (``calls``)."""
+
+    def __init__(self) -> None:
+        self.consumed: set[str] = set()
+        self.visited: set[tuple] = set()
+        self.problems: list[str] = []
+        self.calls = _cost.Calls()
+
+    def output(
+        self, path: str, layer: Any, spec: _specs.Spec, out: Any, kernel: Any, held: Any,
+        dropout_key: Callable[[], jax.Array] | None,
+    ) -> Any:  # fmt: skip
+        """The adapted output of one layer call: ``held`` (the adapter as the layer holds it)
+        fitted to the kernel the layer uses, its kind's output with LoRA dropout drawn from
+        ``dropout_key()`` when given; ``out`` unchanged (and a problem noted) on a misfit."""
+        adapter = _adapter.localize(held, tuple(kernel.shape), _specs.roles(spec))
+        if isinstance(adapter, str):
+            self.problems.append(f"{path!r} ({type(layer).__name__}): {adapter}")
+            return out
+        self.consumed.add(path)
+        self.calls.add(path, layer, spec, tuple(kernel.shape))
+        rate = _adapter.static(adapter).get("dropout", 0.0)
+        drop = _dropout(dropout_key(), rate) if dropout_key is not None and rate > 0 else (lambda x: x)
+        output = _adapter.kind_of(adapter).output
+        assert output is not None  # kinds without one are merged before the call
+        return output(spec, out, kernel, adapter, drop)
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise ValueError(
+                "lora_jax.wrap: adapters contradict how the model uses their kernels:"
+                + "".join(f"\n  {p}" for p in self.problems)
+                + "\nCreate adapters with roles=lj.axis_roles(model, *sample_inputs)."
+            )
+
+
+def _dropout(key: jax.Array, rate: float) -> Callable[[jax.Array], jax.Array]:
+    def drop(x: jax.Array) -> jax.Array:
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+    return drop
+
+
 def run_adapted(
     run: Callable[[dict, dict], Pass], layered: dict, substituted: dict, *, strict: bool, compute: str, training: bool
 ) -> Any:

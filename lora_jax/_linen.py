@@ -19,7 +19,6 @@ from typing import Any
 import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from lora_jax import _adapter, _cost, _full, _layers, _merge, _nnx, _paths, _specs
@@ -203,15 +202,12 @@ def axis_roles(model: nn.Module, *args, **kwargs) -> dict[str, tuple[str, ...]]:
     return _layers.with_stacks(local, params)
 
 
-class _Trace:
+class _Trace(_layers.Seen):
     """The interceptor of one wrapped call and what it saw."""
 
     def __init__(self, training: bool):
+        super().__init__()
         self.training = training
-        self.consumed: set[str] = set()
-        self.visited: set[tuple] = set()
-        self.problems: list[str] = []
-        self.calls = _cost.Calls()
 
     def intercept(self, next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
@@ -223,35 +219,9 @@ class _Trace:
         param, spec = use
         path = _paths.join(module.path + (param,))
         kernel = module.get_variable("params", param)
-        adapter = _adapter.localize(
-            module.get_variable("params", param + _SUFFIX), tuple(kernel.shape), _specs.roles(spec)
-        )
-        if isinstance(adapter, str):
-            self.problems.append(f"{path!r} ({type(module).__name__}): {adapter}")
-            return out
-        self.consumed.add(path)
-        self.calls.add(path, module, spec, tuple(kernel.shape))
-        rate = _adapter.static(adapter).get("dropout", 0.0)
-        drop = _dropout(module, rate) if self.training and rate > 0 else (lambda x: x)
-        return _adapter.kind_of(adapter).output(spec, out, kernel, adapter, drop)
-
-    def raise_problems(self):
-        if self.problems:
-            raise ValueError(
-                "lora_jax.wrap: adapters contradict how the model uses their kernels:"
-                + "".join(f"\n  {p}" for p in self.problems)
-                + "\nCreate adapters with roles=lj.axis_roles(model, *sample_inputs)."
-            )
-
-
-def _dropout(module: nn.Module, rate: float) -> Callable[[jax.Array], jax.Array]:
-    rng = module.make_rng("dropout")
-
-    def drop(x: jax.Array) -> jax.Array:
-        keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-        return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-    return drop
+        held = module.get_variable("params", param + _SUFFIX)
+        key = (lambda: module.make_rng("dropout")) if self.training else None
+        return self.output(path, module, spec, out, kernel, held, key)
 
 
 def _check_linen_apply(apply_fn: Any) -> None:

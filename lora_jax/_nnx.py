@@ -137,7 +137,7 @@ def _own_roles(module: nnx.Module) -> tuple[str, tuple[str, ...]] | None:
     return None
 
 
-class _Call:
+class _Call(_layers.Seen):
     """One adapted call of a model: its adapted layers given their adapters (as ``nnx.LoRAParam``
     attributes, so that NNX transforms slice and carry them with the kernels) and an
     intercepting class; what the layers saw."""
@@ -145,11 +145,8 @@ class _Call:
     def __init__(
         self, model: nnx.Module | None, adapters: dict[str, Any], rng: Any, record: dict | None = None, watch=()
     ):
+        super().__init__()
         self.rng, self.record = rng, record
-        self.consumed: set[str] = set()
-        self.visited: set[tuple] = set()
-        self.problems: list[str] = []
-        self.calls = _cost.Calls()
         owners: dict[tuple, dict[str, Any]] = {}
         for kernel_path, adapter in adapters.items():
             owners.setdefault(_module_of(kernel_path), {})[kernel_path.split("/")[-1]] = adapter
@@ -178,25 +175,9 @@ class _Call:
         held = _get(module, param)
         if held is None:
             return out
-        adapter = _adapter.localize(held, tuple(kernel.shape), _specs.roles(spec))
-        if isinstance(adapter, str):
-            self.problems.append(f"{kernel_path!r} ({type(module).__name__}): {adapter}")
-            return out
-        self.consumed.add(kernel_path)
-        self.calls.add(kernel_path, module, spec, tuple(kernel.shape))
-        rate = _adapter.static(adapter).get("dropout", 0.0)
-        drop = _dropout(self.rng, kernel_path, rate) if self.rng is not None and rate > 0 else (lambda x: x)
-        output = _adapter.kind_of(adapter).output
-        assert output is not None  # kinds without one are merged before the call
-        return output(spec, out, kernel, adapter, drop)
-
-    def raise_problems(self) -> None:
-        if self.problems:
-            raise ValueError(
-                "lora_jax.wrap: adapters contradict how the model uses their kernels:"
-                + "".join(f"\n  {p}" for p in self.problems)
-                + "\nCreate adapters with roles=lj.axis_roles(model, *sample_inputs)."
-            )
+        rng = self.rng
+        key = (lambda: jax.random.fold_in(rng, zlib.crc32(kernel_path.encode()))) if rng is not None else None
+        return self.output(kernel_path, module, spec, out, kernel, held, key)
 
 
 def _put(module: nnx.Module, param: str, adapter: Any) -> None:
@@ -284,16 +265,6 @@ def _merged_call(module: nnx.Module, method: str, args: tuple, kwargs: dict) -> 
         return original(merged, *args, **kwargs)
 
     return run
-
-
-def _dropout(rng: Any, path: str, rate: float) -> Callable[[jax.Array], jax.Array]:
-    key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
-
-    def drop(x: jax.Array) -> jax.Array:
-        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-        return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-    return drop
 
 
 def _frozen(x: Any) -> Any:
