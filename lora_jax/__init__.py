@@ -10,6 +10,8 @@ True
 
 from lora_jax._adapter import Kind, kind_of, register_kind
 from lora_jax._attach import attach, detach
+from lora_jax._bank import BASE, Bank, bank_index
+from lora_jax._banks import bank, bank_add, bank_get, bank_remove, bank_set, bank_to_peft
 from lora_jax._combine import combine
 from lora_jax._config import LoraConfig
 from lora_jax._cost import Usage, lowrank_costs
@@ -32,6 +34,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "BASE",
+    "Bank",
     "Conv",
     "Einsum",
     "FullWeight",
@@ -45,6 +49,13 @@ __all__ = [
     "apply_lora",
     "attach",
     "axis_roles",
+    "bank",
+    "bank_add",
+    "bank_get",
+    "bank_index",
+    "bank_remove",
+    "bank_set",
+    "bank_to_peft",
     "combine",
     "detach",
     "from_peft",

@@ -49,6 +49,9 @@ class Kind(NamedTuple):
         output and of merging into the kernel inside the step, over the calls ``usages``
         (``lj.Usage``; see ``lj.lowrank_costs``); ``wrap(compute="auto")`` merges when the
         second is lower. ``None``: always factored.
+      frozen: the names of arrays that are data but not trained (a bank's per-adapter
+        scales): the kind's output stops their gradient, :func:`lora_jax.optimizer` leaves
+        them unchanged and :func:`lora_jax.summary` does not count them as trainable.
     """
 
     name: str
@@ -58,6 +61,7 @@ class Kind(NamedTuple):
     output: Callable[..., jax.Array] | None = None
     as_lora: Callable[[Any], Any] | None = None
     costs: Callable[[Any, Any], tuple[float, float]] | None = None
+    frozen: tuple[str, ...] = ()
 
 
 _KINDS: dict[type, Kind] = {}

@@ -105,7 +105,10 @@ class Seen:
         drop = _dropout(dropout_key(), rate) if dropout_key is not None and rate > 0 else (lambda x: x)
         output = _adapter.kind_of(adapter).output
         assert output is not None  # kinds without one are merged before the call
-        return output(spec, out, kernel, adapter, drop)
+        try:
+            return output(spec, out, kernel, adapter, drop)
+        except ValueError as e:
+            raise ValueError(f"lora_jax.wrap: {path!r} ({type(layer).__name__}): {e}") from e
 
     def raise_problems(self) -> None:
         if self.problems:

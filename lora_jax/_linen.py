@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
-from lora_jax import _adapter, _cost, _full, _layers, _merge, _nnx, _paths, _specs
+from lora_jax import _adapter, _bank, _cost, _full, _layers, _merge, _nnx, _paths, _specs
 
 _SUFFIX = "@lora"  # an adapter rides in params as '<kernel name>@lora' beside its kernel
 
@@ -55,9 +55,11 @@ def wrap(apply_fn: Callable, *, strict: bool = True, compute: str = "auto", trai
     first traced abstractly to count each layer's tokens. ``"factored"`` and ``"merged"``
     force one form for every kernel.
 
-    The returned function has ``apply_fn``'s signature plus one keyword, ``lora_training``
+    The returned function has ``apply_fn``'s signature plus two keywords: ``lora_training``
     (default ``False``): when true, the LoRA branch input gets dropout at each adapter's
-    ``dropout`` rate (PEFT's semantics), drawn from ``rngs['dropout']``.
+    ``dropout`` rate (PEFT's semantics), drawn from ``rngs['dropout']``; ``lora_index``: for
+    adapter banks (:func:`bank`), an int array ``(batch,)`` naming each example's slot
+    (``-1``: the base alone); see :func:`bank_index`.
 
     The branch of ``Dense``/``DenseGeneral`` has a hand-written backward pass (a
     ``jax.custom_vjp``): reverse mode (``jax.grad``, ``jax.vjp``, also nested) works,
@@ -76,7 +78,7 @@ def wrap(apply_fn: Callable, *, strict: bool = True, compute: str = "auto", trai
         ``LoraConfig(trainable=...)``, and travel in the adapter tree.
 
     Returns:
-      ``apply(variables, *args, lora_training=False, **kwargs)``.
+      ``apply(variables, *args, lora_training=False, lora_index=None, **kwargs)``.
 
     Raises:
       TypeError: if ``apply_fn`` is not a Linen ``apply``, or ``variables`` lacks ``'lora'``.
@@ -100,7 +102,7 @@ def wrap(apply_fn: Callable, *, strict: bool = True, compute: str = "auto", trai
     _check_linen_apply(apply_fn)
 
     @functools.wraps(apply_fn)
-    def apply(variables: Mapping, *args, lora_training: bool = False, **kwargs):
+    def apply(variables: Mapping, *args, lora_training: bool = False, lora_index: Any = None, **kwargs):
         if not isinstance(variables, Mapping) or "lora" not in variables or "params" not in variables:
             found = sorted(map(str, variables)) if isinstance(variables, Mapping) else type(variables).__name__
             raise TypeError(
@@ -139,9 +141,10 @@ def wrap(apply_fn: Callable, *, strict: bool = True, compute: str = "auto", trai
             called = lambda path: _called(_module_of(path), trace.visited)  # noqa: E731
             return _layers.Pass(out, trace.consumed, called, trace.calls.usages())
 
-        return _layers.run_adapted(
-            run, layered, substituted, strict=strict, compute=compute, training=lora_training
-        )
+        with _bank.indexed(lora_index):
+            return _layers.run_adapted(
+                run, layered, substituted, strict=strict, compute=compute, training=lora_training
+            )
 
     return apply
 

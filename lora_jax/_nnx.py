@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax import _adapter, _cost, _layers, _merge, _paths, _specs
+from lora_jax import _adapter, _bank, _cost, _layers, _merge, _paths, _specs
 
 _METHODS = ("__call__", "attend")
 _ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("lora_jax_nnx_call", default=None)
@@ -35,11 +35,14 @@ def is_nnx(x: Any) -> bool:
 
 def wrap(model_or_graphdef: Any, *, strict: bool = True, compute: str = "auto") -> Callable:
     """The NNX form of :func:`lora_jax.wrap` (see there): ``apply(state, lora, *args,
-    lora_training=False, lora_rng=None, **kwargs)`` runs the model's ``__call__`` on ``state``
+    lora_training=False, lora_rng=None, lora_index=None, **kwargs)`` runs the model's ``__call__`` on ``state``
     (from ``nnx.split(model)``) with adapters ``lora``, factored, and returns its output."""
     graphdef = model_or_graphdef if isinstance(model_or_graphdef, nnx.GraphDef) else nnx.split(model_or_graphdef)[0]
 
-    def apply(state: Any, lora: Any, *args, lora_training: bool = False, lora_rng: Any = None, **kwargs):
+    def apply(
+        state: Any, lora: Any, *args, lora_training: bool = False, lora_rng: Any = None, lora_index: Any = None,
+        **kwargs,
+    ):  # fmt: skip
         if not isinstance(state, nnx.State):
             raise TypeError(
                 "lora_jax.wrap: the wrapped NNX apply takes (state, lora, *inputs) with state from "
@@ -65,9 +68,10 @@ def wrap(model_or_graphdef: Any, *, strict: bool = True, compute: str = "auto") 
             called = lambda path: _module_of(path) in call.visited  # noqa: E731
             return _layers.Pass(out, call.consumed, called, call.calls.usages())
 
-        return _layers.run_adapted(
-            run, layered, substituted, strict=strict, compute=compute, training=lora_training
-        )
+        with _bank.indexed(lora_index):
+            return _layers.run_adapted(
+                run, layered, substituted, strict=strict, compute=compute, training=lora_training
+            )
 
     return apply
 

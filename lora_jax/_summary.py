@@ -97,8 +97,8 @@ def summary(params: Any, adapters: Any) -> Summary:
             _adapter.kernel_shape(ad),
             _adapter.static(ad).get("rank"),
             getattr(ad, "scale", None),
-            sum(map(_count, _adapter.arrays(ad).values())),
-            sum(map(_nbytes, _adapter.arrays(ad).values())),
+            sum(map(_count, _trained(ad))),
+            sum(map(_nbytes, _trained(ad))),
             _adapter.kind_of(ad).name,
         )  # fmt: skip
         for path, ad in by_path.items()
@@ -113,6 +113,11 @@ def summary(params: Any, adapters: Any) -> Summary:
         trainable_bytes=trainable_bytes,
         total_bytes=trainable_bytes + sum(map(_nbytes, base)),
     )
+
+
+def _trained(adapter: Any) -> list:
+    frozen = _adapter.kind_of(adapter).frozen
+    return [x for name, x in _adapter.arrays(adapter).items() if name not in frozen]
 
 
 def _count(x: Any) -> int:

@@ -1,0 +1,269 @@
+"""Adapter banks: many LoRA adapters of one kernel, stacked, and the mixed-batch forward.
+
+A :class:`Bank` holds ``N`` plain LoRA adapters of one kernel with their ranks zero-padded
+to one rank ``R`` and their scales in an array, so that putting another adapter into a
+slot (another rank ≤ ``R``, another alpha) changes only array values: a compiled step or
+forward does not retrace. With ``S``, ``I``, ``O`` the kernel's stack, in and out axes,
+
+    a: (S..., N, I..., R)      b: (S..., N, R, O...)      scales: (S..., N)
+
+(stack axes stay leading, so ``nn.scan``/``nnx.scan`` slice a bank as they slice kernels).
+Padding is self-preserving in training: a zero column of ``a`` and the zero row of ``b``
+facing it get zero gradients.
+
+A layer with a bank computes, for each example ``e`` of its batch (the leading axis of its
+input), ``base(x_e) + scales[i_e] · x_e ⋅ a[i_e] ⋅ b[i_e]`` with ``i = index`` the
+per-example adapter index given to the call (``lora_index=`` of a wrapped apply, or
+:func:`bank_index` around a call of an attached model); ``-1`` (:data:`BASE`) is the base
+alone. The adapters are gathered per example and the branch is batched over examples
+(BGMV): the same FLOPs as one adapter, gradients reaching each adapter from its own
+examples only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax import _adapter, _lora, _specs
+from lora_jax._adapter import DEFAULT_ROLES_2D, Roles
+
+BASE = -1
+"""The index of "no adapter": an example with this index gets the base model's output."""
+
+_INDEX: contextvars.ContextVar[Any] = contextvars.ContextVar("lora_jax_bank_index", default=None)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class Bank:
+    """``N`` LoRA adapters of one kernel, ranks padded to ``rank``; built by :func:`lora_jax.bank`.
+
+    Attributes:
+      a: ``(stack..., N, in..., rank)``.
+      b: ``(stack..., N, rank, out...)``.
+      scales: ``(stack..., N)``, each adapter's ``alpha / r`` (0 for an empty slot); data, so
+        that other alphas need no recompilation, but never trained (its gradient is stopped
+        and :func:`lora_jax.optimizer` freezes it).
+      rank: the padded rank ``R`` (the largest rank a slot can hold).
+      roles: the role of each kernel axis.
+
+    Raises:
+      TypeError, ValueError: on metadata of the wrong type or arrays that do not fit it.
+    """
+
+    a: Any
+    b: Any
+    scales: Any
+    rank: int = dataclasses.field(metadata=dict(static=True))
+    roles: Roles = dataclasses.field(default=DEFAULT_ROLES_2D, metadata=dict(static=True))
+
+    def __post_init__(self):
+        object.__setattr__(self, "rank", _lora.check_rank(self.rank, "lora_jax.Bank: rank"))
+        roles = tuple(self.roles) if isinstance(self.roles, (list, tuple)) else self.roles
+        why = _adapter.roles_problem(roles, [1] * len(roles) if isinstance(roles, tuple) else [])
+        if why:
+            raise ValueError(f"lora_jax.Bank: {why}.")
+        object.__setattr__(self, "roles", roles)
+        shapes = [getattr(x, "shape", None) for x in (self.a, self.b, self.scales)]
+        if all(isinstance(s, tuple) for s in shapes):
+            self._check_shapes(*shapes)
+
+    def _check_shapes(self, a: tuple, b: tuple, scales: tuple) -> None:
+        n_stack, n_in = self.roles.count("stack"), self.roles.count("in")
+        n_out = len(self.roles) - n_stack - n_in
+        sliced = n_stack + 1 - len(scales)  # stack axes a lifted transform has sliced off
+        kept = n_stack - sliced
+        problem = None
+        if not (0 <= sliced <= n_stack and len(a) == kept + 1 + n_in + 1 and len(b) == kept + 2 + n_out):
+            problem = f"roles {self.roles} need a (stack..., N, in..., R), b (stack..., N, R, out...), scales (stack..., N)"
+        elif a[-1] != self.rank or b[kept + 1] != self.rank:
+            problem = f"rank {self.rank} is not the last axis of a and the rank axis of b"
+        elif not a[: kept + 1] == b[: kept + 1] == scales:
+            problem = "a, b and scales differ in their stack axes or number of adapters"
+        if problem:
+            raise ValueError(f"lora_jax.Bank: a {a}, b {b}, scales {scales} do not fit: {problem}.")
+
+    @property
+    def size(self) -> int:
+        """The number of slots ``N``."""
+        return int(self.scales.shape[-1])
+
+    def __repr__(self) -> str:
+        shape = lambda x: getattr(x, "shape", x)  # noqa: E731
+        return f"Bank(a={shape(self.a)}, b={shape(self.b)}, scales={shape(self.scales)}, rank={self.rank}, roles={self.roles})"
+
+
+def axes(bank: Bank) -> dict[str, tuple[int | None, ...]]:
+    of = lambda role: tuple(i for i, r in enumerate(bank.roles) if r == role)  # noqa: E731
+    return {
+        "a": of("stack") + (None,) + of("in") + (None,),
+        "b": of("stack") + (None, None) + of("out"),
+        "scales": of("stack") + (None,),
+    }
+
+
+# ---- the per-example index ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def bank_index(index: Any) -> Iterator[None]:
+    """Within this context, layers with a :class:`Bank` apply adapter ``index[e]`` to example ``e``.
+
+    Use it around a call of a model with banks attached (:func:`lora_jax.attach`); a wrapped
+    apply takes the index as its ``lora_index=`` keyword instead (which enters this context).
+    Enter it inside the jitted function, with the index as an argument of that function:
+    other indices then reuse the compiled code.
+
+    Args:
+      index: integer array ``(batch,)``: a slot of the bank for each example of the batch
+        (the leading axis of each adapted layer's input), or ``-1`` (``lj.BASE``) for the base
+        model alone. Out-of-range values are a ``ValueError`` where the index is concrete; under
+        ``jax.jit`` (where it cannot be checked) they give NaN outputs for their examples.
+
+    Raises:
+      TypeError: if ``index`` is not a 1-D integer array.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> from flax import nnx
+      >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+      >>> ads = [lj.init(jax.random.key(i), nnx.state(model), lj.LoraConfig(rank=2)) for i in (1, 2)]
+      >>> lj.attach(model, lj.bank(ads))
+      >>> with lj.bank_index(jnp.array([0, 1, -1])):
+      ...     y = model(jnp.ones((3, 4)))
+      >>> y.shape
+      (3, 3)
+    """
+    token = _INDEX.set(check_index(index, "lora_jax.bank_index"))
+    try:
+        yield
+    finally:
+        _INDEX.reset(token)
+
+
+@contextlib.contextmanager
+def indexed(index: Any) -> Iterator[None]:
+    """:func:`bank_index` for a wrapped apply's ``lora_index`` keyword (``None``: no index)."""
+    if index is None:
+        yield
+        return
+    token = _INDEX.set(check_index(index, "lora_jax.wrap: lora_index"))
+    try:
+        yield
+    finally:
+        _INDEX.reset(token)
+
+
+def check_index(index: Any, where: str) -> jax.Array:
+    dtype = getattr(index, "dtype", None)
+    if dtype is None and isinstance(index, (list, tuple)):
+        index = np.asarray(index)
+        dtype = index.dtype
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer) or jnp.ndim(index) != 1:
+        found = f"{type(index).__name__}" + (f" of dtype {dtype} and shape {jnp.shape(index)}" if dtype else "")
+        raise TypeError(f"{where}: the adapter index must be a 1-D integer array (one slot per example), found {found}.")
+    return jnp.asarray(index)
+
+
+def _concrete(x: Any) -> np.ndarray | None:
+    try:
+        return np.asarray(x)
+    except jax.errors.TracerArrayConversionError:
+        return None
+
+
+# ---- the mixed-batch output -------------------------------------------------------------------
+
+
+def output(layer: _specs.Spec, base: jax.Array, kernel: jax.Array, bank: Bank, dropout) -> jax.Array:
+    """``base + scales[i_e] · x_e ⋅ a[i_e] ⋅ b[i_e]`` for each example ``e`` of the call."""
+    del kernel
+    index = _INDEX.get()
+    if index is None:
+        raise ValueError(
+            "a Bank applies one adapter per example, so the call needs the adapter of each example: pass "
+            "lora_index=<int array (batch,)> to the wrapped apply (or call an attached model inside "
+            "`with lj.bank_index(index):`)."
+        )
+    n = bank.scales.shape[-1]
+    values = _concrete(index)
+    if values is not None and ((values < BASE) | (values >= n)).any():
+        bad = sorted({int(v) for v in values if not BASE <= v < n})
+        raise ValueError(f"the adapter index holds {bad}, outside the bank's slots 0..{n - 1} (or -1 for the base).")
+    if dropout is not None:
+        layer = _specs.map_input(layer, dropout)
+    inputs, axis, branch, finish = _examples(layer, index.shape[0])
+    if index.shape[0] != inputs.shape[0]:
+        raise ValueError(
+            f"the adapter index has {index.shape[0]} entries but the layer's input has {inputs.shape[0]} examples "
+            "along its leading axis (the index needs one entry per example)."
+        )
+    take = jnp.clip(index, 0, n - 1)
+    scale = jnp.where(index >= 0, jax.lax.stop_gradient(bank.scales)[take], 0.0)
+    scale = jnp.where((index >= BASE) & (index < n), scale, jnp.nan)  # out of range under jit: NaN, not a clamp
+    a = jnp.take(bank.a, take, axis=0)
+    b = jnp.take(bank.b, take, axis=0)
+    b = b * scale.reshape((-1,) + (1,) * (b.ndim - 1)).astype(b.dtype)
+    y = jax.vmap(branch, out_axes=axis)(inputs, a, b)
+    return base + finish(y).astype(base.dtype)
+
+
+def _examples(layer: _specs.Spec, batch: int):
+    """``(inputs, axis, branch, finish)``: the layer's input with its examples along axis 0, the
+    axis of the examples in the layer's output, ``branch(x, a, b)`` the low-rank branch of one
+    example's input ``x`` (no example axis) and ``finish`` restoring the output's shape."""
+    same = lambda y: y  # noqa: E731
+    low = lambda spec, a, b: _specs.lowrank(spec, a, b, 1.0)  # noqa: E731
+    if isinstance(layer, _specs.Lookup):
+        return jnp.asarray(layer.ids), 0, lambda ids, a, b: low(_specs.Lookup(ids[None]), a, b)[0], same
+    if isinstance(layer, _specs.Conv):
+        x, shape = layer.x, layer.batch_shape
+        if shape is None:
+            return x, 0, lambda x, a, b: low(layer._replace(x=x[None]), a, b)[0], same
+        # The layer flattened several batch axes into one: each example owns a run of rows.
+        if shape[0] != batch or x.shape[0] % batch:
+            return x, 0, None, same  # the caller's size check reports it
+        grouped = x.reshape((batch, x.shape[0] // batch) + x.shape[1:])
+        branch = lambda x, a, b: low(layer._replace(x=x, batch_shape=None), a, b)  # noqa: E731
+        return grouped, 0, branch, lambda y: y.reshape(shape + y.shape[2:])
+    xs, ks, ys = _specs._parse(layer.equation, jnp.ndim(layer.x))
+    first = xs[0] if xs else ""
+    if not first or first in ks or first not in ys or xs.count(first) > 1:
+        raise ValueError(
+            f"a Bank needs the layer's input to have its examples along its leading axis, but the layer computes "
+            f"'{xs},{ks}->{ys}'."
+        )
+    axis = ys.index(first)
+    return layer.x, axis, lambda x, a, b: jnp.squeeze(low(layer._replace(x=x[None]), a, b), axis), same
+
+
+def _no_merge(kernel: jax.Array, bank: Bank) -> jax.Array:
+    raise ValueError(
+        f"a Bank holds {bank.size} adapters of one kernel, so it has no one merged kernel; merge one of them "
+        "(lj.apply_lora(params, lj.bank_get(bank, i))) or compute the bank factored (lj.wrap with compute='auto' or "
+        "'factored', on a layer lora_jax factors)."
+    )
+
+
+def _no_lora(bank: Bank) -> Any:
+    raise ValueError(
+        f"a Bank holds {bank.size} adapters; export them with lj.bank_to_peft(directory, bank), or one of them with "
+        "lj.to_peft(directory, lj.bank_get(bank, i))."
+    )
+
+
+_adapter.register_kind(
+    Bank,
+    _adapter.Kind(
+        name="bank", axes=axes, merge=_no_merge, unmerge=_no_merge, output=output, as_lora=_no_lora,
+        frozen=("scales",),
+    ),
+)  # fmt: skip

@@ -1,0 +1,336 @@
+"""Building and editing adapter banks: trees of :class:`Bank` leaves, one per adapted kernel.
+
+A bank tree mirrors an adapter tree; slot ``i`` of every leaf holds adapter ``i`` of the
+bank (zeros and scale 0 where that adapter does not adapt the kernel). Slots are numbered
+in the order the adapters were given; keep your own ``{name: slot}`` map beside it.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax import _adapter, _io, _lora, _merge, _paths
+from lora_jax._bank import Bank
+
+
+def bank(adapters: Sequence[Any], *, rank: int | None = None, params: Any = None) -> dict:
+    """Stack adapter trees into one bank tree, ranks zero-padded to one ``rank``.
+
+    Args:
+      adapters: adapter trees for the same params (``lj.init``, ``lj.load``, ``lj.from_peft``),
+        or paths: a lora_jax adapter file, or a PEFT adapter directory (read with ``params``).
+        They may adapt different kernels (a kernel an adapter lacks is zero in its slot).
+      rank: the padded rank, the largest rank a slot can hold (default: the largest given).
+        Leave room to swap in bigger adapters later without recompiling.
+      params: the base parameters, needed only to read PEFT directories.
+
+    Returns:
+      A tree of :class:`Bank`, keyed like the adapter trees; slot ``i`` is ``adapters[i]``.
+
+    Raises:
+      TypeError, ValueError: on an empty list, an adapter kind with no LoRA form, adapters
+        of one kernel that disagree on its shape or roles, a rank below a given adapter's,
+        or a PEFT directory without ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> params = {"dense": {"kernel": jnp.zeros((6, 4))}}
+      >>> ads = [lj.init(jax.random.key(i), params, lj.LoraConfig(rank=r)) for i, r in ((0, 2), (1, 4))]
+      >>> b = lj.bank(ads, rank=8)
+      >>> b["dense"]["kernel"]
+      Bank(a=(2, 6, 8), b=(2, 8, 4), scales=(2,), rank=8, roles=('in', 'out'))
+      >>> lj.bank_get(b, 0)["dense"]["kernel"].rank
+      2
+    """
+    where = "lora_jax.bank"
+    if not isinstance(adapters, (list, tuple)) or not adapters:
+        raise TypeError(f"{where}: adapters must be a non-empty list of adapter trees or paths, found {adapters!r}.")
+    trees = [_entry(_read(item, params, where), f"{where}: adapters[{i}]") for i, item in enumerate(adapters)]
+    largest = max((ad.rank for tree in trees for _, ad in tree.values()), default=1)
+    if rank is None:
+        rank = largest
+    rank = _lora.check_rank(rank, f"{where}: rank")
+    if rank < largest:
+        raise ValueError(f"{where}: rank {rank} is below the largest rank of the adapters, {largest}.")
+    keys = {path: k for tree in trees for path, (k, _) in tree.items()}
+    out = []
+    for path in sorted(keys):
+        present = {i: tree[path][1] for i, tree in enumerate(trees) if path in tree}
+        first = next(iter(present.values()))
+        misfits = [
+            f"adapters[{i}] ({_merge.describe(ad)})"
+            for i, ad in present.items()
+            if ad.roles != first.roles or ad.kernel_shape != first.kernel_shape
+        ]
+        if misfits:
+            raise ValueError(
+                f"{where}: the adapters of {path!r} disagree on its kernel: adapters[{next(iter(present))}] has "
+                f"{_merge.describe(first)}, but " + ", ".join(misfits) + "."
+            )
+        empty = _empty(first, rank)
+        slots = [_slot(present[i], rank) if i in present else empty for i in range(len(trees))]
+        out.append((keys[path], _stack(slots, first.roles, rank)))
+    return _paths.nest(out, where)
+
+
+def bank_get(banks: Any, i: int) -> dict:
+    """Adapter ``i`` of a bank, as it was put in: padding removed, the kernels it does not
+    adapt left out.
+
+    Its rank is read off the padding (the trailing rank components whose ``a`` column and ``b``
+    row are all zero), so call it on concrete arrays, outside ``jax.jit``; its alpha is the
+    shortest decimal with ``alpha / rank`` equal to the stored scale (an rsLoRA adapter comes
+    back as the plain LoRA adapter with the same scale).
+
+    Raises:
+      TypeError: if ``banks`` is not a bank tree or its arrays are traced.
+      IndexError: if ``i`` is not a slot.
+    """
+    where = "lora_jax.bank_get"
+    by_path = _banks_by_path(banks, where)
+    i = _slot_index(i, by_path, where)
+    out = []
+    for path, (keys, b) in by_path.items():
+        try:
+            a_i, b_i, scale = (np.asarray(x) for x in _take(b, i))
+        except jax.errors.TracerArrayConversionError:
+            raise TypeError(f"{where}: the bank's arrays are traced; read adapters out of a bank outside jax.jit.") from None
+        n_stack = b.roles.count("stack")
+        used = np.moveaxis(a_i, -1, 0).reshape(b.rank, -1).any(1) | np.moveaxis(b_i, n_stack, 0).reshape(b.rank, -1).any(1)
+        r = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 0
+        scale = float(scale.reshape(-1)[0]) if scale.size else 0.0
+        if r == 0 or scale == 0:
+            continue
+        ad = _lora.Adapter(
+            jnp.asarray(a_i[..., :r]), jnp.asarray(np.take(b_i, range(r), axis=n_stack)), rank=r,
+            alpha=_alpha(scale, r), roles=b.roles,
+        )  # fmt: skip
+        out.append((keys, ad))
+    return _paths.nest(out, where)
+
+
+def bank_set(banks: Any, i: Any, adapters: Any) -> dict:
+    """A new bank with slot ``i`` holding ``adapters`` (``None``: the slot emptied). Shapes and
+    static metadata do not change, so a compiled step or forward taking the bank does not
+    retrace; jit-able (``i`` may be traced).
+
+    Args:
+      banks: a bank tree (:func:`bank`).
+      i: the slot.
+      adapters: an adapter tree whose kernels all have slots in the bank, ranks at most the
+        bank's rank; the bank's kernels it does not adapt get zeros. ``None`` empties the slot.
+
+    Raises:
+      TypeError, ValueError: if an adapter has no slot in the bank, a higher rank than the
+        bank's, or another kernel shape or roles; IndexError: if ``i`` is not a slot.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> params = {"dense": {"kernel": jnp.zeros((6, 4))}}
+      >>> ads = [lj.init(jax.random.key(i), params, lj.LoraConfig(rank=2)) for i in range(3)]
+      >>> b = lj.bank_set(lj.bank(ads, rank=4), 1, None)
+      >>> sorted(lj.bank_get(b, 1)), sorted(lj.bank_get(b, 2))
+      ([], ['dense'])
+    """
+    where = "lora_jax.bank_set"
+    by_path = _banks_by_path(banks, where)
+    i = _slot_index(i, by_path, where)
+    slots = _fitted(adapters, by_path, where)
+    out = []
+    for path, (keys, b) in by_path.items():
+        a_i, b_i, scale = slots.get(path, _empty_of(b))
+        n = b.roles.count("stack")
+        out.append((keys, _adapter.replace(b, a=_put(b.a, n, i, a_i), b=_put(b.b, n, i, b_i),
+                                           scales=_put(b.scales, n, i, scale))))  # fmt: skip
+    return _paths.nest(out, where)
+
+
+def bank_add(banks: Any, adapters: Any) -> dict:
+    """A new bank with ``adapters`` in a new last slot (the bank's shapes grow by one slot,
+    so a compiled step retraces once; prefer :func:`bank_set` on a spare empty slot).
+
+    Raises:
+      TypeError, ValueError: as :func:`bank_set`.
+    """
+    where = "lora_jax.bank_add"
+    by_path = _banks_by_path(banks, where)
+    slots = _fitted(adapters, by_path, where)
+    out = []
+    for path, (keys, b) in by_path.items():
+        a_i, b_i, scale = slots.get(path, _empty_of(b))
+        n = b.roles.count("stack")
+        grow = lambda x, new: jnp.concatenate([x, jnp.expand_dims(jnp.asarray(new, x.dtype), n)], axis=n)  # noqa: E731
+        out.append((keys, _adapter.replace(b, a=grow(b.a, a_i), b=grow(b.b, b_i), scales=grow(b.scales, scale))))
+    return _paths.nest(out, where)
+
+
+def bank_remove(banks: Any, i: int) -> dict:
+    """A new bank without slot ``i``; the later slots move down by one.
+
+    Raises:
+      TypeError: if ``banks`` is not a bank tree; IndexError: if ``i`` is not a slot.
+    """
+    where = "lora_jax.bank_remove"
+    by_path = _banks_by_path(banks, where)
+    i = _slot_index(i, by_path, where)
+    if next(iter(by_path.values()))[1].size == 1:
+        raise ValueError(f"{where}: the bank has one slot; a bank cannot be empty.")
+    out = []
+    for keys, b in by_path.values():
+        n = b.roles.count("stack")
+        cut = lambda x: jnp.delete(x, i, axis=n)  # noqa: E731
+        out.append((keys, _adapter.replace(b, a=cut(b.a), b=cut(b.b), scales=cut(b.scales))))
+    return _paths.nest(out, where)
+
+
+def bank_to_peft(directory: str | os.PathLike, banks: Any, *, names: Sequence[str] | None = None, **kwargs: Any) -> None:
+    """Write every non-empty slot of a bank as a PEFT adapter directory, ``directory/<name>``.
+
+    Args:
+      directory: created if missing.
+      banks: a bank tree.
+      names: one directory name per slot (default: ``"0"``, ``"1"``, ...).
+      **kwargs: passed to :func:`lora_jax.to_peft` (``name_map``, ``base_model_name_or_path``...).
+
+    Raises:
+      ValueError: if ``names`` has the wrong length, repeats or holds a path separator.
+    """
+    where = "lora_jax.bank_to_peft"
+    from lora_jax._peft import to_peft  # _peft imports the adapter kinds; keep this module below it
+
+    by_path = _banks_by_path(banks, where)
+    n = next(iter(by_path.values()))[1].size
+    names = [str(k) for k in range(n)] if names is None else list(names)
+    bad = [x for x in names if not isinstance(x, str) or not x or x in (".", "..") or "/" in x or os.sep in x]
+    if len(names) != n or len(set(names)) != n or bad:
+        raise ValueError(
+            f"{where}: names must be {n} distinct directory names (one per slot, no path separators), found {names!r}."
+        )
+    for k, name in enumerate(names):
+        adapters = bank_get(banks, k)
+        if adapters:
+            to_peft(os.path.join(directory, name), adapters, **kwargs)
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+
+def _read(item: Any, params: Any, where: str) -> Any:
+    if not isinstance(item, (str, os.PathLike)):
+        return item
+    if os.path.isdir(item):
+        if params is None:
+            raise ValueError(f"{where}: {os.fspath(item)!r} is a PEFT directory; pass params= to read it.")
+        from lora_jax._from_peft import from_peft
+
+        return from_peft(item, params)
+    return _io.load(item)
+
+
+def _entry(tree: Any, where: str) -> dict[str, tuple[tuple, _lora.Adapter]]:
+    """``{path: (keys, adapter)}`` of one tree, each adapter in its plain LoRA form."""
+    out = {}
+    for path, (keys, adapter) in _paths.by_path(tree, where, is_leaf=_adapter.is_adapter).items():
+        _merge.adapters_by_path({"x": adapter}, where)  # checks the leaf is an adapter of float arrays
+        as_lora = _adapter.kind_of(adapter).as_lora
+        if as_lora is None or isinstance(adapter, Bank):
+            raise TypeError(f"{where}: {path!r} is a {type(adapter).__name__}, which has no LoRA form to put in a bank.")
+        out[path] = (keys, as_lora(adapter))
+    return out
+
+
+def _slot(ad: _lora.Adapter, rank: int) -> tuple:
+    n = ad.roles.count("stack")
+    a = jnp.pad(jnp.asarray(ad.a), [(0, 0)] * (ad.a.ndim - 1) + [(0, rank - ad.rank)])
+    b = jnp.pad(jnp.asarray(ad.b), [(0, rank - ad.rank) if k == n else (0, 0) for k in range(ad.b.ndim)])
+    return a, b, jnp.full(ad.a.shape[:n], ad.scale, jnp.float32)
+
+
+def _empty(ad: _lora.Adapter, rank: int) -> tuple:
+    n = ad.roles.count("stack")
+    a_shape, b_shape = _adapter.factor_shapes(ad.kernel_shape, ad.roles, rank)
+    dtype = jnp.result_type(ad.a, ad.b)
+    return jnp.zeros(a_shape, dtype), jnp.zeros(b_shape, dtype), jnp.zeros(ad.a.shape[:n], jnp.float32)
+
+
+def _empty_of(b: Bank) -> tuple:
+    n = b.roles.count("stack")
+    return tuple(jnp.zeros(x.shape[:n] + x.shape[n + 1 :], x.dtype) for x in (b.a, b.b, b.scales))
+
+
+def _stack(slots: list[tuple], roles: tuple, rank: int) -> Bank:
+    n = roles.count("stack")
+    dtype = jnp.result_type(*(x for s in slots for x in s[:2]))
+    a, b, scales = (jnp.stack([s[k].astype(dtype if k < 2 else jnp.float32) for s in slots], axis=n) for k in range(3))
+    return Bank(a, b, scales, rank=rank, roles=roles)
+
+
+def _banks_by_path(banks: Any, where: str) -> dict[str, tuple[tuple, Bank]]:
+    flat = _paths.by_path(banks, where, is_leaf=_adapter.is_adapter)
+    wrong = [p for p, (_, leaf) in flat.items() if not isinstance(leaf, Bank)]
+    if wrong or not flat:
+        raise TypeError(f"{where}: expected a bank tree (from lj.bank); found other leaves at {wrong or 'nothing'}.")
+    return flat
+
+
+def _slot_index(i: Any, by_path: dict, where: str) -> Any:
+    n = next(iter(by_path.values()))[1].size
+    if isinstance(i, jax.Array) and not isinstance(i, jax.core.Tracer) and i.ndim == 0:
+        i = int(i)
+    if isinstance(i, jax.core.Tracer):
+        return i
+    if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+        raise TypeError(f"{where}: the slot must be an int, found {i!r}.")
+    if not -n <= i < n:
+        raise IndexError(f"{where}: slot {i} is out of range for a bank of {n} slots.")
+    return int(i) % n
+
+
+def _take(b: Bank, i: int) -> tuple:
+    n = b.roles.count("stack")
+    return tuple(jnp.take(x, i, axis=n) for x in (b.a, b.b, b.scales))
+
+
+def _put(x: jax.Array, axis: int, i: Any, value: Any) -> jax.Array:
+    index = (slice(None),) * axis + (i,)
+    return x.at[index].set(jnp.asarray(value, x.dtype))
+
+
+def _fitted(adapters: Any, by_path: dict[str, tuple[tuple, Bank]], where: str) -> dict[str, tuple]:
+    """``{path: (a, b, scales)}`` of one slot's worth of ``adapters``, checked against the bank."""
+    if adapters is None:
+        return {}
+    entry = _entry(adapters, where)
+    problems = []
+    for path, (_, ad) in entry.items():
+        if path not in by_path:
+            problems.append(f"{path!r}: the bank has no slot for this kernel (rebuild it with lj.bank)")
+            continue
+        b = by_path[path][1]
+        if ad.rank > b.rank:
+            problems.append(f"{path!r}: rank {ad.rank} is above the bank's rank {b.rank} (rebuild with a larger rank=)")
+        elif ad.roles != b.roles or ad.kernel_shape != _adapter.kernel_shape(b):
+            problems.append(
+                f"{path!r}: the adapter fits a kernel {ad.kernel_shape} with roles {ad.roles}, the bank's is "
+                f"{_adapter.kernel_shape(b)} with roles {b.roles}"
+            )
+    if problems:
+        raise ValueError(f"{where}: the adapters do not fit the bank:" + "".join(f"\n  {p}" for p in problems))
+    return {path: _slot(ad, by_path[path][1].rank) for path, (_, ad) in entry.items()}
+
+
+def _alpha(scale: float, rank: int) -> float:
+    """The shortest decimal ``alpha`` with ``float32(alpha / rank) == scale``."""
+    target = np.float32(scale)
+    for digits in range(1, 18):
+        alpha = float(f"{scale * rank:.{digits}g}")
+        if alpha > 0 and np.float32(alpha / rank) == target:
+            return alpha
+    return scale * rank
