@@ -83,7 +83,9 @@ class Bank:
         kept = n_stack - sliced
         problem = None
         if not (0 <= sliced <= n_stack and len(a) == kept + 1 + n_in + 1 and len(b) == kept + 2 + n_out):
-            problem = f"roles {self.roles} need a (stack..., N, in..., R), b (stack..., N, R, out...), scales (stack..., N)"
+            problem = (
+                f"roles {self.roles} need a (stack..., N, in..., R), b (stack..., N, R, out...), scales (stack..., N)"
+            )
         elif a[-1] != self.rank or b[kept + 1] != self.rank:
             problem = f"rank {self.rank} is not the last axis of a and the rank axis of b"
         elif not a[: kept + 1] == b[: kept + 1] == scales:
@@ -98,7 +100,8 @@ class Bank:
 
     def __repr__(self) -> str:
         shape = lambda x: getattr(x, "shape", x)  # noqa: E731
-        return f"Bank(a={shape(self.a)}, b={shape(self.b)}, scales={shape(self.scales)}, rank={self.rank}, roles={self.roles})"
+        arrays = f"a={shape(self.a)}, b={shape(self.b)}, scales={shape(self.scales)}"
+        return f"Bank({arrays}, rank={self.rank}, roles={self.roles})"
 
 
 def axes(bank: Bank) -> dict[str, tuple[int | None, ...]]:
@@ -169,7 +172,9 @@ def check_index(index: Any, where: str) -> jax.Array:
         dtype = index.dtype
     if dtype is None or not jnp.issubdtype(dtype, jnp.integer) or jnp.ndim(index) != 1:
         found = f"{type(index).__name__}" + (f" of dtype {dtype} and shape {jnp.shape(index)}" if dtype else "")
-        raise TypeError(f"{where}: the adapter index must be a 1-D integer array (one slot per example), found {found}.")
+        raise TypeError(
+            f"{where}: the adapter index must be a 1-D integer array (one slot per example), found {found}."
+        )
     return jnp.asarray(index)
 
 

@@ -97,13 +97,14 @@ def bank_get(banks: Any, i: int) -> dict:
     by_path = _banks_by_path(banks, where)
     i = _slot_index(i, by_path, where)
     out = []
-    for path, (keys, b) in by_path.items():
+    for keys, b in by_path.values():
         try:
             a_i, b_i, scale = (np.asarray(x) for x in _take(b, i))
         except jax.errors.TracerArrayConversionError:
-            raise TypeError(f"{where}: the bank's arrays are traced; read adapters out of a bank outside jax.jit.") from None
+            raise TypeError(f"{where}: the bank's arrays are traced; read a slot outside jax.jit.") from None
         n_stack = b.roles.count("stack")
-        used = np.moveaxis(a_i, -1, 0).reshape(b.rank, -1).any(1) | np.moveaxis(b_i, n_stack, 0).reshape(b.rank, -1).any(1)
+        used_a = np.moveaxis(a_i, -1, 0).reshape(b.rank, -1).any(1)
+        used = used_a | np.moveaxis(b_i, n_stack, 0).reshape(b.rank, -1).any(1)
         r = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 0
         scale = float(scale.reshape(-1)[0]) if scale.size else 0.0
         if r == 0 or scale == 0:
@@ -166,8 +167,11 @@ def bank_add(banks: Any, adapters: Any) -> dict:
     for path, (keys, b) in by_path.items():
         a_i, b_i, scale = slots.get(path, _empty_of(b))
         n = b.roles.count("stack")
-        grow = lambda x, new: jnp.concatenate([x, jnp.expand_dims(jnp.asarray(new, x.dtype), n)], axis=n)  # noqa: E731
-        out.append((keys, _adapter.replace(b, a=grow(b.a, a_i), b=grow(b.b, b_i), scales=grow(b.scales, scale))))
+        a, bb, scales = (
+            jnp.concatenate([x, jnp.expand_dims(jnp.asarray(new, x.dtype), n)], axis=n)
+            for x, new in ((b.a, a_i), (b.b, b_i), (b.scales, scale))
+        )
+        out.append((keys, _adapter.replace(b, a=a, b=bb, scales=scales)))
     return _paths.nest(out, where)
 
 
@@ -185,12 +189,14 @@ def bank_remove(banks: Any, i: int) -> dict:
     out = []
     for keys, b in by_path.values():
         n = b.roles.count("stack")
-        cut = lambda x: jnp.delete(x, i, axis=n)  # noqa: E731
-        out.append((keys, _adapter.replace(b, a=cut(b.a), b=cut(b.b), scales=cut(b.scales))))
+        a, bb, scales = (jnp.delete(x, i, axis=n) for x in (b.a, b.b, b.scales))
+        out.append((keys, _adapter.replace(b, a=a, b=bb, scales=scales)))
     return _paths.nest(out, where)
 
 
-def bank_to_peft(directory: str | os.PathLike, banks: Any, *, names: Sequence[str] | None = None, **kwargs: Any) -> None:
+def bank_to_peft(
+    directory: str | os.PathLike, banks: Any, *, names: Sequence[str] | None = None, **kwargs: Any
+) -> None:
     """Write every non-empty slot of a bank as a PEFT adapter directory, ``directory/<name>``.
 
     Args:
@@ -241,7 +247,7 @@ def _entry(tree: Any, where: str) -> dict[str, tuple[tuple, _lora.Adapter]]:
         _merge.adapters_by_path({"x": adapter}, where)  # checks the leaf is an adapter of float arrays
         as_lora = _adapter.kind_of(adapter).as_lora
         if as_lora is None or isinstance(adapter, Bank):
-            raise TypeError(f"{where}: {path!r} is a {type(adapter).__name__}, which has no LoRA form to put in a bank.")
+            raise TypeError(f"{where}: {path!r} is a {type(adapter).__name__}, which has no LoRA form for a bank.")
         out[path] = (keys, as_lora(adapter))
     return out
 
