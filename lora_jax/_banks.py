@@ -99,14 +99,14 @@ def bank_get(banks: Any, i: int) -> dict:
     out = []
     for keys, b in by_path.values():
         try:
-            a_i, b_i, scale = (np.asarray(x) for x in _take(b, i))
+            a_i, b_i, scales = (np.asarray(x) for x in _take(b, i))
         except jax.errors.TracerArrayConversionError:
             raise TypeError(f"{where}: the bank's arrays are traced; read a slot outside jax.jit.") from None
         n_stack = b.roles.count("stack")
         used_a = np.moveaxis(a_i, -1, 0).reshape(b.rank, -1).any(1)
         used = used_a | np.moveaxis(b_i, n_stack, 0).reshape(b.rank, -1).any(1)
         r = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 0
-        scale = float(scale.reshape(-1)[0]) if scale.size else 0.0
+        scale = float(scales.reshape(-1)[0]) if scales.size else 0.0
         if r == 0 or scale == 0:
             continue
         ad = _lora.Adapter(

@@ -36,3 +36,11 @@ def test_sharded_example_runs_on_8_simulated_devices():
     assert "-> a P('fsdp', None), b P(None, 'tensor', None)" in out
     bad = _run("sharded_finetune.py", "--mesh", "data=3", env=EIGHT_DEVICES)
     assert bad.returncode == 2 and "--mesh needs 3 devices, 8 are visible" in bad.stderr
+
+
+def test_many_adapters_example_runs():
+    proc = _run("many_adapters.py", "--quick")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["upper"], ["rot13"], ["reverse"])]
+    assert [r[0] for r in rows] == ["upper", "rot13", "reverse"]
+    assert "one mixed batch of 288 rows" in proc.stdout
