@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpt import GPT  # noqa: E402  (train_step put examples/ on the path)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples")]
+from gpt import GPT  # noqa: E402
 from train_step import SIZES, TARGETS, _machine, measure, next_token_loss  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
@@ -99,7 +100,7 @@ def main() -> None:
 
     _swaps(model, base, bank, tokens, mixed, roles)
     _segments(cfg, batch, args.reps)
-    _peft_anchor(cfg, base, adapters, tokens, mixed, forward, bank, args.reps)
+    _peft_anchor(cfg, base, adapters, tokens, mixed, forward, bank, args.reps, infer["bank, mixed batch"])
 
 
 def _report(title: str, fns: dict, reps: int, ref: str) -> dict[str, float]:
@@ -175,7 +176,7 @@ def _segments(cfg, batch: int, reps: int) -> None:
             fns, reps, "gather forward")  # fmt: skip
 
 
-def _peft_anchor(cfg, base, adapters, tokens, index, forward, bank, reps: int) -> None:
+def _peft_anchor(cfg, base, adapters, tokens, index, forward, bank, reps: int, ours_mixed: float) -> None:
     try:
         import peft
         import torch
@@ -216,17 +217,10 @@ def _peft_anchor(cfg, base, adapters, tokens, index, forward, bank, reps: int) -
         model.set_adapter(names[-1])
         single = timed(lambda: model(ids))
         mixed = timed(lambda: model(ids, adapter_names=chosen))
-    ours_mixed = min(_time(lambda: forward(base, bank, tokens, index)) for _ in range(reps))
     print(f"\nPEFT anchor (torch {torch.__version__}, peft {peft.__version__}, {torch.get_num_threads()} threads; twin "
           f"logits vs ours {twin:.1e}, mixed-batch logits PEFT vs lora_jax {diff:.1e}):")  # fmt: skip
     print(f"  PEFT one adapter {single * 1e3:.2f} ms, PEFT mixed batch {mixed * 1e3:.2f} ms "
           f"(throughput ratio {single / mixed:.3f}); lora_jax mixed batch {ours_mixed * 1e3:.2f} ms")  # fmt: skip
-
-
-def _time(fn) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
 
 
 def _torch_names(path: str) -> str:
