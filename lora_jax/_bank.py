@@ -145,20 +145,17 @@ def bank_index(index: Any) -> Iterator[None]:
       >>> y.shape
       (3, 3)
     """
-    token = _INDEX.set(check_index(index, "lora_jax.bank_index"))
-    try:
+    with indexed(index, "lora_jax.bank_index"):
         yield
-    finally:
-        _INDEX.reset(token)
 
 
 @contextlib.contextmanager
-def indexed(index: Any) -> Iterator[None]:
-    """:func:`bank_index` for a wrapped apply's ``lora_index`` keyword (``None``: no index)."""
+def indexed(index: Any, where: str = "lora_jax.wrap: lora_index") -> Iterator[None]:
+    """:func:`bank_index`, also for a wrapped apply's ``lora_index`` keyword (``None``: no index)."""
     if index is None:
         yield
         return
-    token = _INDEX.set(check_index(index, "lora_jax.wrap: lora_index"))
+    token = _INDEX.set(check_index(index, where))
     try:
         yield
     finally:
@@ -252,7 +249,7 @@ def _examples(layer: _specs.Spec, batch: int):
 
 def _no_merge(kernel: jax.Array, bank: Bank) -> jax.Array:
     raise ValueError(
-        f"a Bank holds {bank.size} adapters of one kernel, so it has no one merged kernel; merge one of them "
+        f"lora_jax: a Bank holds {bank.size} adapters of one kernel, so it has no one merged kernel; merge one of them "
         "(lj.apply_lora(params, lj.bank_get(bank, i))) or compute the bank factored (lj.wrap with compute='auto' or "
         "'factored', on a layer lora_jax factors)."
     )
@@ -260,8 +257,8 @@ def _no_merge(kernel: jax.Array, bank: Bank) -> jax.Array:
 
 def _no_lora(bank: Bank) -> Any:
     raise ValueError(
-        f"a Bank holds {bank.size} adapters; export them with lj.bank_to_peft(directory, bank), or one of them with "
-        "lj.to_peft(directory, lj.bank_get(bank, i))."
+        f"lora_jax: a Bank holds {bank.size} adapters; export them with lj.bank_to_peft(directory, bank), or one "
+        "of them with lj.to_peft(directory, lj.bank_get(bank, i))."
     )
 
 

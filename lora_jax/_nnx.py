@@ -35,8 +35,9 @@ def is_nnx(x: Any) -> bool:
 
 def wrap(model_or_graphdef: Any, *, strict: bool = True, compute: str = "auto") -> Callable:
     """The NNX form of :func:`lora_jax.wrap` (see there): ``apply(state, lora, *args,
-    lora_training=False, lora_rng=None, lora_index=None, **kwargs)`` runs the model's ``__call__`` on ``state``
-    (from ``nnx.split(model)``) with adapters ``lora``, factored, and returns its output."""
+    lora_training=False, lora_rng=None, lora_index=None, **kwargs)`` runs the model's
+    ``__call__`` on ``state`` (from ``nnx.split(model)``) with adapters ``lora``, factored, and
+    returns its output."""
     graphdef = model_or_graphdef if isinstance(model_or_graphdef, nnx.GraphDef) else nnx.split(model_or_graphdef)[0]
 
     def apply(

@@ -124,6 +124,24 @@ def test_the_model_trains_with_lora_factored(tiny):
     assert any(np.any(np.asarray(x)) for x in jax.tree.leaves(grads))
 
 
+def test_a_bank_serves_a_mixed_batch(tiny):
+    from conftest import randomize
+    from flax import nnx
+
+    import lora_jax as lj
+
+    _, (_, model, _) = tiny
+    graphdef, state = nnx.split(model)
+    targets = r".*/(q_proj|v_proj|down_proj)/kernel"
+    trees = [randomize(lj.init(jax.random.key(i), model, lj.LoraConfig(rank=2 + i, targets=targets)),
+                       jax.random.key(10 + i), std=0.05) for i in range(2)]  # fmt: skip
+    ids = jnp.asarray(IDS)
+    got = lj.wrap(model)(state, lj.bank(trees), ids, lora_index=jnp.array([1, 0]))
+    for row, k in enumerate([1, 0]):
+        want = nnx.merge(graphdef, lj.apply_lora(state, trees[k]))(ids[row : row + 1])
+        np.testing.assert_allclose(got[row : row + 1], want, rtol=1e-4, atol=1e-4)
+
+
 def test_the_real_vocabulary_when_the_270m_file_is_cached():
     """Gemma 3 270M's own pieces: ``The``, ``▁capital``, ``▁of``, ``▁France``, ``▁is`` are single
     pieces of its vocabulary. Runs where the assembled file is cached (the main example makes it)."""
