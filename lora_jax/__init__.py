@@ -15,6 +15,7 @@ from lora_jax._banks import bank, bank_add, bank_get, bank_remove, bank_set, ban
 from lora_jax._combine import combine
 from lora_jax._config import LoraConfig
 from lora_jax._cost import Usage, lowrank_costs
+from lora_jax._dora import DoraAdapter
 from lora_jax._export import load_params, save_params
 from lora_jax._from_peft import from_peft
 from lora_jax._full import FullWeight
@@ -37,6 +38,7 @@ __all__ = [
     "BASE",
     "Bank",
     "Conv",
+    "DoraAdapter",
     "Einsum",
     "FullWeight",
     "Kind",

@@ -34,6 +34,8 @@ class LoraConfig:
         matches (the first matching regex wins).
       alpha_pattern: ``{regex: alpha}``, likewise for ``alpha``.
       use_rslora: scale by ``alpha / √r`` (rsLoRA, Kalajdzievski 2023) instead of ``alpha / r``.
+      use_dora: DoRA (Liu et al. 2024): each adapter also trains a magnitude per output
+        feature (:class:`DoraAdapter`), ``W' = m · V/‖V‖`` with ``V = W + scale·a⋅b``.
       init: ``"lora"`` (default): ``a`` uniform in ``±1/√fan_in``, i.e.
         ``variance_scaling(1/3, "fan_in", "uniform")``, the same as PyTorch's
         ``kaiming_uniform_(a=√5)`` used by PEFT; ``"gaussian"``: ``a`` normal with std ``1/r``.
@@ -62,6 +64,7 @@ class LoraConfig:
     rank_pattern: tuple[tuple[str, int], ...] | Mapping[str, int] = ()
     alpha_pattern: tuple[tuple[str, float], ...] | Mapping[str, float] = ()
     use_rslora: bool = False
+    use_dora: bool = False
     init: str = "lora"
     dropout: float = 0.0
     dtype: Any = jnp.float32
@@ -77,8 +80,9 @@ class LoraConfig:
             _paths.compile_pattern(getattr(self, name), name, _WHERE)  # raises on a bad pattern
         set_("rank_pattern", _check_pattern_map(self.rank_pattern, "rank_pattern", _check_rank))
         set_("alpha_pattern", _check_pattern_map(self.alpha_pattern, "alpha_pattern", _check_alpha))
-        if not isinstance(self.use_rslora, bool):
-            raise TypeError(f"lora_jax.LoraConfig: use_rslora must be a bool, found {self.use_rslora!r}.")
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"lora_jax.LoraConfig: {name} must be a bool, found {getattr(self, name)!r}.")
         if self.init not in INITS:
             raise ValueError(f"lora_jax.LoraConfig: init must be one of {INITS}, found {self.init!r}.")
         set_("dropout", _lora.check_dropout(self.dropout, f"{_WHERE}: dropout"))

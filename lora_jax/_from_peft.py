@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import _adapter, _paths, _safetensors, _torch
+from lora_jax._dora import DoraAdapter
 from lora_jax._full import FullWeight
 from lora_jax._lora import Adapter
 from lora_jax._peft import CONFIG, KNOWN_KEYS, LORA_KEY, MATH_FIELDS, NEUTRAL_KEYS, PAIRED, WEIGHTS, WHOLE_KEY
@@ -139,7 +140,12 @@ def _check_pair(paired: str | None, config: dict, where: str) -> None:
         recorded = json.loads(paired)
     except ValueError:
         recorded = {}
-    differ = {k: (recorded.get(k), config.get(k)) for k in MATH_FIELDS if recorded.get(k) != config.get(k)}
+    default = {"use_dora": False}  # written by versions that did not record it
+    differ = {
+        k: (recorded.get(k, default.get(k)), config.get(k, default.get(k)))
+        for k in MATH_FIELDS
+        if recorded.get(k, default.get(k)) != config.get(k, default.get(k))
+    }
     if differ:
         raise ValueError(
             f"{where} was written together with another {CONFIG} (weights vs config: {differ}); the two files "
@@ -223,6 +229,7 @@ def _config_problems(config: dict) -> list[str]:
     check("lora_alpha", is_alpha, "a finite number > 0")
     check("use_rslora", lambda v: isinstance(v, bool), "true or false", optional=True)
     check("fan_in_fan_out", lambda v: isinstance(v, bool), "true or false", optional=True)
+    check("use_dora", lambda v: isinstance(v, bool), "true or false", optional=True)
     check("lora_dropout", lambda v: is_alpha(v + 1) and 0 <= v < 1, "a number in [0, 1)", optional=True)
     check("rank_pattern", is_patterns(is_rank), "an object {regex: int >= 1}", optional=True)
     check("alpha_pattern", is_patterns(is_alpha), "an object {regex: number > 0}", optional=True)
@@ -253,7 +260,7 @@ def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any
     return default
 
 
-def _from_torch(module: str, part: dict, kernel: tuple, config: dict, roles: Mapping | None, dtype) -> Adapter:
+def _from_torch(module: str, part: dict, kernel: tuple, config: dict, roles: Mapping | None, dtype) -> Any:
     path, shape, _, _ = kernel
     if "lora_embedding_A" in part or "lora_embedding_B" in part:
         lora_a, lora_b = part.get("lora_embedding_A"), part.get("lora_embedding_B")
@@ -292,10 +299,26 @@ def _from_torch(module: str, part: dict, kernel: tuple, config: dict, roles: Map
         )
     cast = (lambda x: jnp.asarray(x, dtype)) if dtype is not None else jnp.asarray
     alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
-    return Adapter(
+    adapter = Adapter(
         cast(a.reshape(a_shape)), cast(b.reshape(b_shape)), rank=r, alpha=alpha, roles=kernel_roles,
         rslora=config.get("use_rslora") is True, dropout=float(config.get("lora_dropout") or 0.0),
     )  # fmt: skip
+    magnitude = part.get("lora_magnitude_vector")
+    if (magnitude is None) == (config.get("use_dora") is True):
+        raise _Mismatch(
+            "the config says use_dora: true but the module has no lora_magnitude_vector"
+            if magnitude is None
+            else "it has a lora_magnitude_vector (DoRA) but the config does not say use_dora: true"
+        )
+    if magnitude is None:
+        return adapter
+    out = tuple(n for n, role in zip(shape, kernel_roles) if role == "out")
+    want = (1, math.prod(out)) + (1,) * (lora_a.ndim - 2) if conv else (math.prod(out),)
+    if "lora_embedding_A" in part or magnitude.shape != want or not jnp.issubdtype(magnitude.dtype, jnp.floating):
+        found = "an embedding" if "lora_embedding_A" in part else f"{magnitude.dtype}{list(magnitude.shape)}"
+        raise _Mismatch(f"its DoRA lora_magnitude_vector is {found}, expected a float vector of shape {want} "
+                        "(one magnitude per output feature)")  # fmt: skip
+    return DoraAdapter(**_adapter.arrays(adapter), m=cast(magnitude.reshape(out)), **_adapter.static(adapter))
 
 
 def _linear_roles(path: str, shape: tuple, fan_in: int, fan_out: int, roles: Mapping | None) -> tuple[str, ...]:
@@ -331,7 +354,6 @@ def _assemble(leaves: list[tuple[str, Adapter]], kernels: dict, full: list) -> d
             raise ValueError(
                 f"lora_jax.from_peft: the layers of {path!r} differ in rank or alpha; a stacked kernel has one."
             )
-        a = jnp.stack([layers[i].a for i in range(n)])
-        b = jnp.stack([layers[i].b for i in range(n)])
-        whole.append((keys, _adapter.replace(first, a=a, b=b, roles=("stack",) + first.roles)))
+        arrays = {name: jnp.stack([getattr(layers[i], name) for i in range(n)]) for name in _adapter.arrays(first)}
+        whole.append((keys, _adapter.replace(first, **arrays, roles=("stack",) + first.roles)))
     return _paths.nest(whole, "lora_jax.from_peft")

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax import _adapter, _nnx, _paths
+from lora_jax import _adapter, _dora, _nnx, _paths
 from lora_jax._config import LoraConfig
+from lora_jax._dora import DoraAdapter
 from lora_jax._full import FullWeight
 from lora_jax._lora import Adapter
 
@@ -66,6 +67,7 @@ def init(
         roles = {**_nnx.layer_roles(params), **(roles or {})}
         params = nnx.state(params, nnx.Param)
     plan, trainable = plan_targets(params, config, roles, "lora_jax.init")
+    kernels = {path: leaf for path, (_, leaf) in _paths.by_path(params, "lora_jax.init").items()}
     adapters: list[tuple[Any, Any]] = [(keys, FullWeight(leaf.astype(config.dtype))) for keys, leaf in trainable]
     for keys, path, shape, kernel_roles in plan:
         rank = config.rank_for(path)
@@ -74,10 +76,13 @@ def init(
         kernel_key = jax.random.fold_in(key, zlib.crc32(path.encode()))
         a = _init_a(kernel_key, a_shape, config.dtype, config.init, fan_in, rank)
         b = jnp.zeros(b_shape, config.dtype)
-        adapter = Adapter(
+        adapter: Any = Adapter(
             a, b, rank=rank, alpha=config.alpha_for(path), roles=kernel_roles,
             rslora=config.use_rslora, dropout=config.dropout,
         )  # fmt: skip
+        if config.use_dora:
+            m = _dora.initial_magnitude(kernels[path], kernel_roles).astype(config.dtype)
+            adapter = DoraAdapter(**_adapter.arrays(adapter), m=m, **_adapter.static(adapter))
         adapters.append((keys, adapter))
     return _paths.nest(adapters)
 

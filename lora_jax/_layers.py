@@ -101,6 +101,8 @@ class Seen:
             return out
         self.consumed.add(path)
         self.calls.add(path, layer, spec, tuple(kernel.shape))
+        if isinstance(spec, (_specs.Einsum, _specs.Conv)) and spec.bias is None:
+            spec = spec._replace(bias=bias_of(layer))
         rate = _adapter.static(adapter).get("dropout", 0.0)
         drop = _dropout(dropout_key(), rate) if dropout_key is not None and rate > 0 else (lambda x: x)
         output = _adapter.kind_of(adapter).output
@@ -117,6 +119,16 @@ class Seen:
                 + "".join(f"\n  {p}" for p in self.problems)
                 + "\nCreate adapters with roles=lj.axis_roles(model, *sample_inputs)."
             )
+
+
+def bias_of(module: Any) -> Any:
+    """The ``bias`` parameter of a Linen or NNX layer, or ``None``."""
+    if isinstance(module, nn.Module):
+        bias = module.get_variable("params", "bias") if module.scope is not None else None
+    else:
+        bias = getattr(module, "bias", None)
+        bias = bias[...] if isinstance(bias, nnx.Variable) else bias
+    return bias if hasattr(bias, "shape") else None
 
 
 def _dropout(key: jax.Array, rate: float) -> Callable[[jax.Array], jax.Array]:

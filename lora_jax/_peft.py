@@ -33,19 +33,22 @@ import jax
 import numpy as np
 
 from lora_jax import _adapter, _merge, _paths, _safetensors, _torch
+from lora_jax._dora import DoraAdapter
 from lora_jax._full import FullWeight
 from lora_jax._lora import Adapter
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 LORA_KEY = re.compile(
-    r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)"
+    r"base_model\.model\.(?P<module>.+)\."
+    r"(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
 )
 WHOLE_KEY = re.compile(r"base_model\.model\.(?P<name>(?P<module>.+)\.[^.]+)")
 # The weights file's metadata records the config fields that change the math, so that a config
 # and weights from different writes are never read as a pair.
 PAIRED = "lora_jax_config"
-MATH_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules", "modules_to_save")
+MATH_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules", "modules_to_save",
+               "use_dora")  # fmt: skip
 # Keys PEFT writes that do not change how saved LoRA weights are applied.
 KNOWN_KEYS = {
     "peft_type", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout",
@@ -53,11 +56,11 @@ KNOWN_KEYS = {
     "revision", "layers_pattern", "layers_to_transform", "exclude_modules", "auto_mapping", "peft_version",
     "loftq_config", "eva_config", "corda_config", "kasa_config", "lora_ga_config", "monteclora_config",
     "megatron_config", "megatron_core", "qalora_group_size", "ensure_weight_tying", "velora_config",
-    "modules_to_save",
+    "modules_to_save", "use_dora",
 }  # fmt: skip
 # Keys naming PEFT features that change the math; lora_jax imports them only at their neutral value.
 NEUTRAL_KEYS = {
-    "use_dora": False, "lora_bias": False, "trainable_token_indices": None,
+    "lora_bias": False, "trainable_token_indices": None,
     "layer_replication": None, "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None,
     "use_bdlora": None, "arrow_config": None,
 }  # fmt: skip
@@ -106,7 +109,7 @@ def to_peft(
     is_conv = _paths.compile_pattern(conv, "conv", "lora_jax.to_peft")
     name_of = name_map or _torch.default_name
     tensors: list[_safetensors.Tensor] = []
-    modules: dict[str, tuple[str, Adapter]] = {}
+    modules: dict[str, tuple[str, Any]] = {}  # module -> (path, Adapter or DoraAdapter)
     whole: dict[str, str] = {}  # module of each FullWeight -> its path
     problems = []
     for path, adapter in by_path.items():
@@ -124,10 +127,12 @@ def to_peft(
             tensors.append(_safetensors.Tensor(PREFIX + name, shape, np.dtype(value.dtype), produce))
             whole[name.rsplit(".", 1)[0]] = path
             continue
-        if kind.as_lora is None:
+        dora = isinstance(adapter, DoraAdapter)
+        as_lora = (lambda ad: ad.lora) if dora else kind.as_lora  # PEFT's format has DoRA: the LoRA part + m
+        if as_lora is None:
             problems.append(f"{path!r}: a {type(adapter).__name__} ({kind.name}) has no plain LoRA form for PEFT")
             continue
-        ad = kind.as_lora(adapter)
+        ad = as_lora(adapter)
         name = name_of(path)
         n_stack = ad.roles.count("stack")
         why = _name_problem(name, n_stack)
@@ -149,7 +154,16 @@ def to_peft(
 
                 tensors.append(_safetensors.Tensor(f"{PREFIX}{module}.{suffix}", like.shape, np.dtype(a.dtype),
                                                    produce))  # fmt: skip
-            modules[module] = (path, ad)
+            if dora:
+                if layer == "embedding":
+                    problems.append(f"{path!r}: DoRA on an embedding (PEFT's has a magnitude per row) is not exported")
+                    continue
+                m = adapter.m if i is None else adapter.m[i]
+                shape = (1, m.size) + (1,) * (len(ad.roles) - n_stack - 2) if layer == "conv" else (m.size,)
+                produce_m = lambda m=m, shape=shape: _safetensors.to_host(m).reshape(shape)  # noqa: E731
+                tensors.append(_safetensors.Tensor(f"{PREFIX}{module}.lora_magnitude_vector", shape,
+                                                   np.dtype(m.dtype), produce_m))  # fmt: skip
+            modules[module] = (path, adapter if dora else ad)
     clash = sorted(set(whole) & set(modules))
     problems += [f"module {m!r} is both LoRA-adapted and trained fully ({whole[m]!r})" for m in clash]
     if problems:
@@ -197,7 +211,7 @@ def pattern_key(module: str) -> str:
     return "^" + re.escape(module)
 
 
-def _config(modules: dict[str, tuple[str, Adapter]], whole: list[str], base_model: str | None,
+def _config(modules: dict[str, tuple[str, Any]], whole: list[str], base_model: str | None,
             task_type: str | None) -> dict:  # fmt: skip
     ads = [ad for _, ad in modules.values()] or [Adapter(np.zeros((1, 1)), np.zeros((1, 1)), rank=1, alpha=1.0)]
     linear = [ad for path, ad in modules.values() if len(ad.roles) - ad.roles.count("stack") == 2
@@ -205,6 +219,9 @@ def _config(modules: dict[str, tuple[str, Adapter]], whole: list[str], base_mode
     rslora = {ad.rslora for ad in ads}
     if len(rslora) > 1:
         raise ValueError("lora_jax.to_peft: adapters mix rsLoRA and plain LoRA scaling; PEFT has one use_rslora flag.")
+    dora = {isinstance(ad, DoraAdapter) for ad in ads}
+    if len(dora) > 1:
+        raise ValueError("lora_jax.to_peft: adapters mix DoRA and plain LoRA; PEFT has one use_dora flag.")
     common: Callable[[Any], Any] = lambda values: collections.Counter(values).most_common(1)[0][0]  # noqa: E731
     r, alpha = common(ad.rank for ad in ads), common(ad.alpha for ad in ads)
     return {
@@ -214,6 +231,6 @@ def _config(modules: dict[str, tuple[str, Adapter]], whole: list[str], base_mode
         "alpha_pattern": {pattern_key(m): ad.alpha for m, (_, ad) in sorted(modules.items()) if ad.alpha != alpha},
         "lora_dropout": common(ad.dropout for ad in ads), "bias": "none",
         "fan_in_fan_out": bool(linear) and all(ad.roles[ad.roles.count("stack") :] == ("out", "in") for ad in linear),
-        "init_lora_weights": True, "inference_mode": True, "modules_to_save": whole or None,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": whole or None, "use_dora": dora.pop(),
         "base_model_name_or_path": base_model, "task_type": task_type,
     }  # fmt: skip

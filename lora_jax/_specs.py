@@ -38,17 +38,21 @@ class Einsum(NamedTuple):
       x: the input the kernel is contracted with.
       roles: the kernel's roles as the layer defines them, when they differ from those the
         equation implies (``Embed.attend`` contracts an embedding's ``"out"`` axis).
+      bias: the layer's bias, added to the product (``None``: none); filled in by the front
+        ends for kinds that rescale the product (DoRA).
     """
 
     equation: str
     x: Any
     roles: Roles | None = None
+    bias: Any = None
 
 
 class Conv(NamedTuple):
     """A layer computing ``lax.conv_general_dilated(x, kernel, ...)`` with channels-last ``x``
     and a ``(spatial..., in, out)`` kernel; ``batch_shape``: the leading output shape to
-    restore when the layer flattened several batch axes of its input into one."""
+    restore when the layer flattened several batch axes of its input into one; ``bias`` as
+    for :class:`Einsum`."""
 
     x: Any
     strides: tuple[int, ...]
@@ -56,6 +60,7 @@ class Conv(NamedTuple):
     lhs_dilation: tuple[int, ...]
     rhs_dilation: tuple[int, ...]
     batch_shape: tuple[int, ...] | None = None
+    bias: Any = None
 
 
 class Lookup(NamedTuple):

@@ -1,0 +1,171 @@
+"""DoRA (weight-decomposed LoRA, Liu et al. 2024, arXiv:2402.09353), an adapter kind.
+
+The adapted kernel is split into a direction and a trained magnitude ``m``, one per output
+feature (per ``(stack..., out...)`` entry of the kernel):
+
+    W' = m · V / ‖V‖,    V = W + scale · a ⋅ b,    ‖V‖ over the kernel's in axes
+
+(PEFT: per row of its ``(out, in)`` weight; per output channel of a convolution). ``m`` starts
+at ``‖W‖``, so a fresh adapter changes nothing. As in the paper (§4.3) and PEFT, ``‖V‖`` is a
+constant of the backward pass. The factored forward never forms ``W'``:
+
+    y = bias + (m / ‖V‖) · (x ⋅ W + scale · x ⋅ a ⋅ b)
+
+from the layer's own output ``x ⋅ W + bias``: one low-rank branch, the norm of ``V`` (``I·O·r``
+per call, independent of the tokens) and elementwise work on the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax import _adapter, _lora, _specs
+from lora_jax._adapter import DEFAULT_ROLES_2D, Roles
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class DoraAdapter:
+    """The DoRA adapter of one kernel: a LoRA adapter ``a``, ``b`` and a magnitude ``m``.
+
+    Create them with ``LoraConfig(use_dora=True)``; :func:`lora_jax.init` sets ``m = ‖W‖``.
+
+    Attributes:
+      a: ``(stack..., in..., rank)``.
+      b: ``(stack..., rank, out...)``.
+      m: ``(stack..., out...)``: the magnitude of each output feature.
+      rank, alpha, roles, rslora, dropout: as :class:`lora_jax.Adapter`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> params = {"dense": {"kernel": jnp.ones((8, 4))}}
+      >>> ad = lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2, use_dora=True))["dense"]["kernel"]
+      >>> ad.m  # ‖W‖ of each output column
+      Array([2.828427, 2.828427, 2.828427, 2.828427], dtype=float32)
+    """
+
+    a: Any
+    b: Any
+    m: Any
+    rank: int = dataclasses.field(metadata=dict(static=True))
+    alpha: float = dataclasses.field(metadata=dict(static=True))
+    roles: Roles = dataclasses.field(default=DEFAULT_ROLES_2D, metadata=dict(static=True))
+    rslora: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+
+    def __post_init__(self):
+        lora = self.lora  # validates a, b and the metadata as lj.Adapter does
+        for name in ("rank", "alpha", "roles", "rslora", "dropout"):
+            object.__setattr__(self, name, getattr(lora, name))
+        m, a, b = (getattr(x, "shape", None) for x in (self.m, self.a, self.b))
+        if all(isinstance(s, tuple) for s in (m, a, b)):
+            kept = len(a) - self.roles.count("in") - 1  # stack axes a lifted transform has not sliced off
+            if m != a[:kept] + b[kept + 1 :]:
+                raise ValueError(
+                    f"lora_jax.DoraAdapter: m has shape {m}, expected {a[:kept] + b[kept + 1:]} (stack..., out...)."
+                )
+
+    @property
+    def lora(self) -> _lora.Adapter:
+        """The LoRA part ``a``, ``b`` as a plain :class:`lora_jax.Adapter`."""
+        return _lora.Adapter(self.a, self.b, rank=self.rank, alpha=self.alpha, roles=self.roles, rslora=self.rslora,
+                             dropout=self.dropout)  # fmt: skip
+
+    @property
+    def scale(self) -> float:
+        return self.lora.scale
+
+    def __repr__(self) -> str:
+        shape = lambda x: getattr(x, "shape", x)  # noqa: E731
+        return (
+            f"DoraAdapter(a={shape(self.a)}, b={shape(self.b)}, m={shape(self.m)}, rank={self.rank}, "
+            f"alpha={self.alpha}, roles={self.roles}, rslora={self.rslora}, dropout={self.dropout})"
+        )
+
+
+def axes(ad: DoraAdapter) -> dict[str, tuple[int | None, ...]]:
+    return {**_lora.axes(ad.lora), "m": tuple(i for i, r in enumerate(ad.roles) if r != "in")}
+
+
+def norm(v: jax.Array, roles: Roles) -> jax.Array:
+    """``‖v‖`` over the in axes, kept as axes of size 1 (broadcasts against the kernel)."""
+    return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(i for i, r in enumerate(roles) if r == "in"), keepdims=True))
+
+
+def in_kernel_layout(m: jax.Array, roles: Roles) -> jax.Array:
+    """``m`` ``(stack..., out...)`` with the kernel's in axes inserted as size 1."""
+    sizes = iter(m.shape)
+    return m.reshape(tuple(1 if r == "in" else next(sizes) for r in roles))
+
+
+def initial_magnitude(kernel: jax.Array, roles: Roles) -> jax.Array:
+    """``‖W‖`` per output feature, ``(stack..., out...)``, in float32."""
+    n = norm(jnp.asarray(kernel, jnp.float32), roles)
+    return n.reshape(tuple(s for s, r in zip(n.shape, roles) if r != "in"))
+
+
+def merge(w: jax.Array, ad: DoraAdapter) -> jax.Array:
+    """``m · V/‖V‖``; ``‖V‖`` without gradient, as in the factored forward (merged inside a step,
+    the gradients are the factored ones)."""
+    v = w + _lora.delta(ad.lora)
+    return in_kernel_layout(ad.m.astype(jnp.float32), ad.roles) * v / jax.lax.stop_gradient(norm(v, ad.roles))
+
+
+def _no_unmerge(w: jax.Array, ad: DoraAdapter) -> jax.Array:
+    raise ValueError(
+        "lora_jax: a DoRA merge cannot be undone from the merged kernel alone: it holds m · V/‖V‖, and ‖V‖ (the norm "
+        "of W + scale·a⋅b) is lost in it. Keep the base parameters, or merge again from them."
+    )
+
+
+def output(layer: _specs.Spec, base: jax.Array, kernel: jax.Array, ad: DoraAdapter, dropout) -> jax.Array:
+    """``bias + (m/‖V‖) · (x⋅W + scale · drop(x)⋅a⋅b)``, ``‖V‖`` without gradient, computed as
+    PEFT does: ``base + (m/‖V‖ - 1) · (base - bias) + (m/‖V‖) · branch`` (exactly the base
+    output for a fresh adapter)."""
+    factor_axes = _output_axes(layer, ad.roles)
+    lora = ad.lora
+    v = kernel.astype(jnp.float32) + jax.lax.stop_gradient(_lora.delta(lora))
+    n = jax.lax.stop_gradient(norm(v, ad.roles))
+    factor = ad.m.astype(jnp.float32) / n.reshape(ad.m.shape)
+    factor = factor_axes(factor).astype(base.dtype)
+    bias = getattr(layer, "bias", None)
+    bias = jnp.zeros((), base.dtype) if bias is None else jnp.asarray(bias, base.dtype)
+    branch = _specs.lowrank(layer, lora.a, lora.b, lora.scale, dropout=dropout).astype(base.dtype)
+    return base + (factor - 1) * (base - bias) + factor * branch
+
+
+def _output_axes(layer: _specs.Spec, roles: Roles):
+    """A function placing an array over the kernel's ``(stack..., out...)`` axes into the layer
+    output's layout (size-1 axes elsewhere); a ``ValueError`` for layers DoRA does not adapt."""
+    if isinstance(layer, _specs.Conv):
+        return lambda f: f  # channels last: (out,) broadcasts
+    if isinstance(layer, _specs.Einsum):
+        xs, ks, ys = _specs._parse(layer.equation, jnp.ndim(layer.x))
+        ins = {c for c, r in zip(ks, roles) if r == "in"}
+        kept = [c for c, r in zip(ks, roles) if r != "in"]
+        if {c for c in ks if c in xs and c not in ys} == ins and all(c in ys for c in kept):
+            order = sorted(range(len(kept)), key=lambda j: ys.index(kept[j]))
+
+            def place(f: jax.Array) -> jax.Array:
+                f = jnp.transpose(f, order)
+                sizes = dict(zip([kept[j] for j in order], f.shape))
+                return f.reshape(tuple(sizes.get(c, 1) for c in ys))
+
+            return place
+    what = "an embedding lookup" if isinstance(layer, _specs.Lookup) else "a layer that does not map its input by x⋅W"
+    raise ValueError(
+        f"DoRA adapts linear layers and convolutions (a magnitude per output feature); this is {what} (e.g. "
+        "Embed, or a tied head's attend). Leave it out of the DoRA targets, or adapt it with plain LoRA."
+    )
+
+
+_adapter.register_kind(
+    DoraAdapter,
+    _adapter.Kind(
+        name="dora", axes=axes, merge=merge, unmerge=_no_unmerge, output=output,
+    ),
+)  # fmt: skip

@@ -1,0 +1,212 @@
+"""DoRA: the factored forward against the merged kernel and a float64 NumPy reference, against
+PEFT's DoRA on a PyTorch twin (outputs, gradients, merges; files both ways), and bad input."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import MLP, randomize
+
+import lora_jax as lj
+
+DORA = lj.LoraConfig(rank=3, alpha=5.0, use_dora=True)
+
+
+def _trained(params, config=DORA, roles=None, seed=0):
+    """A 'trained' DoRA tree: a, b random, m positive and away from ‖W‖."""
+    tree = lj.init(jax.random.key(seed), params, config, roles=roles)
+    tree = randomize(tree, jax.random.key(seed + 1), std=0.3)
+    return jax.tree.map(lambda ad: lj.DoraAdapter(ad.a, ad.b, jnp.abs(ad.m) + 0.5, rank=ad.rank, alpha=ad.alpha,
+                                                   roles=ad.roles, rslora=ad.rslora),
+                        tree, is_leaf=lambda x: isinstance(x, lj.DoraAdapter))  # fmt: skip
+
+
+def _reference_merge(w, ad):
+    """m · V / ‖V‖ in float64, V = W + scale·ΔW, the norm over the kernel's in axes."""
+    a, b = np.asarray(ad.a, np.float64), np.asarray(ad.b, np.float64)
+    v = np.asarray(w, np.float64) + ad.scale * np.einsum(_lj_delta_spec(ad.roles), a, b)
+    ins = tuple(i for i, r in enumerate(ad.roles) if r == "in")
+    m = np.asarray(ad.m, np.float64).reshape([1 if r == "in" else n for n, r in zip(v.shape, ad.roles)])
+    return m * v / np.sqrt(np.sum(v**2, axis=ins, keepdims=True))
+
+
+def _lj_delta_spec(roles):
+    from lora_jax._lora import delta_spec
+
+    return delta_spec(roles)
+
+
+class Mixed(nn.Module):
+    """Dense with bias, DenseGeneral with 2 out axes and 2 in axes, a Conv."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.DenseGeneral((2, 4), name="qkv")(x)  # (b, t, 2, 4)
+        h = nn.DenseGeneral(6, axis=(-2, -1), name="out")(jnp.tanh(h))
+        return nn.Conv(5, (3,), name="conv")(jnp.tanh(nn.Dense(6, name="fc")(h)))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_factored_equals_merged_and_the_reference(jit):
+    model = Mixed()
+    x = jax.random.normal(jax.random.key(0), (2, 7, 8))
+    params = model.init(jax.random.key(1), x)["params"]
+    roles = lj.axis_roles(model, x)
+    fresh = lj.init(jax.random.key(2), params, DORA, roles=roles)
+    factored = lj.wrap(model.apply, compute="factored")
+    run = jax.jit(factored) if jit else factored
+    base = model.apply({"params": params}, x)
+    # A fresh adapter: the base (exactly where ‖W‖ is recomputed the same way; under jit, to its rounding).
+    np.testing.assert_allclose(run({"params": params, "lora": fresh}, x), base, rtol=1e-5 if jit else 0, atol=0)
+    trained = _trained(params, roles=roles)
+    merged = lj.apply_lora(params, trained)
+    for layer in ("qkv", "out", "conv", "fc"):
+        want = _reference_merge(params[layer]["kernel"], trained[layer]["kernel"])
+        np.testing.assert_allclose(merged[layer]["kernel"], want, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(run({"params": params, "lora": trained}, x), model.apply({"params": merged}, x),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+def test_gradients_treat_the_norm_as_a_constant():
+    """Factored and merged-in-step give the same gradients, and the norm's is not among them: the
+    gradient equals that of m·V/c with c = ‖V‖ computed outside the differentiation."""
+    model = MLP(out=6)
+    x = jax.random.normal(jax.random.key(0), (5, 8))
+    params = model.init(jax.random.key(1), x)["params"]
+    trained = _trained(params)
+    def loss(ad, mode):
+        return jnp.sum(lj.wrap(model.apply, compute=mode)({"params": params, "lora": ad}, x) ** 2)
+
+    grads = {mode: jax.grad(loss)(trained, mode) for mode in ("factored", "merged")}
+    for got, want in zip(jax.tree.leaves(grads["factored"]), jax.tree.leaves(grads["merged"])):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    norms = {k: np.linalg.norm(np.asarray(lj.apply_lora(params, {k: {"kernel": lj.Adapter(
+        ad["kernel"].a, ad["kernel"].b, rank=3, alpha=5.0)}})[k]["kernel"]), axis=0) for k, ad in trained.items()}  # fmt: skip
+
+    def constant_norm(ad):
+        p = {k: dict(v) for k, v in params.items()}
+        for k in ("fc1", "fc2"):
+            d = ad[k]["kernel"]
+            v = p[k]["kernel"] + d.scale * d.a @ d.b
+            p[k]["kernel"] = d.m * v / norms[k]
+        return jnp.sum(model.apply({"params": p}, x) ** 2)
+
+    want = jax.grad(constant_norm)(trained)
+    for got, ref in zip(jax.tree.leaves(grads["factored"]), jax.tree.leaves(want)):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def twins():
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    model = MLP(out=6)
+    x = jax.random.normal(jax.random.key(0), (5, 8))
+    params = model.init(jax.random.key(1), x)["params"]
+
+    class TorchMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 6)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    def twin():
+        net = TorchMLP()
+        with torch.no_grad():
+            for name in ("fc1", "fc2"):
+                getattr(net, name).weight.copy_(torch.tensor(np.asarray(params[name]["kernel"]).T))
+                getattr(net, name).bias.copy_(torch.tensor(np.asarray(params[name]["bias"])))
+        return net
+
+    return model, params, x, twin, torch, peft
+
+
+def test_a_lora_jax_dora_adapter_in_peft(twins, tmp_path):
+    model, params, x, twin, torch, peft = twins
+    trained = _trained(params)
+    lj.to_peft(tmp_path, trained)
+    net = peft.PeftModel.from_pretrained(twin(), tmp_path, is_trainable=True)
+    xt = torch.tensor(np.asarray(x))
+    ours = lj.wrap(model.apply)({"params": params, "lora": trained}, x)
+    np.testing.assert_allclose(net(xt).detach().numpy(), ours, rtol=1e-5, atol=1e-5)
+    # Gradients of the same loss, through PEFT's DoRA (torch autograd) and ours.
+    torch.sum(net(xt) ** 2).backward()
+    grads = jax.grad(lambda ad: jnp.sum(lj.wrap(model.apply)({"params": params, "lora": ad}, x) ** 2))(trained)
+    for name in ("fc1", "fc2"):
+        layer, g = getattr(net.base_model.model, name), grads[name]["kernel"]
+        np.testing.assert_allclose(layer.lora_A["default"].weight.grad.numpy().T, g.a, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(layer.lora_B["default"].weight.grad.numpy().T, g.b, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(layer.lora_magnitude_vector["default"].weight.grad.numpy(), g.m, rtol=1e-4,
+                                   atol=1e-5)  # fmt: skip
+
+
+def test_a_peft_dora_adapter_in_lora_jax_and_its_merge(twins, tmp_path):
+    model, params, x, twin, torch, peft = twins
+    torch.manual_seed(0)
+    net = peft.get_peft_model(twin(), peft.LoraConfig(r=2, lora_alpha=6, target_modules=["fc1", "fc2"], use_dora=True))
+    with torch.no_grad():  # "trained": every factor and magnitude moved
+        for name, p in net.named_parameters():
+            if "lora_" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    net.save_pretrained(tmp_path)
+    lora = lj.from_peft(tmp_path, params)
+    assert isinstance(lora["fc1"]["kernel"], lj.DoraAdapter)
+    xt = torch.tensor(np.asarray(x))
+    want = net(xt).detach().numpy()
+    np.testing.assert_allclose(lj.wrap(model.apply)({"params": params, "lora": lora}, x), want, rtol=1e-5, atol=1e-5)
+    merged = lj.apply_lora(params, lora)
+    unloaded = net.merge_and_unload()
+    for name in ("fc1", "fc2"):
+        np.testing.assert_allclose(merged[name]["kernel"], getattr(unloaded, name).weight.detach().numpy().T,
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_files_summary_and_shardings(tmp_path):
+    params = {"dense": {"kernel": jnp.ones((8, 4))}}
+    trained = _trained(params)
+    lj.save(tmp_path / "dora.safetensors", trained)
+    loaded = lj.load(tmp_path / "dora.safetensors")
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(trained)):
+        np.testing.assert_array_equal(got, want)
+    assert lj.summary(params, trained).trainable_params == 8 * 3 + 3 * 4 + 4  # a, b and m
+    from jax.sharding import PartitionSpec as P
+
+    spec = lj.adapter_shardings({"dense": {"kernel": P("fsdp", "tp")}}, trained)["dense"]["kernel"]
+    assert (spec.a, spec.b, spec.m) == (P("fsdp", None), P(None, "tp"), P("tp"))
+
+
+def test_bad_input(tmp_path):
+    class WithEmbed(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            return nn.Dense(3, name="head")(nn.Embed(10, 4, name="emb")(ids))
+
+    model, ids = WithEmbed(), jnp.array([[1, 2, 3]])
+    params = model.init(jax.random.key(0), ids)["params"]
+    lora = lj.init(jax.random.key(1), params, lj.LoraConfig(rank=2, use_dora=True, targets=".*(embedding|kernel)"))
+    with pytest.raises(ValueError, match=r"'emb/embedding' \(Embed\): DoRA adapts linear layers and convolutions"):
+        lj.wrap(model.apply)({"params": params, "lora": lora}, ids)
+    with pytest.raises(ValueError, match="a DoRA merge cannot be undone"):
+        lj.unmerge(lj.apply_lora(params, lora), lora)
+    with pytest.raises(TypeError, match="no LoRA form for a bank"):
+        lj.bank([lora])
+    with pytest.raises(ValueError, match="no LoRA form to combine"):
+        lj.combine([lora, lora], [1.0, 1.0], "cat")
+    head_only = {"head": lora["head"]}
+    plain = lj.init(jax.random.key(2), params, lj.LoraConfig(rank=2, targets="emb/embedding"))
+    with pytest.raises(ValueError, match="mix DoRA and plain LoRA"):
+        lj.to_peft(tmp_path / "mixed", {**plain, **head_only})
+    with pytest.raises(ValueError, match="m has shape \\(2,\\), expected \\(3,\\)"):
+        lj.DoraAdapter(jnp.zeros((4, 2)), jnp.zeros((2, 3)), jnp.ones(2), rank=2, alpha=1.0)
+    lj.to_peft(tmp_path / "dora", head_only)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(tmp_path / "dora" / "adapter_model.safetensors")
+    key = "base_model.model.head.lora_magnitude_vector"
+    tensors[key] = np.ones(5, np.float32)
+    save_file(tensors, tmp_path / "dora" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"lora_magnitude_vector is float32\[5\], expected a float vector of shape \(3,\)"):
+        lj.from_peft(tmp_path / "dora", params)
