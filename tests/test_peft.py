@@ -210,7 +210,8 @@ def _edit_config(directory, **changes):
     [
         (dict(peft_type="IA3"), ValueError, r"peft_type 'IA3'; only 'LORA' is supported"),
         (dict(r=...), ValueError, r"lacks the required keys \['r'\]"),
-        (dict(use_dora=True), ValueError, r"uses PEFT features lora_jax does not import: \{'use_dora': True\}"),
+        (dict(lora_bias=True), ValueError, r"uses PEFT features lora_jax does not import: \{'lora_bias': True\}"),
+        (dict(use_dora=True), ValueError, r"'fc/kernel': the config says use_dora: true but the module has no lora_mag"),
         (dict(r=3), ValueError, r"do not have the config's rank 3"),
     ],
 )
