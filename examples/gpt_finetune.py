@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--targets", default=TARGETS, help="regex of the kernels to adapt (default: every block kernel)")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 300; 20 with --quick)")
     p.add_argument("--lr", type=float, default=3e-3, help="LoRA learning rate (default 3e-3)")
+    p.add_argument("--dora", action="store_true", help="DoRA: also train a magnitude per output feature")
+    p.add_argument("--loraplus-ratio", type=float, default=None,
+                   help="LoRA+: b's learning rate is this many times --lr (e.g. 16)")  # fmt: skip
     out = os.path.join("runs", "gpt_finetune")
     p.add_argument("--out", default=out, help=f"run directory (default {out})")
     p.add_argument("--base-dir", default=os.path.join("runs", "base"), help="cache of pretrained bases")
@@ -76,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.steps = 20 if args.quick else 300
     if args.rank < 1 or args.steps < 1:
         p.error("--rank and --steps must be >= 1")
+    if args.loraplus_ratio is not None and not args.loraplus_ratio > 0:
+        p.error("--loraplus-ratio must be > 0")
     return args
 
 
@@ -106,7 +111,7 @@ def run(args: argparse.Namespace) -> None:
 
     base = pretrained_base(model, settings, texts, args)
     roles = lj.axis_roles(model, code_eval[0])
-    config = lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=args.targets)
+    config = lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=args.targets, use_dora=args.dora)
     try:
         lora = lj.init(jax.random.key(args.seed + 1), base, config, roles=roles)
     except ValueError as e:
@@ -121,7 +126,10 @@ def run(args: argparse.Namespace) -> None:
     base_code = _mean(base_eval, base, code_eval)
     print(f"base model, held-out code loss {base_code:.3f} nats/byte")
 
-    tx = lj.optimizer(optax.adam(args.lr))
+    if args.loraplus_ratio is None:
+        tx = lj.optimizer(optax.adam(args.lr))
+    else:
+        tx = lj.optimizer(lj.loraplus(optax.adam, learning_rate=args.lr, ratio=args.loraplus_ratio))
     code_train = data.batches(texts["code_train"], settings.batch, length, args.seed + 2)
     lora_run = train(
         "LoRA", {"params": frozen, "lora": lora}, tx, lambda v, t: next_token_loss(apply(v, t), t),
@@ -236,9 +244,10 @@ def write_outputs(args, frozen, lora, base) -> dict:
 
 
 def report(args, summary, results, lora_run, full_run, outputs) -> None:
+    kind = "DoRA" if args.dora else "LoRA"
     rows = [
         ("base (prose only)", results["base"], "-", "-", "-"),
-        (f"LoRA r={args.rank}", results["lora"], f"{summary.trainable_params:,}", f"{summary.trainable_percent:.2f}%",
+        (f"{kind} r={args.rank}", results["lora"], f"{summary.trainable_params:,}", f"{summary.trainable_percent:.2f}%",
          f"{lora_run['step_time'] * 1e3:.0f} ms"),
         ("full fine-tuning", results["full"], f"{summary.total_params - summary.trainable_params:,}", "100%",
          f"{full_run['step_time'] * 1e3:.0f} ms"),
@@ -248,7 +257,7 @@ def report(args, summary, results, lora_run, full_run, outputs) -> None:
     for name, r, n, pct, t in rows:
         print(f"{name:20s} {r['code']:10.3f} {r['prose']:11.3f} {n:>11s} {pct:>10s} {t:>8s}")
     gain = results["base"]["code"] - results["lora"]["code"]
-    print(f"LoRA lowers the held-out code loss by {gain:.3f} nats/byte "
+    print(f"{kind} lowers the held-out code loss by {gain:.3f} nats/byte "
           f"({100 * gain / results['base']['code']:.1f}%); full fine-tuning by "
           f"{results['base']['code'] - results['full']['code']:.3f}.")  # fmt: skip
     print(f"adapter file {outputs['adapter_bytes'] / 2**10:,.0f} KiB vs model {outputs['model_bytes'] / 2**20:.1f} MiB "

@@ -25,7 +25,7 @@ from lora_jax._layers import register_layer
 from lora_jax._linen import axis_roles, wrap
 from lora_jax._lora import Adapter
 from lora_jax._merge import apply_lora, unmerge
-from lora_jax._optim import optimizer
+from lora_jax._optim import loraplus, optimizer
 from lora_jax._peft import to_peft
 from lora_jax._sharding import adapter_shardings
 from lora_jax._specs import Conv, Einsum, Lookup, lowrank
@@ -64,6 +64,7 @@ __all__ = [
     "init",
     "kind_of",
     "load",
+    "loraplus",
     "lowrank",
     "lowrank_costs",
     "load_params",

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lora_jax import _adapter, _bank, _full
+from lora_jax import _adapter, _bank, _full, _paths
 
 _TRAIN, _FREEZE = "train", "freeze"
 
@@ -108,3 +108,70 @@ def _labels(adapters: Any) -> Any:
         return _adapter.replace(leaf, **{n: _FREEZE if n in frozen else _TRAIN for n in names})
 
     return jax.tree.map(label, adapters, is_leaf=_adapter.is_adapter)
+
+
+def loraplus(
+    make: Callable[[Any], optax.GradientTransformation],
+    *,
+    learning_rate: float | optax.Schedule,
+    ratio: float,
+    embedding_learning_rate: float | optax.Schedule = 1e-6,
+) -> optax.GradientTransformation:
+    """LoRA+ (Hayou et al. 2024): ``b`` learns ``ratio`` times faster than ``a``.
+
+    Groups the adapter arrays as PEFT's ``create_loraplus_optimizer`` does: ``a`` at
+    ``learning_rate``; ``b`` and every other 1-D trained vector (a DoRA magnitude per layer, a
+    bias trained fully) at ``ratio × learning_rate``; both factors of an embedding's adapter (a
+    kernel named ``embedding``) at ``embedding_learning_rate``; other fully trained parameters at
+    ``learning_rate``. Each group gets its own ``make(its learning rate)``.
+
+    Args:
+      make: ``learning_rate -> optax transformation``, e.g. ``optax.adamw`` or
+        ``lambda lr: optax.adamw(lr, weight_decay=0.01)``.
+      learning_rate: ``a``'s learning rate (a number or an optax schedule).
+      ratio: ``η_B / η_A`` (the paper suggests 2–16; PEFT's ``loraplus_lr_ratio``).
+      embedding_learning_rate: the learning rate of embedding adapters (PEFT's default 1e-6).
+
+    Returns:
+      An optax transformation over an adapter tree; wrap it in :func:`optimizer` to train
+      ``{'params', 'lora'}`` with the base frozen.
+
+    Raises:
+      ValueError: if ``ratio`` is not a positive number.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
+      >>> params = {"dense": {"kernel": jnp.ones((8, 4))}}
+      >>> variables = {"params": params, "lora": lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2))}
+      >>> tx = lj.optimizer(lj.loraplus(optax.adam, learning_rate=1e-4, ratio=16))
+      >>> grads = jax.tree.map(jnp.ones_like, variables)
+      >>> updates, _ = tx.update(grads, tx.init(variables), variables)
+      >>> ad = updates["lora"]["dense"]["kernel"]
+      >>> round(float(ad.a[0, 0]), 6), round(float(ad.b[0, 0]), 6)  # adam's first step: -lr·sign(g)
+      (-0.0001, -0.0016)
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
+        raise ValueError(f"lora_jax.loraplus: ratio must be a number > 0, found {ratio!r}.")
+    scaled = (lambda step: ratio * learning_rate(step)) if callable(learning_rate) else ratio * learning_rate
+    transforms = {"a": make(learning_rate), "b": make(scaled), "embedding": make(embedding_learning_rate)}
+    return optax.multi_transform(transforms, _loraplus_labels)
+
+
+def _loraplus_labels(tree: Any) -> Any:
+    def label(keypath: Any, leaf: Any) -> Any:
+        if not _adapter.is_adapter(leaf):
+            return "a"
+        embedding = _paths.keys_of(keypath)[-1:] == ("embedding",)
+        roles = _adapter.static(leaf).get("roles")
+        n_stack = roles.count("stack") if roles else 0
+
+        def group(name: str, x: Any) -> str:
+            if embedding and roles is not None:
+                return "embedding"
+            if name == "b" or (name != "a" and getattr(x, "ndim", 0) - n_stack == 1):
+                return "b"
+            return "a"
+
+        return _adapter.replace(leaf, **{n: group(n, x) for n, x in _adapter.arrays(leaf).items()})
+
+    return jax.tree_util.tree_map_with_path(label, tree, is_leaf=_adapter.is_adapter)

@@ -114,3 +114,58 @@ def test_trainable_keyword_moved_to_the_config():
     """One source of truth: the optimizer and wrap no longer take their own list."""
     with pytest.raises(TypeError, match=r"lora_jax\.optimizer: trainable= moved to LoraConfig\(trainable=\.\.\.\)"):
         lj.optimizer(optax.sgd(0.1), trainable="head/.*")
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_loraplus_groups_the_arrays_as_peft_does(dora):
+    """Each array's learning rate (read off adam's first step, -lr per entry for a gradient of
+    ones) is the learning rate of its parameter group in PEFT's create_loraplus_optimizer."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from peft.optimizers import create_loraplus_optimizer
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc, self.head = torch.nn.Embedding(10, 6), torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)
+
+    targets = ["fc"] if dora else ["emb", "fc"]
+    config = peft.LoraConfig(r=2, target_modules=targets, modules_to_save=["head"], use_dora=dora)
+    net = peft.get_peft_model(Net(), config)
+    torch_opt = create_loraplus_optimizer(net, torch.optim.Adam, lr=1e-3, loraplus_lr_ratio=8.0)
+    lr_of = {id(p): group["lr"] for group in torch_opt.param_groups for p in group["params"]}
+    want = {name: lr_of[id(p)] for name, p in net.named_parameters() if p.requires_grad}
+
+    params = {"emb": {"embedding": jnp.zeros((10, 6))}, "fc": {"kernel": jnp.zeros((6, 5)), "bias": jnp.zeros(5)},
+              "head": {"kernel": jnp.zeros((5, 3)), "bias": jnp.zeros(3)}}  # fmt: skip
+    cfg = lj.LoraConfig(rank=2, targets="fc/kernel" if dora else "(emb/embedding|fc/kernel)", trainable="head/.*",
+                        use_dora=dora)  # fmt: skip
+    variables = {"params": params, "lora": lj.init(jax.random.key(0), params, cfg)}
+    tx = lj.optimizer(lj.loraplus(optax.adam, learning_rate=1e-3, ratio=8.0))
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, variables), tx.init(variables), variables)
+    lora = updates["lora"]
+    got = {
+        "base_model.model.fc.lora_A.default.weight": lora["fc"]["kernel"].a,
+        "base_model.model.fc.lora_B.default.weight": lora["fc"]["kernel"].b,
+        "base_model.model.head.modules_to_save.default.weight": lora["head"]["kernel"].value,
+        "base_model.model.head.modules_to_save.default.bias": lora["head"]["bias"].value,
+    }
+    if dora:
+        got["base_model.model.fc.lora_magnitude_vector.default.weight"] = lora["fc"]["kernel"].m
+    else:
+        got["base_model.model.emb.lora_embedding_A.default"] = lora["emb"]["embedding"].a
+        got["base_model.model.emb.lora_embedding_B.default"] = lora["emb"]["embedding"].b
+    assert sorted(got) == sorted(want)
+    for name, update in got.items():
+        np.testing.assert_allclose(-np.asarray(update), want[name], rtol=1e-4, err_msg=name)
+
+
+def test_loraplus_bad_ratio_and_schedules():
+    with pytest.raises(ValueError, match="ratio must be a number > 0, found 0"):
+        lj.loraplus(optax.adam, learning_rate=1e-3, ratio=0)
+    params = {"dense": {"kernel": jnp.zeros((4, 3))}}
+    lora = lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2))
+    tx = lj.loraplus(optax.sgd, learning_rate=optax.constant_schedule(0.1), ratio=4.0)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, lora), tx.init(lora), lora)
+    np.testing.assert_allclose(updates["dense"]["kernel"].b, -0.4)
+    np.testing.assert_allclose(updates["dense"]["kernel"].a, -0.1)
