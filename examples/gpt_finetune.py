@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 300; 20 with --quick)")
     p.add_argument("--lr", type=float, default=3e-3, help="LoRA learning rate (default 3e-3)")
     p.add_argument("--dora", action="store_true", help="DoRA: also train a magnitude per output feature")
+    p.add_argument("--init", default="lora", choices=["lora", "gaussian", "pissa", "pissa_niter_4", "olora"],
+                   help="adapter init (pissa/olora: from the kernels; the base becomes the residual)")  # fmt: skip
     p.add_argument("--loraplus-ratio", type=float, default=None,
                    help="LoRA+: b's learning rate is this many times --lr (e.g. 16)")  # fmt: skip
     out = os.path.join("runs", "gpt_finetune")
@@ -111,12 +113,13 @@ def run(args: argparse.Namespace) -> None:
 
     base = pretrained_base(model, settings, texts, args)
     roles = lj.axis_roles(model, code_eval[0])
-    config = lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=args.targets, use_dora=args.dora)
-    try:
-        lora = lj.init(jax.random.key(args.seed + 1), base, config, roles=roles)
+    config = lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=args.targets, use_dora=args.dora, init=args.init)
+    try:  # PiSSA/OLoRA: the adapters start from the kernels and the frozen base is the residual
+        lora, residual = lj.init_residual(jax.random.key(args.seed + 1), base, config, roles=roles)
     except ValueError as e:
         raise UserError(f"--targets {args.targets!r}: {e}") from None
-    frozen = jax.tree.map(lambda p: p.astype(cfg.dtype), base)  # the frozen base may live in bf16
+    initial = lora
+    frozen = jax.tree.map(lambda p: p.astype(cfg.dtype), residual)  # the frozen base may live in bf16
     summary = lj.summary(frozen, lora)
     print(summary)
 
@@ -149,7 +152,7 @@ def run(args: argparse.Namespace) -> None:
         "lora": {"code": lora_run["evals"][-1][1], "prose": _mean(evaluate, lora_vars, prose_eval)},
         "full": {"code": full_run["evals"][-1][1], "prose": _mean(base_eval, full_run["state"], prose_eval)},
     }
-    outputs = write_outputs(args, frozen, lora, base)
+    outputs = write_outputs(args, frozen, lora, base, initial)
     report(args, summary, results, lora_run, full_run, outputs)
     samples(model, apply, frozen, lora, cfg, args.seed)
     metrics = {
@@ -233,12 +236,14 @@ def train(name, state, tx, loss_fn, batches, steps, evaluate=None, eval_every=0)
     return {"state": state, "losses": losses, "evals": evals, "step_time": step_time}
 
 
-def write_outputs(args, frozen, lora, base) -> dict:
+def write_outputs(args, frozen, lora, base, initial) -> dict:
     adapter = os.path.join(args.out, "adapter.safetensors")
     merged = os.path.join(args.out, "merged.safetensors")
-    lj.save(adapter, lora)
+    lj.save(adapter, lora)  # the adapter of the frozen base it was trained on
     lj.save_params(merged, frozen, lora)
-    lj.to_peft(os.path.join(args.out, "peft"), lora)  # Hugging Face PEFT's format
+    # Hugging Face PEFT's format, against the original base (a PiSSA/OLoRA adapter converted).
+    residual = args.init in ("pissa", "pissa_niter_4", "olora")
+    lj.to_peft(os.path.join(args.out, "peft"), lj.convert_to_lora(lora, initial) if residual else lora)
     model_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(base))
     return {"adapter": adapter, "merged": merged, "adapter_bytes": os.path.getsize(adapter), "model_bytes": model_bytes}
 

@@ -27,6 +27,7 @@ from lora_jax._lora import Adapter
 from lora_jax._merge import apply_lora, unmerge
 from lora_jax._optim import loraplus, optimizer
 from lora_jax._peft import to_peft
+from lora_jax._residual import convert_to_lora, init_residual
 from lora_jax._sharding import adapter_shardings
 from lora_jax._specs import Conv, Einsum, Lookup, lowrank
 from lora_jax._summary import Summary, TargetSummary, summary
@@ -59,9 +60,11 @@ __all__ = [
     "bank_set",
     "bank_to_peft",
     "combine",
+    "convert_to_lora",
     "detach",
     "from_peft",
     "init",
+    "init_residual",
     "kind_of",
     "load",
     "loraplus",

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 from lora_jax import _lora, _paths
 
-INITS = ("lora", "gaussian")
+INITS = ("lora", "gaussian", "pissa", "olora")  # and "pissa_niter_K"
+RESIDUAL_INITS = re.compile(r"pissa|olora|pissa_niter_[1-9]\d*")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -39,7 +40,9 @@ class LoraConfig:
       init: ``"lora"`` (default): ``a`` uniform in ``±1/√fan_in``, i.e.
         ``variance_scaling(1/3, "fan_in", "uniform")``, the same as PyTorch's
         ``kaiming_uniform_(a=√5)`` used by PEFT; ``"gaussian"``: ``a`` normal with std ``1/r``.
-        ``b`` is always zero, so a fresh adapter changes nothing.
+        ``b`` is always zero, so a fresh adapter changes nothing. ``"pissa"``,
+        ``"pissa_niter_K"`` and ``"olora"`` initialise the adapters from the kernels and move
+        that part out of the base: use :func:`init_residual`, which returns the new base too.
       dropout: dropout rate in ``[0, 1)`` on the LoRA branch input (factored forward only).
       dtype: dtype of ``a`` and ``b``: float32 (the default, also for bf16 bases), bfloat16,
         float16 or float64.
@@ -83,8 +86,10 @@ class LoraConfig:
         for name in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"lora_jax.LoraConfig: {name} must be a bool, found {getattr(self, name)!r}.")
-        if self.init not in INITS:
-            raise ValueError(f"lora_jax.LoraConfig: init must be one of {INITS}, found {self.init!r}.")
+        if not isinstance(self.init, str) or not (self.init in INITS or RESIDUAL_INITS.fullmatch(self.init)):
+            raise ValueError(
+                f"lora_jax.LoraConfig: init must be one of {INITS} or 'pissa_niter_K' (K >= 1), found {self.init!r}."
+            )
         set_("dropout", _lora.check_dropout(self.dropout, f"{_WHERE}: dropout"))
         try:
             dtype = None if self.dtype is None else jnp.dtype(self.dtype)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lora_jax import _adapter, _dora, _nnx, _paths
-from lora_jax._config import LoraConfig
+from lora_jax._config import RESIDUAL_INITS, LoraConfig
 from lora_jax._dora import DoraAdapter
 from lora_jax._full import FullWeight
 from lora_jax._lora import Adapter
@@ -63,6 +63,11 @@ def init(
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"lora_jax.init: config must be a lora_jax.LoraConfig, found {type(config).__name__}.")
+    if RESIDUAL_INITS.fullmatch(config.init):
+        raise ValueError(
+            f"lora_jax.init: init={config.init!r} moves part of each kernel into its adapter, so the base changes "
+            "too: use lj.init_residual(key, params, config), which returns (adapters, residual base)."
+        )
     if isinstance(params, nnx.Module):  # an NNX model: its layers say their kernels' roles
         roles = {**_nnx.layer_roles(params), **(roles or {})}
         params = nnx.state(params, nnx.Param)
