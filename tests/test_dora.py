@@ -210,3 +210,41 @@ def test_bad_input(tmp_path):
     save_file(tensors, tmp_path / "dora" / "adapter_model.safetensors")
     with pytest.raises(ValueError, match=r"lora_magnitude_vector is float32\[5\], expected a float vector of shape \(3,\)"):
         lj.from_peft(tmp_path / "dora", params)
+
+
+class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        class Block(nn.Module):
+            @nn.compact
+            def __call__(self, h, _):
+                return h + jnp.tanh(nn.Dense(8, name="mix")(h)), None
+
+        scan = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        return scan(name="blocks")(x, None)[0]
+
+
+def test_scanned_layers_and_nnx():
+    from flax import nnx
+
+    model, x = Scanned(), jax.random.normal(jax.random.key(0), (4, 8))
+    params = model.init(jax.random.key(1), x)["params"]
+    trained = _trained(params, roles=lj.axis_roles(model, x))
+    assert trained["blocks"]["mix"]["kernel"].m.shape == (3, 8)
+    got = lj.wrap(model.apply, compute="factored")({"params": params, "lora": trained}, x)
+    np.testing.assert_allclose(got, model.apply({"params": lj.apply_lora(params, trained)}, x), rtol=1e-5, atol=1e-5)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1, self.fc2 = nnx.Linear(8, 16, rngs=rngs), nnx.Linear(16, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc2(nnx.relu(self.fc1(x)))
+
+    net = Net(nnx.Rngs(0))
+    graphdef, state = nnx.split(net)
+    lora = _trained(state)
+    want = nnx.merge(graphdef, lj.apply_lora(state, lora))(x)
+    np.testing.assert_allclose(lj.wrap(graphdef, compute="factored")(state, lora, x), want, rtol=1e-5, atol=1e-5)
+    lj.attach(net, lora, compute="factored")
+    np.testing.assert_allclose(net(x), want, rtol=1e-5, atol=1e-5)
