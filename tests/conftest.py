@@ -51,6 +51,28 @@ class MLP(nn.Module):
         return nn.Dense(self.out, name="fc2")(x)
 
 
+def torch_mlp(params):
+    """A PyTorch twin of :class:`MLP` (``fc1 → relu → fc2``) holding the Flax ``params``'
+    weights (kernels transposed); skips the test where torch is not installed."""
+    torch = pytest.importorskip("torch")
+
+    class TorchMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch.nn.Linear(*params["fc1"]["kernel"].shape)
+            self.fc2 = torch.nn.Linear(*params["fc2"]["kernel"].shape)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    net = TorchMLP()
+    with torch.no_grad():
+        for name in ("fc1", "fc2"):
+            getattr(net, name).weight.copy_(torch.tensor(np.asarray(params[name]["kernel"]).T))
+            getattr(net, name).bias.copy_(torch.tensor(np.asarray(params[name]["bias"])))
+    return net
+
+
 @pytest.fixture
 def mlp():
     model = MLP()

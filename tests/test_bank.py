@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import MLP, randomize
+from conftest import MLP, randomize, torch_mlp
 from flax import nnx
 
 import lora_jax as lj
@@ -243,19 +243,7 @@ def test_mixed_batch_equals_peft(setup, tmp_path):
     peft = pytest.importorskip("peft")
     model, params, x, trees = setup
 
-    class TorchMLP(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 6)
-
-        def forward(self, x):
-            return self.fc2(torch.relu(self.fc1(x)))
-
-    net = TorchMLP()
-    with torch.no_grad():
-        for name in ("fc1", "fc2"):
-            getattr(net, name).weight.copy_(torch.tensor(np.asarray(params[name]["kernel"]).T))
-            getattr(net, name).bias.copy_(torch.tensor(np.asarray(params[name]["bias"])))
+    net = torch_mlp(params)
     b = lj.bank(trees, rank=6)
     names = ["alice", "bob", "carol"]
     lj.bank_to_peft(tmp_path, b, names=names)

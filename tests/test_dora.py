@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import MLP, randomize
+from conftest import MLP, randomize, torch_mlp
 
 import lora_jax as lj
 
@@ -105,23 +105,7 @@ def twins():
     x = jax.random.normal(jax.random.key(0), (5, 8))
     params = model.init(jax.random.key(1), x)["params"]
 
-    class TorchMLP(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 6)
-
-        def forward(self, x):
-            return self.fc2(torch.relu(self.fc1(x)))
-
-    def twin():
-        net = TorchMLP()
-        with torch.no_grad():
-            for name in ("fc1", "fc2"):
-                getattr(net, name).weight.copy_(torch.tensor(np.asarray(params[name]["kernel"]).T))
-                getattr(net, name).bias.copy_(torch.tensor(np.asarray(params[name]["bias"])))
-        return net
-
-    return model, params, x, twin, torch, peft
+    return model, params, x, lambda: torch_mlp(params), torch, peft
 
 
 def test_a_lora_jax_dora_adapter_in_peft(twins, tmp_path):
