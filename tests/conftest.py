@@ -74,6 +74,18 @@ def torch_mlp(params):
 
 
 @pytest.fixture
+def twins():
+    """The test MLP, its params, an input, a factory of its PyTorch twin, torch and peft (the
+    test is skipped where they are not installed)."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    model = MLP(out=6)
+    x = jax.random.normal(jax.random.key(0), (5, 8))
+    params = model.init(jax.random.key(1), x)["params"]
+    return model, params, x, lambda: torch_mlp(params), torch, peft
+
+
+@pytest.fixture
 def mlp():
     model = MLP()
     x = jax.random.normal(jax.random.key(1), (5, 8))

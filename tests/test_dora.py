@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import MLP, randomize, torch_mlp
+from conftest import MLP, randomize
 
 import lora_jax as lj
 
@@ -95,17 +95,6 @@ def test_gradients_treat_the_norm_as_a_constant():
     want = jax.grad(constant_norm)(trained)
     for got, ref in zip(jax.tree.leaves(grads["factored"]), jax.tree.leaves(want)):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
-
-
-@pytest.fixture
-def twins():
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
-    model = MLP(out=6)
-    x = jax.random.normal(jax.random.key(0), (5, 8))
-    params = model.init(jax.random.key(1), x)["params"]
-
-    return model, params, x, lambda: torch_mlp(params), torch, peft
 
 
 def test_a_lora_jax_dora_adapter_in_peft(twins, tmp_path):

@@ -5,22 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import MLP, torch_mlp
 
 import lora_jax as lj
 
 pytestmark = pytest.mark.filterwarnings("ignore:PiSSA changes the base weights")
-
-
-@pytest.fixture
-def twins():
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
-    model = MLP(out=6)
-    x = jax.random.normal(jax.random.key(0), (5, 8))
-    params = model.init(jax.random.key(1), x)["params"]
-
-    return model, params, x, lambda: torch_mlp(params), torch, peft
 
 
 def _aligned(ours, theirs, axis):
