@@ -60,6 +60,8 @@ def bank(adapters: Sequence[Any], *, rank: int | None = None, params: Any = None
     if rank < largest:
         raise ValueError(f"{where}: rank {rank} is below the largest rank of the adapters, {largest}.")
     keys = {path: k for tree in trees for path, (k, _) in tree.items()}
+    if not keys:
+        raise ValueError(f"{where}: the {len(trees)} adapter trees adapt no kernel; there is nothing to bank.")
     out = []
     for path in sorted(keys):
         present = {i: tree[path][1] for i, tree in enumerate(trees) if path in tree}
@@ -242,13 +244,14 @@ def _read(item: Any, params: Any, where: str) -> Any:
 
 def _entry(tree: Any, where: str) -> dict[str, tuple[tuple, _lora.Adapter]]:
     """``{path: (keys, adapter)}`` of one tree, each adapter in its plain LoRA form."""
+    adapters = _merge.adapters_by_path(tree, where)  # every leaf an adapter of float arrays
+    keys = {path: k for path, (k, _) in _paths.by_path(tree, where, is_leaf=_adapter.is_adapter).items()}
     out = {}
-    for path, (keys, adapter) in _paths.by_path(tree, where, is_leaf=_adapter.is_adapter).items():
-        _merge.adapters_by_path({"x": adapter}, where)  # checks the leaf is an adapter of float arrays
+    for path, adapter in adapters.items():
         as_lora = _adapter.kind_of(adapter).as_lora
         if as_lora is None or isinstance(adapter, Bank):
             raise TypeError(f"{where}: {path!r} is a {type(adapter).__name__}, which has no LoRA form for a bank.")
-        out[path] = (keys, as_lora(adapter))
+        out[path] = (keys[path], as_lora(adapter))
     return out
 
 

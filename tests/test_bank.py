@@ -297,3 +297,5 @@ def test_bad_input(setup):
         lj.bank([trees[0], "."])
     with pytest.raises(TypeError, match="non-empty list"):
         lj.bank([])
+    with pytest.raises(ValueError, match="the 2 adapter trees adapt no kernel"):
+        lj.bank([{}, {}])
