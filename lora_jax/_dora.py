@@ -131,11 +131,12 @@ def output(layer: _specs.Spec, base: jax.Array, kernel: jax.Array, ad: DoraAdapt
     v = kernel.astype(jnp.float32) + jax.lax.stop_gradient(_lora.delta(lora))
     n = jax.lax.stop_gradient(norm(v, ad.roles))
     factor = ad.m.astype(jnp.float32) / n.reshape(ad.m.shape)
-    factor = factor_axes(factor).astype(base.dtype)
+    factor = factor_axes(factor)  # float32: a bf16 factor would round every output by 2^-8
     bias = getattr(layer, "bias", None)
     bias = jnp.zeros((), base.dtype) if bias is None else jnp.asarray(bias, base.dtype)
-    branch = _specs.lowrank(layer, lora.a, lora.b, lora.scale, dropout=dropout).astype(base.dtype)
-    return base + (factor - 1) * (base - bias) + factor * branch
+    branch = _specs.lowrank(layer, lora.a, lora.b, lora.scale, dropout=dropout)
+    out = base + (factor - 1) * (base - bias).astype(jnp.float32) + factor * branch.astype(jnp.float32)
+    return out.astype(base.dtype)
 
 
 def _output_axes(layer: _specs.Spec, roles: Roles):

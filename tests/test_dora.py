@@ -221,3 +221,15 @@ def test_scanned_layers_and_nnx():
     np.testing.assert_allclose(lj.wrap(graphdef, compute="factored")(state, lora, x), want, rtol=1e-5, atol=1e-5)
     lj.attach(net, lora, compute="factored")
     np.testing.assert_allclose(net(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_base_keeps_the_rescaling_in_float32():
+    model = MLP(out=6)
+    x = jax.random.normal(jax.random.key(1), (5, 8))
+    params = model.init(jax.random.key(0), x)["params"]
+    trained = _trained(params)
+    bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    want = model.apply({"params": lj.apply_lora(params, trained)}, x)  # float32 throughout
+    got = lj.wrap(model.apply, compute="factored")({"params": bf16, "lora": trained}, x.astype(jnp.bfloat16))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=2e-2 * np.abs(want).max())
