@@ -249,7 +249,8 @@ def write_outputs(args, frozen, lora, base, initial) -> dict:
 
 
 def report(args, summary, results, lora_run, full_run, outputs) -> None:
-    kind = "DoRA" if args.dora else "LoRA"
+    kind = ("DoRA" if args.dora else "LoRA") + ("" if args.init == "lora" else f" ({args.init})")
+    kind += "" if args.loraplus_ratio is None else f" (LoRA+ {args.loraplus_ratio:g})"
     rows = [
         ("base (prose only)", results["base"], "-", "-", "-"),
         (f"{kind} r={args.rank}", results["lora"], f"{summary.trainable_params:,}", f"{summary.trainable_percent:.2f}%",
@@ -258,9 +259,9 @@ def report(args, summary, results, lora_run, full_run, outputs) -> None:
          f"{full_run['step_time'] * 1e3:.0f} ms"),
     ]  # fmt: skip
     print(f"\nheld-out loss in nats/byte, after {args.steps} fine-tuning steps each")
-    print(f"{'model':20s} {'code (new)':>10s} {'prose (old)':>11s} {'trainable':>11s} {'% of model':>10s} {'step':>8s}")
+    print(f"{'model':28s} {'code (new)':>10s} {'prose (old)':>11s} {'trainable':>11s} {'% of model':>10s} {'step':>8s}")
     for name, r, n, pct, t in rows:
-        print(f"{name:20s} {r['code']:10.3f} {r['prose']:11.3f} {n:>11s} {pct:>10s} {t:>8s}")
+        print(f"{name:28s} {r['code']:10.3f} {r['prose']:11.3f} {n:>11s} {pct:>10s} {t:>8s}")
     gain = results["base"]["code"] - results["lora"]["code"]
     print(f"{kind} lowers the held-out code loss by {gain:.3f} nats/byte "
           f"({100 * gain / results['base']['code']:.1f}%); full fine-tuning by "

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from lora_jax import _adapter, _lora, _merge, _paths
 from lora_jax._config import LoraConfig
+from lora_jax._dora import DoraAdapter
 
 _WHERE = "lora_jax.init_residual"
 
@@ -89,10 +90,10 @@ def init_residual(
 
 
 def convert_to_lora(trained: Any, initial: Any) -> dict:
-    """A trained adapter tree of a residual base (:func:`init_residual`) as plain LoRA adapters
-    of the original base, ``ΔW = scale · (a⋅b - a₀⋅b₀)`` exactly: ``a' = [a | a₀]``,
-    ``b' = [b | -b₀]`` (the rank doubles), ``alpha`` doubled (×√2 with rsLoRA) so the scale
-    is unchanged. PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)``
+    """A trained adapter tree of a residual base (:func:`init_residual`) as LoRA adapters of the
+    original base, ``ΔW = scale · (a⋅b - a₀⋅b₀)`` exactly: ``a' = [a | a₀]``, ``b' = [b | -b₀]``
+    (the rank doubles), ``alpha`` doubled (×√2 with rsLoRA) so the scale is unchanged; DoRA
+    adapters stay DoRA with their magnitudes. PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)``
     writes the same adapter.
 
     Args:
@@ -109,10 +110,12 @@ def convert_to_lora(trained: Any, initial: Any) -> dict:
         raise ValueError(f"{where}: trained and initial adapt different kernels: {sorted(set(now) ^ set(then))}.")
     keys = {path: k for path, (k, _) in _paths.by_path(trained, where, is_leaf=_adapter.is_adapter).items()}
     out = []
-    for path, ad in now.items():
-        ad0 = then[path]
-        if not isinstance(ad, _lora.Adapter) or not isinstance(ad0, _lora.Adapter):
-            raise ValueError(f"{where}: {path!r} is a {type(ad).__name__}; only plain LoRA adapters convert.")
+    for path, full in now.items():
+        full0 = then[path]
+        if type(full) is not type(full0) or not isinstance(full, (_lora.Adapter, DoraAdapter)):
+            found = f"{type(full).__name__} (initially {type(full0).__name__})"
+            raise ValueError(f"{where}: {path!r} is a {found}; LoRA and DoRA adapters convert.")
+        ad, ad0 = (x.lora if isinstance(x, DoraAdapter) else x for x in (full, full0))
         same = (ad.rank, ad.alpha, ad.roles, ad.rslora, ad.a.shape, ad.b.shape)
         if same != (ad0.rank, ad0.alpha, ad0.roles, ad0.rslora, ad0.a.shape, ad0.b.shape):
             raise ValueError(f"{where}: {path!r}: the trained adapter ({_merge.describe(ad)}, rank {ad.rank}, alpha "
@@ -121,7 +124,8 @@ def convert_to_lora(trained: Any, initial: Any) -> dict:
         a = jnp.concatenate([ad.a, ad0.a.astype(ad.a.dtype)], axis=-1)
         b = jnp.concatenate([ad.b, -ad0.b.astype(ad.b.dtype)], axis=n)
         alpha = ad.alpha * (2**0.5 if ad.rslora else 2)
-        out.append((keys[path], _adapter.replace(ad, a=a, b=b, rank=2 * ad.rank, alpha=alpha)))
+        # DoRA: V = W_res + s·a⋅b = W + s·(a⋅b - a₀⋅b₀) is unchanged, and so is the magnitude.
+        out.append((keys[path], _adapter.replace(full, a=a, b=b, rank=2 * ad.rank, alpha=alpha)))
     return _paths.nest(out, where)
 
 

@@ -87,3 +87,14 @@ def test_unwritable_output_directory(tmp_path):
     proc = _run("--out", str(tmp_path / "file" / "run"), check=False)
     assert proc.returncode == 2
     assert "error: cannot write to the run directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_variants_run(quick_run, tmp_path):
+    """DoRA, PiSSA and LoRA+ together on the cached base; the PEFT export of the PiSSA adapter is
+    the converted one, of the original base (rank doubled)."""
+    root, _ = quick_run
+    proc = _run("--out", str(tmp_path), "--base-dir", str(root / "base"), "--steps", "3", "--dora", "--init",
+                "pissa", "--loraplus-ratio", "4")  # fmt: skip
+    assert "DoRA (pissa) (LoRA+ 4) r=8" in proc.stdout
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["r"] == 16

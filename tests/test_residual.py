@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import MLP
 
 import lora_jax as lj
 
@@ -117,3 +118,18 @@ def test_bad_input():
         lj.convert_to_lora(one, two)
     with pytest.raises(ValueError, match="adapt different kernels"):
         lj.convert_to_lora(one, {})
+
+
+def test_dora_with_pissa_converts_to_dora_of_the_original_base():
+    model = MLP(out=6)
+    x = jax.random.normal(jax.random.key(0), (5, 8))
+    params = model.init(jax.random.key(1), x)["params"]
+    initial, residual = lj.init_residual(jax.random.key(2), params, lj.LoraConfig(rank=3, init="pissa", use_dora=True))
+    apply = lj.wrap(model.apply)
+    np.testing.assert_allclose(apply({"params": residual, "lora": initial}, x), model.apply({"params": params}, x),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    trained = jax.tree.map(lambda t: t * 1.1 + 0.01, initial)
+    converted = lj.convert_to_lora(trained, initial)
+    assert isinstance(converted["fc1"]["kernel"], lj.DoraAdapter) and converted["fc1"]["kernel"].rank == 6
+    np.testing.assert_allclose(apply({"params": params, "lora": converted}, x),
+                               apply({"params": residual, "lora": trained}, x), rtol=1e-4, atol=1e-5)  # fmt: skip
