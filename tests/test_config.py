@@ -55,7 +55,7 @@ def test_rank_and_alpha_for_first_match_wins():
         (dict(rank_pattern={"x": 0}), ValueError, r"rank_pattern\['x'\] must be >= 1"),
         (dict(alpha_pattern={"x": -1.0}), ValueError, r"alpha_pattern\['x'\] must be > 0"),
         (dict(rank_pattern=5), TypeError, r"rank_pattern must be a dict"),
-        (dict(init="kaiming"), ValueError, r"init must be one of \('lora', 'gaussian'\)"),
+        (dict(init="kaiming"), ValueError, r"init must be one of \('lora', 'gaussian', 'pissa', 'olora'\) or 'pissa_niter_K'"),
         (dict(use_rslora=1), TypeError, r"use_rslora must be a bool"),
         (dict(dtype=jnp.int32), TypeError, r"dtype must be a floating dtype"),
         (dict(dtype="nonsense"), TypeError, r"dtype must be a floating dtype"),

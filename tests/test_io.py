@@ -165,7 +165,8 @@ def test_not_a_lora_jax_file(tmp_path):
             lambda t, d: d["adapters"]["conv/kernel"]["static"].pop("rank"),
             r"'conv/kernel': .*missing 1 required keyword-only argument: 'rank'|'conv/kernel': .*'rank'",
         ),
-        (lambda t, d: d["adapters"]["conv/kernel"].update(kind="dora"), r"adapter kind 'dora' is not registered"),
+        (lambda t, d: d["adapters"]["conv/kernel"].update(kind="vera"), r"adapter kind 'vera' is not registered"),
+        (lambda t, d: d["adapters"]["conv/kernel"].update(kind="dora"), r"arrays \['a', 'b'\] are not those of a DoraAdapter"),
         (lambda t, d: d["adapters"]["conv/kernel"].update(keys=["x"]), r"metadata keys \['x'\] do not spell the path"),
         (lambda t, d: t.pop("enc/q/kernel/a"), r"'enc/q/kernel': array 'a' is missing"),
         (
