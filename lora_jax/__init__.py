@@ -27,6 +27,7 @@ from lora_jax._lora import Adapter
 from lora_jax._merge import apply_lora, unmerge
 from lora_jax._optim import loraplus, optimizer
 from lora_jax._peft import to_peft
+from lora_jax._quant import Quantized, dequantize, quantize
 from lora_jax._residual import convert_to_lora, init_residual
 from lora_jax._sharding import adapter_shardings
 from lora_jax._specs import Conv, Einsum, Lookup, lowrank
@@ -44,6 +45,7 @@ __all__ = [
     "FullWeight",
     "Kind",
     "Lookup",
+    "Quantized",
     "LoraConfig",
     "Summary",
     "TargetSummary",
@@ -61,6 +63,7 @@ __all__ = [
     "bank_to_peft",
     "combine",
     "convert_to_lora",
+    "dequantize",
     "detach",
     "from_peft",
     "init",
@@ -72,6 +75,7 @@ __all__ = [
     "lowrank_costs",
     "load_params",
     "optimizer",
+    "quantize",
     "register_kind",
     "register_layer",
     "save",

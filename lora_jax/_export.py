@@ -14,9 +14,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _merge, _paths, _safetensors, _torch
+from lora_jax import _merge, _paths, _quant, _safetensors, _torch
 
 _META_KEY = "lora_jax_params"
+_QUANT_KEY = "lora_jax_quantized"
 
 
 def save_params(
@@ -65,6 +66,12 @@ def save_params(
     by_path = _merge.adapters_by_path(adapters, "lora_jax.save_params") if adapters is not None else {}
     if by_path:
         _merge.check_fit(params, by_path, "lora_jax.save_params")
+    quantized = {_paths.join(k): leaf for k, leaf in leaves if _quant.is_quantized(leaf)}
+    if quantized and (by_path or torch_names):
+        _merge.refuse_quantized(params, "lora_jax.save_params (merged or with torch_names)")
+    # A quantized kernel is stored as its arrays (``<path>/codes``...), described in the metadata.
+    if quantized:
+        leaves = [(k + (name,) if name else k, x) for k, leaf in leaves for name, x in _quant.parts(leaf).items()]
     is_conv = _paths.compile_pattern(conv, "conv", "lora_jax.save_params")
     tensors, problems = [], []
     for keys, leaf in leaves:
@@ -87,6 +94,8 @@ def save_params(
     if problems:
         raise ValueError("lora_jax.save_params: no PyTorch layout for:" + "".join(f"\n  {p}" for p in problems))
     meta = {"format": "pt"} if torch_names else {_META_KEY: json.dumps([[_paths.join(k), list(k)] for k, _ in leaves])}
+    if quantized:
+        meta[_QUANT_KEY] = json.dumps({path: _quant.describe(q) for path, q in quantized.items()})
     _safetensors.write(path, tensors, meta, "lora_jax.save_params")
 
 
@@ -121,4 +130,7 @@ def load_params(path: str | os.PathLike) -> dict:
         if set(names) != set(f.names) or any(_paths.join(k) != n for n, k in names.items()):
             missing, extra = sorted(set(names) - set(f.names)), sorted(set(f.names) - set(names))
             raise ValueError(f"{f.where} is inconsistent: arrays missing {missing}, arrays not listed {extra}.")
-        return _paths.nest(((names[name], jnp.asarray(f.get(name))) for name in f.names), f.where)
+        tree = _paths.nest(((names[name], jnp.asarray(f.get(name))) for name in f.names), f.where)
+        if _QUANT_KEY in f.metadata:
+            tree = _quant.rebuild(tree, f.metadata[_QUANT_KEY], f.where)
+        return tree

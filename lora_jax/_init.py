@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax import _adapter, _dora, _nnx, _paths
+from lora_jax import _adapter, _dora, _nnx, _paths, _quant
 from lora_jax._config import RESIDUAL_INITS, LoraConfig
 from lora_jax._dora import DoraAdapter
 from lora_jax._full import FullWeight
@@ -86,7 +86,8 @@ def init(
             rslora=config.use_rslora, dropout=config.dropout,
         )  # fmt: skip
         if config.use_dora:
-            m = _dora.initial_magnitude(kernels[path], kernel_roles).astype(config.dtype)
+            kernel = _quant.dequantize(kernels[path])  # ‖W‖ of what the layer computes with
+            m = _dora.initial_magnitude(kernel, kernel_roles).astype(config.dtype)
             adapter = DoraAdapter(**_adapter.arrays(adapter), m=m, **_adapter.static(adapter))
         adapters.append((keys, adapter))
     return _paths.nest(adapters)

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
-from lora_jax import _adapter, _bank, _cost, _full, _layers, _merge, _nnx, _paths, _specs
+from lora_jax import _adapter, _bank, _cost, _full, _layers, _merge, _nnx, _paths, _quant, _specs
 
 _SUFFIX = "@lora"  # an adapter rides in params as '<kernel name>@lora' beside its kernel
 
@@ -116,7 +116,7 @@ def wrap(apply_fn: Callable, *, strict: bool = True, compute: str = "auto", trai
         by_path = _merge.adapters_by_path(variables["lora"], "lora_jax.wrap")
         index = _paths.by_path(params, "lora_jax.wrap")
         _check_paths_exist(index, by_path)
-        params = jax.lax.stop_gradient(params)
+        params = jax.lax.stop_gradient(_quant.dequantize(params))  # a quantized base: float inside the call
         others = {k: v for k, v in variables.items() if k not in ("params", "lora")}
         # Kinds without a layer output, and kernels below an integer key (no Linen module has one:
         # an NNX module bridged in with nnx.bridge.ToLinen), are merged into params instead.

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _adapter, _paths
+from lora_jax import _adapter, _paths, _quant
 
 
 def apply_lora(params: Any, adapters: Any) -> Any:
@@ -85,6 +85,7 @@ def fold_kernel(kernel: jax.Array, adapter: Any, inverse: bool = False) -> jax.A
 def _fold(params: Any, adapters: Any, inverse: bool, where: str) -> Any:
     by_path = adapters_by_path(adapters, where)
     check_fit(params, by_path, where)
+    refuse_quantized(params, where)
     if inverse:
         final = [p for p, ad in by_path.items() if _adapter.kind_of(ad).unmerge is None]
         if final:
@@ -122,6 +123,17 @@ def check_fit(params: Any, by_path: dict[str, Any], where: str) -> None:
         problems.append(f"(params has e.g. {', '.join(repr(p) for p in list(shapes)[:3]) or 'nothing'})")
     if problems:
         raise ValueError(f"{where}: adapters do not fit params:" + "".join(f"\n  {p}" for p in problems))
+
+
+def refuse_quantized(params: Any, where: str) -> None:
+    """A ``ValueError`` if ``params`` holds quantized kernels (merging needs float kernels)."""
+    quantized = [path for path, (_, leaf) in _paths.by_path(params, where).items() if _quant.is_quantized(leaf)]
+    if quantized:
+        raise ValueError(
+            f"{where}: params hold quantized kernels ({', '.join(repr(p) for p in quantized[:3])}"
+            f"{', ...' if len(quantized) > 3 else ''}); merging needs float kernels: pass lj.dequantize(params) "
+            "(and lj.quantize the result again to serve it quantized)."
+        )
 
 
 def describe(adapter: Any) -> str:

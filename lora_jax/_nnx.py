@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax import _adapter, _bank, _cost, _layers, _merge, _paths, _specs
+from lora_jax import _adapter, _bank, _cost, _layers, _merge, _paths, _quant, _specs
 
 _METHODS = ("__call__", "attend")
 _ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("lora_jax_nnx_call", default=None)
@@ -53,7 +53,7 @@ def wrap(model_or_graphdef: Any, *, strict: bool = True, compute: str = "auto") 
             raise ValueError("lora_jax.wrap: lora_training=True needs lora_rng=<a PRNG key> for the LoRA dropout.")
         by_path = _merge.adapters_by_path(lora, "lora_jax.wrap")
         _merge.check_fit(state, by_path, "lora_jax.wrap")
-        state = jax.tree.map(_frozen, state)
+        state = jax.tree.map(_frozen, _quant.dequantize(state))  # a quantized base: float inside the call
         substituted = {p: ad for p, ad in by_path.items() if _adapter.kind_of(ad).output is None}
         layered = {p: ad for p, ad in by_path.items() if p not in substituted}
 

@@ -43,8 +43,15 @@ def join(keys: Iterable[Key]) -> str:
     return "/".join(str(k) for k in keys)
 
 
+def path_leaf(x: Any) -> bool:
+    """Pytrees that stand for one parameter (a quantized kernel: ``is_path_leaf = True``)."""
+    return getattr(type(x), "is_path_leaf", False) is True
+
+
 def leaves_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[Keys, Any]]:
-    """``[(keys, leaf), ...]`` of a pytree, in flattening order."""
+    """``[(keys, leaf), ...]`` of a pytree, in flattening order; a quantized kernel is one leaf."""
+    given = is_leaf
+    is_leaf = path_leaf if given is None else (lambda x: path_leaf(x) or given(x))
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     return [(keys_of(kp), leaf) for kp, leaf in flat]
 

@@ -1,0 +1,265 @@
+"""Quantized frozen kernels for QLoRA: NF4 (with double quantization), int8 and int4.
+
+A kernel ``W`` of shape ``(d0, d1, ...)`` is cut into blocks of ``block`` consecutive entries
+along its axis 0, one block per index of the other axes (for a Flax ``(in, out)`` kernel this
+is exactly bitsandbytes' grouping of the PyTorch ``(out, in)`` weight). Each block is scaled by
+its absolute maximum and each entry stored as a code:
+
+- ``"nf4"``: the 16 NormalFloat levels of Dettmers et al. 2023 (bitsandbytes' table), the
+  nearest level of ``w / absmax``; two codes per byte. With ``double_quant``, the float32
+  absmaxes are themselves stored as int8 (their mean subtracted, symmetric per block of 256),
+  as QLoRA's double quantization (bitsandbytes uses an 8-bit dynamic-exponent code there;
+  lora_jax a linear one).
+- ``"int8"`` / ``"int4"``: symmetric, ``round(w / absmax · 127)`` (``· 7``; two per byte).
+
+The codes keep the kernel's shape (axis 0 halved for 4 bits) and the absmaxes are
+``(d0 / block, d1, ...)``, so both are sharded with the kernel's own partition spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax import _paths
+
+METHODS = ("nf4", "int8", "int4")
+# The NF4 levels (QLoRA, appendix E; bitsandbytes' `get_4bit_type("nf4")`): the quantiles of N(0, 1)
+# scaled to [-1, 1], with an exact zero.
+NF4 = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], np.float32)  # fmt: skip
+DOUBLE_BLOCK = 256
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class Quantized:
+    """A quantized frozen kernel; made by :func:`lora_jax.quantize`. Acts as one leaf of a
+    parameter tree (its path is the kernel's), with the kernel's ``shape`` and ``dtype``.
+
+    Attributes:
+      codes: ``uint8`` (``int8`` for ``"int8"``), the kernel's shape with axis 0 halved for 4 bits.
+      absmax: the absolute maximum of each block, ``(d0 / block, d1, ...)`` float32, or its int8
+        codes with double quantization.
+      absmax_scale, absmax_offset: double quantization's per-256 scales and mean (else ``None``).
+      shape, dtype, method, block: the kernel's shape and dtype name, the method, the block size.
+    """
+
+    codes: Any
+    absmax: Any
+    absmax_scale: Any
+    absmax_offset: Any
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    dtype: str = dataclasses.field(metadata=dict(static=True))
+    method: str = dataclasses.field(metadata=dict(static=True))
+    block: int = dataclasses.field(metadata=dict(static=True))
+
+    is_path_leaf = True  # one leaf of the parameter tree for lora_jax's path functions
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: codes, absmaxes and their scales."""
+        arrays = (self.codes, self.absmax, self.absmax_scale, self.absmax_offset)
+        return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in arrays if x is not None)
+
+    def __repr__(self) -> str:
+        double = ", double_quant" if self.absmax_scale is not None else ""
+        return f"Quantized({self.method}, shape={self.shape}, dtype={self.dtype}, block={self.block}{double})"
+
+
+def is_quantized(x: Any) -> bool:
+    return isinstance(x, Quantized)
+
+
+def quantize_kernel(w: jax.Array, method: str = "nf4", block: int = 64, double_quant: bool = True) -> Quantized:
+    """One kernel quantized (see the module docstring); jit-able."""
+    shape, dtype = tuple(w.shape), jnp.dtype(w.dtype).name
+    x = jnp.asarray(w, jnp.float32).reshape((shape[0] // block, block) + shape[1:])
+    absmax = jnp.max(jnp.abs(x), axis=1)
+    scaled = x / jnp.where(absmax == 0, 1.0, absmax)[:, None]
+    if method == "nf4":
+        thresholds = jnp.asarray((NF4[1:] + NF4[:-1]) / 2)
+        codes = jnp.searchsorted(thresholds, scaled, side="left").astype(jnp.uint8)
+    else:
+        top = 127 if method == "int8" else 7
+        codes = jnp.clip(jnp.round(scaled * top), -top, top).astype(jnp.int8)
+    codes = codes.reshape(shape)
+    if method != "int8":
+        nibbles = (codes.astype(jnp.uint8) & 0xF).reshape((shape[0] // 2, 2) + shape[1:])
+        codes = (nibbles[:, 0] << 4) | nibbles[:, 1]
+    scale = offset = None
+    if double_quant and method == "nf4":
+        absmax, scale, offset = _quantize_absmax(absmax)
+    return Quantized(codes, absmax, scale, offset, shape=shape, dtype=dtype, method=method, block=block)
+
+
+def dequantize_kernel(q: Quantized) -> jax.Array:
+    """The kernel a :class:`Quantized` stands for, in its dtype; jit-able (XLA fuses it)."""
+    codes = q.codes
+    if q.method != "int8":
+        high, low = (codes >> 4) & 0xF, codes & 0xF
+        codes = jnp.stack([high, low], axis=1).reshape(q.shape)
+        if q.method == "int4":
+            codes = jnp.where(codes > 7, codes.astype(jnp.int32) - 16, codes.astype(jnp.int32))
+    absmax = q.absmax if q.absmax_scale is None else _dequantize_absmax(q)
+    if q.method == "nf4":
+        values = jnp.asarray(NF4)[codes.astype(jnp.int32)]
+    else:
+        values = codes.astype(jnp.float32) / (127 if q.method == "int8" else 7)
+    blocks = values.reshape((q.shape[0] // q.block, q.block) + q.shape[1:]) * absmax[:, None]
+    return blocks.reshape(q.shape).astype(q.dtype)
+
+
+def _quantize_absmax(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    offset = jnp.mean(absmax)
+    flat = (absmax - offset).reshape(-1)
+    pad = (-flat.size) % DOUBLE_BLOCK
+    blocks = jnp.pad(flat, (0, pad)).reshape(-1, DOUBLE_BLOCK)
+    scale = jnp.max(jnp.abs(blocks), axis=1) / 127
+    codes = jnp.round(blocks / jnp.where(scale == 0, 1.0, scale)[:, None]).astype(jnp.int8)
+    return codes.reshape(-1)[: flat.size].reshape(absmax.shape), scale, offset
+
+
+def _dequantize_absmax(q: Quantized) -> jax.Array:
+    flat = q.absmax.reshape(-1).astype(jnp.float32)
+    pad = (-flat.size) % DOUBLE_BLOCK
+    blocks = jnp.pad(flat, (0, pad)).reshape(-1, DOUBLE_BLOCK) * q.absmax_scale[:, None]
+    return blocks.reshape(-1)[: flat.size].reshape(q.absmax.shape) + q.absmax_offset
+
+
+# ---- trees -----------------------------------------------------------------------------------
+
+
+def quantize(
+    params: Any,
+    *,
+    method: str = "nf4",
+    targets: _paths.Pattern = r"(.*/)?kernel",
+    exclude: _paths.Pattern | None = None,
+    block_size: int = 64,
+    double_quant: bool = True,
+) -> Any:
+    """The frozen base with its targeted kernels quantized (QLoRA's base): pure, jit-able.
+
+    Args:
+      params: a Linen params dict or an NNX ``State``.
+      method: ``"nf4"`` (4-bit NormalFloat), ``"int8"`` or ``"int4"`` (symmetric).
+      targets, exclude: the kernels to quantize, as for :class:`LoraConfig`.
+      block_size: entries per absmax block along axis 0 (must divide it; even).
+      double_quant: NF4 only: store the absmaxes as int8 too (QLoRA's double quantization).
+
+    Returns:
+      ``params`` with each targeted kernel a :class:`Quantized`. :func:`lora_jax.wrap`
+      dequantizes them inside the call (under ``stop_gradient``); :func:`dequantize` gives the
+      float tree (for merging and export).
+
+    Raises:
+      ValueError, TypeError: on an unknown method, a block size that is not a positive even
+        int, targets matching nothing, or kernels that are not floating, have fewer than 2 axes
+        or an axis 0 the block size does not divide (every offending path in one message).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (128, 32)), "bias": jnp.zeros(32)}}
+      >>> q = lj.quantize(params)
+      >>> q["dense"]["kernel"]
+      Quantized(nf4, shape=(128, 32), dtype=float32, block=64, double_quant)
+      >>> q["dense"]["kernel"].nbytes / params["dense"]["kernel"].nbytes < 0.14
+      True
+    """
+    where = "lora_jax.quantize"
+    if method not in METHODS:
+        raise ValueError(f"{where}: method must be one of {METHODS}, found {method!r}.")
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 2 or block_size % 2:
+        raise ValueError(f"{where}: block_size must be an even int >= 2, found {block_size!r}.")
+    is_target = _paths.compile_pattern(targets, "targets", where)
+    is_excluded = _paths.compile_pattern(exclude, "exclude", where) or (lambda path, leaf: False)
+    chosen, problems = {}, []
+    for path, (_, leaf) in _paths.by_path(params, where).items():
+        if is_quantized(leaf) or not (is_target and is_target(path, leaf)) or is_excluded(path, leaf):
+            continue
+        shape, dtype = tuple(getattr(leaf, "shape", ())), getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            problems.append(f"{path!r}: dtype {dtype} is not floating")
+        elif len(shape) < 2:
+            problems.append(f"{path!r}: shape {shape} has fewer than 2 axes")
+        elif shape[0] % block_size:
+            problems.append(f"{path!r}: axis 0 of {shape} is not a multiple of block_size {block_size} (pick a "
+                            "block size that divides it, or exclude the kernel)")  # fmt: skip
+        else:
+            chosen[path] = leaf
+    if problems:
+        raise ValueError(f"{where}: cannot quantize:" + "".join(f"\n  {p}" for p in problems))
+    if not chosen:
+        raise ValueError(f"{where}: targets matched no kernel to quantize (already quantized ones are skipped).")
+
+    def swap(keypath: Any, leaf: Any) -> Any:
+        path = _paths.join(_paths.keys_of(keypath))
+        return quantize_kernel(leaf, method, block_size, double_quant) if path in chosen else leaf
+
+    return jax.tree_util.tree_map_with_path(swap, params, is_leaf=is_quantized)
+
+
+def dequantize(params: Any) -> Any:
+    """``params`` with every :class:`Quantized` kernel replaced by its float value."""
+    return jax.tree.map(lambda x: dequantize_kernel(x) if is_quantized(x) else x, params, is_leaf=is_quantized)
+
+
+# ---- files ------------------------------------------------------------------------------------
+
+
+def parts(leaf: Any) -> dict[str, Any]:
+    """``{"": leaf}`` for an array; a quantized kernel's arrays by field name."""
+    if not is_quantized(leaf):
+        return {"": leaf}
+    fields = ("codes", "absmax", "absmax_scale", "absmax_offset")
+    return {name: getattr(leaf, name) for name in fields if getattr(leaf, name) is not None}
+
+
+def describe(q: Quantized) -> dict:
+    """The JSON description of a quantized kernel stored with its arrays, codebook included."""
+    codebook = NF4.tolist() if q.method == "nf4" else None
+    return {"shape": list(q.shape), "dtype": q.dtype, "method": q.method, "block": q.block, "codebook": codebook}
+
+
+def rebuild(tree: dict, metadata: str, where: str) -> dict:
+    """``tree`` (nested arrays read from a file) with its quantized kernels rebuilt from ``metadata``."""
+    try:
+        described = json.loads(metadata)
+        entries = {p: (d["shape"], d["dtype"], d["method"], d["block"], d["codebook"]) for p, d in described.items()}
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{where}: invalid quantization metadata ({e!r}).") from None
+    problems, out = [], {}
+    flat = {path: leaf for path, (_, leaf) in _paths.by_path(tree, where).items()}
+    for path, (shape, dtype, method, block, codebook) in entries.items():
+        if method not in METHODS:
+            problems.append(f"{path!r}: unknown method {method!r}")
+            continue
+        if method == "nf4" and (codebook is None or not np.array_equal(np.asarray(codebook, np.float32), NF4)):
+            problems.append(f"{path!r}: quantized with another NF4 codebook than lora_jax's (values differ)")
+            continue
+        arrays = {name: flat.get(f"{path}/{name}") for name in ("codes", "absmax", "absmax_scale", "absmax_offset")}
+        if arrays["codes"] is None or arrays["absmax"] is None:
+            problems.append(f"{path!r}: codes or absmax missing")
+            continue
+        out[path] = Quantized(**arrays, shape=tuple(shape), dtype=dtype, method=method, block=int(block))
+    if problems:
+        raise ValueError(f"{where}: cannot rebuild the quantized kernels:" + "".join(f"\n  {p}" for p in problems))
+    items = [(k, leaf) for p, (k, leaf) in _paths.by_path(tree, where).items()
+             if not any(p.startswith(q + "/") for q in out)]  # fmt: skip
+    keys = {p: k[:-1] for p, (k, _) in _paths.by_path(tree, where).items() if p.endswith("/codes")}
+    items += [(keys[p + "/codes"], q) for p, q in out.items()]
+    return _paths.nest(items, where)
