@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lora_jax import _paths
 
@@ -263,3 +264,37 @@ def rebuild(tree: dict, metadata: str, where: str) -> dict:
     keys = {p: k[:-1] for p, (k, _) in _paths.by_path(tree, where).items() if p.endswith("/codes")}
     items += [(keys[p + "/codes"], q) for p, q in out.items()]
     return _paths.nest(items, where)
+
+
+def quantized_shardings(param_shardings: Any, quantized: Any) -> Any:
+    """Shardings for a quantized tree from the kernels' own: codes and absmaxes take their
+    kernel's sharding (``PartitionSpec`` or ``NamedSharding``; blocks lie along axis 0, so the
+    sharded axis must hold whole blocks), double quantization's small arrays are replicated.
+
+    Args:
+      param_shardings: a tree like the float ``params``, a sharding per parameter.
+      quantized: ``quantize(params, ...)`` (or its ``jax.eval_shape``).
+
+    Returns:
+      A tree like ``quantized``, for ``jax.jit(..., in_shardings=...)`` or ``jax.device_put``.
+    """
+    where = "lora_jax.quantized_shardings"
+    given = {path: s for path, (_, s) in _paths.by_path(param_shardings, where, is_leaf=_is_sharding).items()}
+
+    def shard(keypath: Any, leaf: Any) -> Any:
+        path = _paths.join(_paths.keys_of(keypath))
+        if path not in given:
+            raise ValueError(f"{where}: param_shardings has no entry for {path!r}.")
+        spec = given[path]
+        if not is_quantized(leaf):
+            return spec
+        whole = PartitionSpec() if isinstance(spec, PartitionSpec) else NamedSharding(spec.mesh, PartitionSpec())
+        double = leaf.absmax_scale is not None
+        return dataclasses.replace(leaf, codes=spec, absmax=spec, absmax_scale=whole if double else None,
+                                   absmax_offset=whole if double else None)  # fmt: skip
+
+    return jax.tree_util.tree_map_with_path(shard, quantized, is_leaf=is_quantized)
+
+
+def _is_sharding(x: Any) -> bool:
+    return isinstance(x, (PartitionSpec, NamedSharding))
