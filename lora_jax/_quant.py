@@ -2,7 +2,9 @@
 
 A kernel ``W`` of shape ``(d0, d1, ...)`` is cut into blocks of ``block`` consecutive entries
 along its axis 0, one block per index of the other axes (for a Flax ``(in, out)`` kernel this
-is exactly bitsandbytes' grouping of the PyTorch ``(out, in)`` weight). Each block is scaled by
+is exactly bitsandbytes' grouping of the PyTorch ``(out, in)`` weight); where ``block`` does
+not divide ``d0``, along the fewest leading axes whose size it divides, flattened (an
+attention output ``(heads, head_dim, features)``: along ``heads · head_dim``). Each block is scaled by
 its absolute maximum and each entry stored as a code:
 
 - ``"nf4"``: the 16 NormalFloat levels of Dettmers et al. 2023 (bitsandbytes' table), the
@@ -13,7 +15,8 @@ its absolute maximum and each entry stored as a code:
 - ``"int8"`` / ``"int4"``: symmetric, ``round(w / absmax · 127)`` (``· 7``; two per byte).
 
 The codes keep the kernel's shape (axis 0 halved for 4 bits) and the absmaxes are
-``(d0 / block, d1, ...)``, so both are sharded with the kernel's own partition spec.
+``(d0 / block, d1, ...)``, so both are sharded with the kernel's own partition spec (with
+flattened leading axes, the flattened axis is not sharded).
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def is_quantized(x: Any) -> bool:
 def quantize_kernel(w: jax.Array, method: str = "nf4", block: int = 64, double_quant: bool = True) -> Quantized:
     """One kernel quantized (see the module docstring); jit-able."""
     shape, dtype = tuple(w.shape), jnp.dtype(w.dtype).name
-    x = jnp.asarray(w, jnp.float32).reshape((shape[0] // block, block) + shape[1:])
+    rows, rest = blocked(shape, block)
+    x = jnp.asarray(w, jnp.float32).reshape((rows // block, block) + rest)
     absmax = jnp.max(jnp.abs(x), axis=1)
     scaled = x / jnp.where(absmax == 0, 1.0, absmax)[:, None]
     if method == "nf4":
@@ -97,9 +101,9 @@ def quantize_kernel(w: jax.Array, method: str = "nf4", block: int = 64, double_q
     else:
         top = 127 if method == "int8" else 7
         codes = jnp.clip(jnp.round(scaled * top), -top, top).astype(jnp.int8)
-    codes = codes.reshape(shape)
+    codes = codes.reshape((rows,) + rest)
     if method != "int8":
-        nibbles = (codes.astype(jnp.uint8) & 0xF).reshape((shape[0] // 2, 2) + shape[1:])
+        nibbles = (codes.astype(jnp.uint8) & 0xF).reshape((rows // 2, 2) + rest)
         codes = (nibbles[:, 0] << 4) | nibbles[:, 1]
     scale = offset = None
     if double_quant and method == "nf4":
@@ -110,9 +114,10 @@ def quantize_kernel(w: jax.Array, method: str = "nf4", block: int = 64, double_q
 def dequantize_kernel(q: Quantized) -> jax.Array:
     """The kernel a :class:`Quantized` stands for, in its dtype; jit-able (XLA fuses it)."""
     codes = q.codes
+    rows, rest = blocked(q.shape, q.block)
     if q.method != "int8":
         high, low = (codes >> 4) & 0xF, codes & 0xF
-        codes = jnp.stack([high, low], axis=1).reshape(q.shape)
+        codes = jnp.stack([high, low], axis=1).reshape((rows,) + rest)
         if q.method == "int4":
             codes = jnp.where(codes > 7, codes.astype(jnp.int32) - 16, codes.astype(jnp.int32))
     absmax = q.absmax if q.absmax_scale is None else _dequantize_absmax(q)
@@ -120,8 +125,19 @@ def dequantize_kernel(q: Quantized) -> jax.Array:
         values = jnp.asarray(NF4)[codes.astype(jnp.int32)]
     else:
         values = codes.astype(jnp.float32) / (127 if q.method == "int8" else 7)
-    blocks = values.reshape((q.shape[0] // q.block, q.block) + q.shape[1:]) * absmax[:, None]
+    blocks = values.reshape((rows // q.block, q.block) + rest) * absmax[:, None]
     return blocks.reshape(q.shape).astype(q.dtype)
+
+
+def blocked(shape: tuple[int, ...], block: int) -> tuple[int, tuple[int, ...]]:
+    """``(rows, rest)``: the fewest leading axes of ``shape`` whose size (product) ``block``
+    divides, flattened into ``rows`` (blocks run along them), and the remaining axes."""
+    rows = 1
+    for j, n in enumerate(shape[:-1]):
+        rows *= n
+        if rows % block == 0:
+            return rows, tuple(shape[j + 1 :])
+    raise ValueError(f"no leading axes of {shape} hold a multiple of the block size {block}")
 
 
 def _quantize_absmax(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -197,11 +213,12 @@ def quantize(
             problems.append(f"{path!r}: dtype {dtype} is not floating")
         elif len(shape) < 2:
             problems.append(f"{path!r}: shape {shape} has fewer than 2 axes")
-        elif shape[0] % block_size:
-            problems.append(f"{path!r}: axis 0 of {shape} is not a multiple of block_size {block_size} (pick a "
-                            "block size that divides it, or exclude the kernel)")  # fmt: skip
         else:
-            chosen[path] = leaf
+            try:
+                blocked(shape, block_size)
+                chosen[path] = leaf
+            except ValueError as e:
+                problems.append(f"{path!r}: {e} (pick a block size that divides axis 0, or exclude the kernel)")
     if problems:
         raise ValueError(f"{where}: cannot quantize:" + "".join(f"\n  {p}" for p in problems))
     if not chosen:
@@ -288,6 +305,12 @@ def quantized_shardings(param_shardings: Any, quantized: Any) -> Any:
         spec = given[path]
         if not is_quantized(leaf):
             return spec
+        rows, rest = blocked(leaf.shape, leaf.block)
+        if len(rest) != len(leaf.shape) - 1:  # leading axes flattened: that axis replicated
+            named = isinstance(spec, NamedSharding)
+            parts = tuple(spec.spec if named else spec)
+            flat = PartitionSpec(None, *parts[len(leaf.shape) - len(rest) :])
+            spec = NamedSharding(spec.mesh, flat) if named else flat
         whole = PartitionSpec() if isinstance(spec, PartitionSpec) else NamedSharding(spec.mesh, PartitionSpec())
         double = leaf.absmax_scale is not None
         return dataclasses.replace(leaf, codes=spec, absmax=spec, absmax_scale=whole if double else None,

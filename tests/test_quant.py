@@ -35,6 +35,15 @@ def test_round_trip_equals_the_reference(method, block):
     assert q.codes.shape == ((256, 48) if method == "int8" else (128, 48))
 
 
+def test_leading_axes_too_small_for_a_block_are_flattened():
+    """An attention output (heads 4, head_dim 32, features 16): blocks run along heads·head_dim."""
+    w = jax.random.normal(jax.random.key(0), (4, 32, 16))
+    q = lj.quantize({"out": {"kernel": w}}, double_quant=False)["out"]["kernel"]
+    assert q.codes.shape == (64, 16) and q.absmax.shape == (2, 16)
+    want = _reference(np.asarray(w).reshape(128, 16), "nf4", 64).reshape(4, 32, 16)
+    np.testing.assert_allclose(lj.dequantize(q), want, rtol=1e-6, atol=1e-7)
+
+
 def test_nf4_equals_bitsandbytes():
     torch = pytest.importorskip("torch")
     bnb = pytest.importorskip("bitsandbytes.functional")
@@ -112,8 +121,8 @@ def test_files_and_shardings(tmp_path, monkeypatch):
 
 def test_bad_input(tmp_path):
     params = {"a": {"kernel": jnp.ones((96, 8))}, "b": {"kernel": jnp.ones((64, 8), jnp.int32)}, "c": {"bias": jnp.ones(64)}}
-    with pytest.raises(ValueError, match=r"'a/kernel': axis 0 of \(96, 8\) is not a multiple of block_size 64(.|\n)*"
-                                         r"'b/kernel': dtype int32 is not floating"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"'a/kernel': no leading axes of \(96, 8\) hold a multiple of the block "
+                                         r"size 64(.|\n)*'b/kernel': dtype int32 is not floating"):  # fmt: skip
         lj.quantize(params)
     with pytest.raises(ValueError, match=r"'c/bias': shape \(64,\) has fewer than 2 axes"):
         lj.quantize(params, targets="c/bias")

@@ -1,0 +1,75 @@
+"""QLoRA: a LoRA train step over a bf16, int8 and NF4 base, side by side in one run.
+
+The GPT of ``train_step.py`` (CPU size), its block kernels stored in bfloat16, or quantized to
+int8 or NF4 (double quantization, block 64) with ``lj.quantize``; rank 8 LoRA on the same
+kernels, trained with the factored ``wrap`` (the quantized kernels are dequantized inside the
+step). Per base: the bytes of the block kernels and of the whole base, XLA's memory of the
+compiled step (arguments + temporaries) and the fastest of interleaved runs.
+
+    python benchmarks/qlora.py     # about a minute on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples")]
+from gpt import GPT  # noqa: E402
+from train_step import SIZES, TARGETS, _machine, measure, next_token_loss  # noqa: E402
+
+import lora_jax as lj  # noqa: E402
+
+
+def nbytes(tree) -> int:
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, lj.Quantized))
+    return sum(x.nbytes if isinstance(x, lj.Quantized) else x.size * x.dtype.itemsize for x in leaves)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=15)
+    args = parser.parse_args()
+    cfg, batch = SIZES["cpu"]
+    model = GPT(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (batch, cfg.max_len), 0, cfg.vocab)
+    base = jax.tree.map(lambda p: p.astype(jnp.bfloat16), model.init(jax.random.key(1), tokens)["params"])
+    roles = lj.axis_roles(model, tokens)
+    lora = lj.init(jax.random.key(2), base, lj.LoraConfig(rank=8, alpha=16.0, targets=TARGETS), roles=roles)
+    bases = {
+        "bf16": base,
+        "int8": lj.quantize(base, method="int8", targets=TARGETS),
+        "nf4": lj.quantize(base, method="nf4", targets=TARGETS),
+    }
+    print(f"{_machine()}: {jax.devices()[0].device_kind}, jax {jax.__version__}; GPT {cfg.layers}x{cfg.features}, "
+          f"batch {batch}x{cfg.max_len} tokens, LoRA rank 8 on the block kernels")  # fmt: skip
+    adam = optax.adam(1e-3)
+    apply = lj.wrap(model.apply)
+
+    def step(lora, state, base, tokens):
+        grads = jax.grad(lambda ad: next_token_loss(apply({"params": base, "lora": ad}, tokens), tokens))(lora)
+        updates, state = adam.update(grads, state, lora)
+        return optax.apply_updates(lora, updates), state
+
+    fns = {name: (jax.jit(step), (lora, adam.init(lora), b, tokens)) for name, b in bases.items()}
+    stats = measure(fns, args.reps, stat=min)
+    whole_bf16 = nbytes(base)
+    block = {name: sum(nbytes(b[f"block_{i}"]) for i in range(cfg.layers)) for name, b in bases.items()}
+    print(f"\n{'base':6s} {'block MiB':>10s} {'ratio':>6s} {'base MiB':>9s} {'ratio':>6s} {'step memory MiB':>16s} "
+          f"{'ratio':>6s} {'step ms':>8s} {'ratio':>6s}")  # fmt: skip
+    _, m0, t0 = stats["bf16"]
+    for name in bases:
+        _, m, t = stats[name]
+        whole = nbytes(bases[name])
+        print(f"{name:6s} {block[name] / 2**20:10.2f} {block[name] / block['bf16']:6.3f} {whole / 2**20:9.2f} "
+              f"{whole / whole_bf16:6.3f} {m / 2**20:16.1f} {m / m0:6.3f} {t * 1e3:8.1f} {t / t0:6.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
