@@ -68,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gguf", help="a Gemma 3 GGUF file (default: Gemma 3 270M from its pip package)")
     p.add_argument("--out", default=os.path.join("runs", "finetune"), help="run directory (default runs/finetune)")
     p.add_argument("--check-peft", action="store_true", help="load the PEFT adapter in transformers and compare")
+    p.add_argument("--quantize", choices=["nf4", "int8"], help="QLoRA: train over a quantized frozen base")
     p.add_argument("--quick", action="store_true", help="a tiny random Gemma 3 and a few steps (seconds)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -102,6 +103,17 @@ def run(args: argparse.Namespace) -> None:
     held_set = encode(tok, held_pairs, settings.length, n_target)
 
     graphdef, state = nnx.split(model)
+    if args.quantize:  # QLoRA: the targeted kernels stored quantized, dequantized inside each step
+        if args.check_peft:
+            raise UserError("--check-peft compares with PEFT on the float base; run it without --quantize")
+        quantized = lj.quantize(state, method=args.quantize, targets=TARGETS)
+        before, after = (sum(_nbytes(x) for x in jax.tree.leaves(t, is_leaf=_is_q)) for t in (state, quantized))
+        print(f"base parameters: {before / 2**20:.1f} MiB float32 -> {after / 2**20:.1f} MiB with the adapted "
+              f"kernels in {args.quantize} ({after / before:.3f}x)")  # fmt: skip
+        state, float_state = quantized, lj.dequantize(quantized)
+        model = nnx.merge(graphdef, float_state)  # the base as the run sees it
+    else:
+        float_state = state
     config = lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=TARGETS)
     lora = lj.init(jax.random.key(args.seed), model, config)
     summary = lj.summary(state, lora)
@@ -123,12 +135,12 @@ def run(args: argparse.Namespace) -> None:
     print(f"\nheld-out ({settings.held_out} examples, names never seen in training), {steps} steps of "
           f"{settings.batch} examples, {step_time:.2f} s per step")  # fmt: skip
     print(f"{'model':24s} {'exact match':>11s} {'loss/token':>10s}")
-    for name, r in (("base Gemma 3" if not args.quick else "base (tiny)", base), (f"LoRA r={args.rank}", tuned)):
+    for name, r in (("base Gemma 3" if not args.quick else "base (tiny)", base), (f"{'Q' if args.quantize else ''}LoRA r={args.rank}", tuned)):
         print(f"{name:24s} {r['exact_match']:11.1%} {r['loss']:10.3f}")
 
-    merged = nnx.merge(graphdef, lj.apply_lora(state, trained))
+    merged = nnx.merge(graphdef, lj.apply_lora(float_state, trained))
     shown = generations(tok, model, merged, held_pairs[: settings.samples], settings.length)
-    outputs = write_outputs(args, state, trained, shown)
+    outputs = write_outputs(args, float_state, trained, shown)
     metrics = {
         "settings": {**vars(args), **dataclasses.asdict(settings), "steps": steps, "gguf": str(path)},
         "model": {k: str(v) for k, v in dataclasses.asdict(cfg).items()},
@@ -143,6 +155,14 @@ def run(args: argparse.Namespace) -> None:
     plot(os.path.join(args.out, "loss.png"), curve, base["loss"], tuned["loss"])
     print(f"\nwrote {', '.join(sorted(os.listdir(args.out)))} to {args.out} "
           f"({time.perf_counter() - start:.0f} s in all)")  # fmt: skip
+
+
+def _is_q(x) -> bool:
+    return isinstance(x, lj.Quantized)
+
+
+def _nbytes(x) -> int:
+    return x.nbytes if isinstance(x, lj.Quantized) else x.size * x.dtype.itemsize
 
 
 def weights_file(args) -> Path:

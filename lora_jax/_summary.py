@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from lora_jax import _adapter, _merge
+from lora_jax import _adapter, _merge, _paths
 
 
 class TargetSummary(NamedTuple):
@@ -103,7 +103,7 @@ def summary(params: Any, adapters: Any) -> Summary:
         )  # fmt: skip
         for path, ad in by_path.items()
     )
-    base = jax.tree.leaves(params)
+    base = jax.tree.leaves(params, is_leaf=_paths.path_leaf)  # a quantized kernel: its shape, its stored bytes
     trainable_params = sum(t.params for t in targets)
     trainable_bytes = sum(t.bytes for t in targets)
     return Summary(
@@ -125,6 +125,8 @@ def _count(x: Any) -> int:
 
 
 def _nbytes(x: Any) -> int:
+    if _paths.path_leaf(x):
+        return x.nbytes
     dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype  # a Python scalar leaf too
     return _count(x) * np.dtype(dtype).itemsize
 
