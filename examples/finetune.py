@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"\nheld-out ({settings.held_out} examples, names never seen in training), {steps} steps of "
           f"{settings.batch} examples, {step_time:.2f} s per step")  # fmt: skip
     print(f"{'model':24s} {'exact match':>11s} {'loss/token':>10s}")
-    for name, r in (("base Gemma 3" if not args.quick else "base (tiny)", base), (f"{'Q' if args.quantize else ''}LoRA r={args.rank}", tuned)):
+    tuned_name = f"{'Q' if args.quantize else ''}LoRA r={args.rank}"
+    for name, r in (("base Gemma 3" if not args.quick else "base (tiny)", base), (tuned_name, tuned)):
         print(f"{name:24s} {r['exact_match']:11.1%} {r['loss']:10.3f}")
 
     merged = nnx.merge(graphdef, lj.apply_lora(float_state, trained))
