@@ -3,8 +3,9 @@
 1. Pretrain (or load from the cache) a byte-level GPT on the Python standard library's
    docstrings.
 2. Fine-tune it on the standard library's source code with LoRA (lora_jax: `axis_roles`,
-   `init`, the factored `wrap` forward, `optimizer` with the base frozen by an optax
-   mask), and, for reference, fully with the same step budget.
+   `init`, the factored `wrap` forward; only the adapters are differentiated and updated),
+   and, for reference, fully with the same step budget. Variants: `--dora`, `--init pissa`,
+   `--loraplus-ratio 16`, `--quantize nf4` (QLoRA).
 3. Report held-out losses on code from modules never seen in training, parameter and file
    sizes and step times as a table; write the adapter, the merged model, metrics.json and
    loss.png to the run directory.
@@ -68,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dora", action="store_true", help="DoRA: also train a magnitude per output feature")
     p.add_argument("--init", default="lora", choices=["lora", "gaussian", "pissa", "pissa_niter_4", "olora"],
                    help="adapter init (pissa/olora: from the kernels; the base becomes the residual)")  # fmt: skip
+    p.add_argument("--quantize", choices=["nf4", "int8"], help="QLoRA: the adapted kernels stored quantized")
     p.add_argument("--loraplus-ratio", type=float, default=None,
                    help="LoRA+: b's learning rate is this many times --lr (e.g. 16)")  # fmt: skip
     out = os.path.join("runs", "gpt_finetune")
@@ -120,6 +122,8 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"--targets {args.targets!r}: {e}") from None
     initial = lora
     frozen = jax.tree.map(lambda p: p.astype(cfg.dtype), residual)  # the frozen base may live in bf16
+    if args.quantize:  # QLoRA: dequantized inside each step
+        frozen = lj.quantize(frozen, method=args.quantize, targets=args.targets)
     summary = lj.summary(frozen, lora)
     print(summary)
 
@@ -130,15 +134,17 @@ def run(args: argparse.Namespace) -> None:
     print(f"base model, held-out code loss {base_code:.3f} nats/byte")
 
     if args.loraplus_ratio is None:
-        tx = lj.optimizer(optax.adam(args.lr))
+        tx = optax.adam(args.lr)
     else:
-        tx = lj.optimizer(lj.loraplus(optax.adam, learning_rate=args.lr, ratio=args.loraplus_ratio))
+        tx = lj.loraplus(optax.adam, learning_rate=args.lr, ratio=args.loraplus_ratio)
+    # Only the adapters are differentiated and updated (the frozen base may be quantized: integer codes).
     code_train = data.batches(texts["code_train"], settings.batch, length, args.seed + 2)
+    with_base = lambda ad: {"params": frozen, "lora": ad}  # noqa: E731
     lora_run = train(
-        "LoRA", {"params": frozen, "lora": lora}, tx, lambda v, t: next_token_loss(apply(v, t), t),
-        code_train, args.steps, lambda v: _mean(evaluate, v, code_eval), settings.eval_every,
+        "LoRA", lora, tx, lambda ad, t: next_token_loss(apply(with_base(ad), t), t),
+        code_train, args.steps, lambda ad: _mean(evaluate, with_base(ad), code_eval), settings.eval_every,
     )  # fmt: skip
-    lora = lora_run["state"]["lora"]
+    lora = lora_run["state"]
     code_train = data.batches(texts["code_train"], settings.batch, length, args.seed + 2)  # the same batches
     full_run = train(
         "full fine-tuning", base, optax.adam(settings.full_lr),
@@ -240,7 +246,7 @@ def write_outputs(args, frozen, lora, base, initial) -> dict:
     adapter = os.path.join(args.out, "adapter.safetensors")
     merged = os.path.join(args.out, "merged.safetensors")
     lj.save(adapter, lora)  # the adapter of the frozen base it was trained on
-    lj.save_params(merged, frozen, lora)
+    lj.save_params(merged, lj.dequantize(frozen), lora)
     # Hugging Face PEFT's format, against the original base (a PiSSA/OLoRA adapter converted).
     residual = args.init in ("pissa", "pissa_niter_4", "olora")
     lj.to_peft(os.path.join(args.out, "peft"), lj.convert_to_lora(lora, initial) if residual else lora)
@@ -249,7 +255,8 @@ def write_outputs(args, frozen, lora, base, initial) -> dict:
 
 
 def report(args, summary, results, lora_run, full_run, outputs) -> None:
-    kind = ("DoRA" if args.dora else "LoRA") + ("" if args.init == "lora" else f" ({args.init})")
+    kind = ("Q" if args.quantize else "") + ("DoRA" if args.dora else "LoRA")
+    kind += "" if args.init == "lora" else f" ({args.init})"
     kind += "" if args.loraplus_ratio is None else f" (LoRA+ {args.loraplus_ratio:g})"
     rows = [
         ("base (prose only)", results["base"], "-", "-", "-"),
