@@ -107,9 +107,13 @@ def run(args: argparse.Namespace) -> None:
         if args.check_peft:
             raise UserError("--check-peft compares with PEFT on the float base; run it without --quantize")
         quantized = lj.quantize(state, method=args.quantize, targets=TARGETS)
-        before, after = (sum(_nbytes(x) for x in jax.tree.leaves(t, is_leaf=_is_q)) for t in (state, quantized))
-        print(f"base parameters: {before / 2**20:.1f} MiB float32 -> {after / 2**20:.1f} MiB with the adapted "
-              f"kernels in {args.quantize} ({after / before:.3f}x)")  # fmt: skip
+        leaves = [jax.tree.leaves(t, is_leaf=_is_q) for t in (state, quantized)]
+        before, after = (sum(map(_nbytes, xs)) for xs in leaves)
+        k0 = sum(_nbytes(x) for x, q in zip(*leaves) if _is_q(q))
+        k1 = sum(_nbytes(q) for q in leaves[1] if _is_q(q))
+        print(f"base parameters: {before / 2**20:.1f} MiB float32 -> {after / 2**20:.1f} MiB ({after / before:.3f}x); "
+              f"the adapted kernels {k0 / 2**20:.1f} MiB -> {k1 / 2**20:.1f} MiB in {args.quantize} "
+              f"({k1 / k0:.3f}x float32, {2 * k1 / k0:.3f}x bfloat16)")  # fmt: skip
         state, float_state = quantized, lj.dequantize(quantized)
         model = nnx.merge(graphdef, float_state)  # the base as the run sees it
     else:

