@@ -27,7 +27,7 @@ from lora_jax._lora import Adapter
 from lora_jax._merge import apply_lora, unmerge
 from lora_jax._optim import loraplus, optimizer
 from lora_jax._peft import to_peft
-from lora_jax._quant import Quantized, dequantize, quantize, quantized_shardings
+from lora_jax._quant import Quantized, dequantize, merge_quantized, quantize, quantized_shardings
 from lora_jax._residual import convert_to_lora, init_residual
 from lora_jax._sharding import adapter_shardings
 from lora_jax._specs import Conv, Einsum, Lookup, lowrank
@@ -73,6 +73,7 @@ __all__ = [
     "loraplus",
     "lowrank",
     "lowrank_costs",
+    "merge_quantized",
     "load_params",
     "optimizer",
     "quantize",

@@ -82,6 +82,21 @@ def test_qlora_forward_and_gradients_equal_the_float_model_on_the_dequantized_ba
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
 
+def test_merge_for_serving_float_or_requantized():
+    params = {"d": {"kernel": jax.random.normal(jax.random.key(0), (256, 64))}}
+    quantized = lj.quantize(params)
+    lora = jax.tree.map(lambda t: t + 0.1, lj.init(jax.random.key(1), quantized, lj.LoraConfig(rank=4)))
+    merged, errors = lj.merge_quantized(quantized, lora, requantize=False)
+    np.testing.assert_array_equal(merged["d"]["kernel"], lj.apply_lora(lj.dequantize(quantized), lora)["d"]["kernel"])
+    assert errors == {}
+    again, errors = lj.merge_quantized(quantized, lora)
+    assert again["d"]["kernel"].method == "nf4" and again["d"]["kernel"].absmax_scale is not None
+    diff = np.asarray(lj.dequantize(again)["d"]["kernel"]) - np.asarray(merged["d"]["kernel"])
+    rms = np.sqrt(np.mean(diff**2) / np.mean(np.asarray(merged["d"]["kernel"]) ** 2))
+    np.testing.assert_allclose(errors["d/kernel"], rms, rtol=1e-5)
+    assert 0.05 < errors["d/kernel"] < 0.15  # NF4's error on a Gaussian matrix, about 10% RMS
+
+
 def test_nnx_functional_over_a_quantized_state():
     from flax import nnx
 
