@@ -144,6 +144,10 @@ def run(args: argparse.Namespace) -> None:
         print(f"{name:24s} {r['exact_match']:11.1%} {r['loss']:10.3f}")
 
     merged = nnx.merge(graphdef, lj.apply_lora(float_state, trained))
+    if args.quantize:  # serving it quantized: the merged kernels re-quantized, and what that costs
+        _, errors = lj.merge_quantized(state, trained)
+        print(f"re-quantizing the merged kernels to {args.quantize}: RMS error {np.mean(list(errors.values())):.2%} "
+              f"of the kernels' RMS on average (at most {max(errors.values()):.2%})")  # fmt: skip
     shown = generations(tok, model, merged, held_pairs[: settings.samples], settings.length)
     outputs = write_outputs(args, float_state, trained, shown)
     metrics = {
