@@ -33,6 +33,10 @@ def test_round_trip_equals_the_reference(method, block):
     np.testing.assert_allclose(got, _reference(w, method, block), rtol=1e-6, atol=1e-7)
     assert q.codes.dtype == (jnp.int8 if method == "int8" else jnp.uint8)
     assert q.codes.shape == ((256, 48) if method == "int8" else (128, 48))
+    jitted = jax.jit(lambda w: lj.quantize({"k": {"kernel": w}}, method=method, block_size=block))(w)
+    for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(lj.quantize({"k": {"kernel": w}}, method=method,
+                                                                          block_size=block))):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
 
 
 def test_leading_axes_too_small_for_a_block_are_flattened():
