@@ -22,8 +22,7 @@ import optax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples")]
-from gpt import GPT  # noqa: E402
-from train_step import SIZES, TARGETS, _machine, measure, next_token_loss  # noqa: E402
+from train_step import TARGETS, _machine, cpu_model, measure, next_token_loss  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
 
@@ -33,11 +32,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--reps", type=int, default=15)
     args = parser.parse_args()
-    cfg, batch = SIZES["cpu"]
-    model = GPT(cfg)
-    tokens = jax.random.randint(jax.random.key(0), (batch, cfg.max_len), 0, cfg.vocab)
-    base = model.init(jax.random.key(1), tokens)["params"]
-    roles = lj.axis_roles(model, tokens)
+    cfg, batch, model, tokens, base, roles = cpu_model()
     adam = optax.adam(1e-3)
     apply = lj.wrap(model.apply)
     print(f"{_machine()}: {jax.devices()[0].device_kind}, jax {jax.__version__}; GPT {cfg.layers}x{cfg.features}, "

@@ -21,8 +21,7 @@ import optax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "examples")]
-from gpt import GPT  # noqa: E402
-from train_step import SIZES, TARGETS, _machine, measure, next_token_loss  # noqa: E402
+from train_step import TARGETS, _machine, cpu_model, measure, next_token_loss  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
 
@@ -36,11 +35,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=15)
     args = parser.parse_args()
-    cfg, batch = SIZES["cpu"]
-    model = GPT(cfg)
-    tokens = jax.random.randint(jax.random.key(0), (batch, cfg.max_len), 0, cfg.vocab)
-    base = jax.tree.map(lambda p: p.astype(jnp.bfloat16), model.init(jax.random.key(1), tokens)["params"])
-    roles = lj.axis_roles(model, tokens)
+    cfg, batch, model, tokens, base, roles = cpu_model()
+    base = jax.tree.map(lambda p: p.astype(jnp.bfloat16), base)
     lora = lj.init(jax.random.key(2), base, lj.LoraConfig(rank=8, alpha=16.0, targets=TARGETS), roles=roles)
     bases = {
         "bf16": base,

@@ -42,6 +42,16 @@ SIZES = {
 TARGETS = r"block_\d+/(attn/(query|key|value|out)|mlp/(fc|proj))/kernel"
 
 
+def cpu_model():
+    """``(cfg, batch, model, tokens, base, roles)``: the CPU-size GPT with random tokens, its
+    float32 parameters and its kernels' axis roles (the other benchmarks' common set-up)."""
+    cfg, batch = SIZES["cpu"]
+    model = GPT(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (batch, cfg.max_len), 0, cfg.vocab)
+    base = model.init(jax.random.key(1), tokens)["params"]
+    return cfg, batch, model, tokens, base, lj.axis_roles(model, tokens)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _adapter, _lora, _merge, _paths
+from lora_jax import _adapter, _lora, _merge, _paths, _quant
 from lora_jax._config import LoraConfig
 from lora_jax._dora import DoraAdapter
 
@@ -69,6 +69,13 @@ def init_residual(
     if method is None:
         return plain, params
     kernels = {path: leaf for path, (_, leaf) in _paths.by_path(params, _WHERE).items()}
+    quantized = [p for p in _merge.adapters_by_path(plain, _WHERE) if _quant.is_quantized(kernels.get(p))]
+    if quantized:
+        raise ValueError(
+            f"{_WHERE}: init={config.init!r} needs float kernels, and {quantized[:3]} are quantized: initialise from "
+            "the float params and quantize the residual base it returns (lj.quantize(residual)), as QLoRA with "
+            "PiSSA does."
+        )
     keys = {path: k for path, (k, _) in _paths.by_path(plain, _WHERE, is_leaf=_adapter.is_adapter).items()}
     adapters, residual = [], {}
     for path, adapter in _merge.adapters_by_path(plain, _WHERE).items():

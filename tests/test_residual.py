@@ -118,6 +118,9 @@ def test_bad_input():
         lj.convert_to_lora(one, two)
     with pytest.raises(ValueError, match="adapt different kernels"):
         lj.convert_to_lora(one, {})
+    big = {"dense": {"kernel": jnp.ones((64, 8))}}
+    with pytest.raises(ValueError, match=r"needs float kernels, and \['dense/kernel'\] are quantized"):
+        lj.init_residual(jax.random.key(0), lj.quantize(big), lj.LoraConfig(rank=2, init="pissa"))
 
 
 def test_dora_with_pissa_converts_to_dora_of_the_original_base():
