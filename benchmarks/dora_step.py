@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 import numpy as np
@@ -72,7 +71,7 @@ def _peft_anchor(cfg, base, tokens, rank: int, reps: int) -> None:
     except ImportError:
         print("\n(PEFT anchor skipped: pip install torch peft)")
         return
-    from torch_gpt import TorchGPT, load_flax
+    from torch_gpt import TorchGPT, fastest, load_flax
 
     ids = torch.tensor(np.asarray(tokens), dtype=torch.long)
     modules = ["query", "key", "value", "out", "fc", "proj"]
@@ -91,13 +90,7 @@ def _peft_anchor(cfg, base, tokens, rank: int, reps: int) -> None:
             loss.backward()
             opt.step()
 
-        step()
-        best = float("inf")
-        for _ in range(reps):
-            start = time.perf_counter()
-            step()
-            best = min(best, time.perf_counter() - start)
-        times[name] = best
+        times[name] = fastest(step, reps)
     print(f"\nPEFT anchor (torch {torch.__version__}, peft {peft.__version__}, {torch.get_num_threads()} threads): "
           f"LoRA step {times['LoRA'] * 1e3:.1f} ms, DoRA step {times['DoRA'] * 1e3:.1f} ms, "
           f"DoRA / LoRA {times['DoRA'] / times['LoRA']:.3f}")  # fmt: skip

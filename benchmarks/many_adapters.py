@@ -22,7 +22,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -179,7 +178,7 @@ def _peft_anchor(cfg, base, adapters, tokens, index, forward, bank, reps: int, o
     except ImportError:
         print("\n(PEFT anchor skipped: pip install torch peft)")
         return
-    from torch_gpt import TorchGPT, load_flax
+    from torch_gpt import TorchGPT, fastest, load_flax
 
     torch.manual_seed(0)
     net = load_flax(TorchGPT(cfg), base).eval()
@@ -201,18 +200,9 @@ def _peft_anchor(cfg, base, adapters, tokens, index, forward, bank, reps: int, o
         ours = np.asarray(forward(base, bank, tokens, index))
         diff = float(np.abs(model(ids, adapter_names=chosen).numpy() - ours).max())
 
-        def timed(fn) -> float:
-            fn()
-            best = float("inf")
-            for _ in range(reps):
-                start = time.perf_counter()
-                fn()
-                best = min(best, time.perf_counter() - start)
-            return best
-
         model.set_adapter(names[-1])
-        single = timed(lambda: model(ids))
-        mixed = timed(lambda: model(ids, adapter_names=chosen))
+        single = fastest(lambda: model(ids), reps)
+        mixed = fastest(lambda: model(ids, adapter_names=chosen), reps)
     print(f"\nPEFT anchor (torch {torch.__version__}, peft {peft.__version__}, {torch.get_num_threads()} threads; twin "
           f"logits vs ours {twin:.1e}, mixed-batch logits PEFT vs lora_jax {diff:.1e}):")  # fmt: skip
     print(f"  PEFT one adapter {single * 1e3:.2f} ms, PEFT mixed batch {mixed * 1e3:.2f} ms "

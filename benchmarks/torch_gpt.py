@@ -6,6 +6,7 @@ lora_jax path to its module."""
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -62,6 +63,17 @@ class TorchGPT(nn.Module):
         for i in range(self.layers):
             x = getattr(self, f"block_{i}")(x)
         return self.head(self.ln_f(x))
+
+
+def fastest(fn, reps: int) -> float:
+    """Seconds of the fastest of ``reps`` calls of ``fn`` (after one warm-up call)."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def load_flax(net: TorchGPT, params: dict) -> TorchGPT:

@@ -261,7 +261,7 @@ def rebuild(tree: dict, metadata: str, where: str) -> dict:
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"{where}: invalid quantization metadata ({e!r}).") from None
     problems, out = [], {}
-    flat = {path: leaf for path, (_, leaf) in _paths.by_path(tree, where).items()}
+    flat = _paths.by_path(tree, where)  # {path: (keys, array)}, "<kernel path>/codes" among them
     for path, (shape, dtype, method, block, codebook) in entries.items():
         if method not in METHODS:
             problems.append(f"{path!r}: unknown method {method!r}")
@@ -269,18 +269,16 @@ def rebuild(tree: dict, metadata: str, where: str) -> dict:
         if method == "nf4" and (codebook is None or not np.array_equal(np.asarray(codebook, np.float32), NF4)):
             problems.append(f"{path!r}: quantized with another NF4 codebook than lora_jax's (values differ)")
             continue
-        arrays = {name: flat.get(f"{path}/{name}") for name in ("codes", "absmax", "absmax_scale", "absmax_offset")}
+        keys = flat.get(f"{path}/codes", ((),))[0][:-1]  # the kernel's own keys (an NNX State's ints kept)
+        names = ("codes", "absmax", "absmax_scale", "absmax_offset")
+        arrays = {name: flat.pop(f"{path}/{name}", (None, None))[1] for name in names}
         if arrays["codes"] is None or arrays["absmax"] is None:
             problems.append(f"{path!r}: codes or absmax missing")
             continue
-        out[path] = Quantized(**arrays, shape=tuple(shape), dtype=dtype, method=method, block=int(block))
+        out[path] = (keys, Quantized(**arrays, shape=tuple(shape), dtype=dtype, method=method, block=int(block)))
     if problems:
         raise ValueError(f"{where}: cannot rebuild the quantized kernels:" + "".join(f"\n  {p}" for p in problems))
-    items = [(k, leaf) for p, (k, leaf) in _paths.by_path(tree, where).items()
-             if not any(p.startswith(q + "/") for q in out)]  # fmt: skip
-    keys = {p: k[:-1] for p, (k, _) in _paths.by_path(tree, where).items() if p.endswith("/codes")}
-    items += [(keys[p + "/codes"], q) for p, q in out.items()]
-    return _paths.nest(items, where)
+    return _paths.nest(list(flat.values()) + list(out.values()), where)
 
 
 def quantized_shardings(param_shardings: Any, quantized: Any) -> Any:

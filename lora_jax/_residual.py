@@ -64,7 +64,7 @@ def init_residual(
     """
     from lora_jax._init import init  # _init refuses these inits and points here
 
-    plain = init(key, params, _with_init(config, "lora"), roles=roles)
+    plain = init(key, params, dataclasses.replace(config, init="lora"), roles=roles)
     method = _method(config.init)
     if method is None:
         return plain, params
@@ -141,10 +141,6 @@ def _method(init: str) -> tuple[str, int] | None:
         return init, 0
     match = re.fullmatch(r"pissa_niter_(\d+)", init)
     return ("pissa", int(match[1]) or 1) if match else None
-
-
-def _with_init(config: LoraConfig, init: str) -> LoraConfig:
-    return dataclasses.replace(config, init=init)
 
 
 def _factors(method: tuple[str, int], kernel: Any, ad: _lora.Adapter, key: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -9,6 +9,7 @@ import pytest
 from conftest import MLP, randomize
 
 import lora_jax as lj
+from lora_jax._lora import delta_spec
 
 DORA = lj.LoraConfig(rank=3, alpha=5.0, use_dora=True)
 
@@ -25,16 +26,10 @@ def _trained(params, config=DORA, roles=None, seed=0):
 def _reference_merge(w, ad):
     """m · V / ‖V‖ in float64, V = W + scale·ΔW, the norm over the kernel's in axes."""
     a, b = np.asarray(ad.a, np.float64), np.asarray(ad.b, np.float64)
-    v = np.asarray(w, np.float64) + ad.scale * np.einsum(_lj_delta_spec(ad.roles), a, b)
+    v = np.asarray(w, np.float64) + ad.scale * np.einsum(delta_spec(ad.roles), a, b)
     ins = tuple(i for i, r in enumerate(ad.roles) if r == "in")
     m = np.asarray(ad.m, np.float64).reshape([1 if r == "in" else n for n, r in zip(v.shape, ad.roles)])
     return m * v / np.sqrt(np.sum(v**2, axis=ins, keepdims=True))
-
-
-def _lj_delta_spec(roles):
-    from lora_jax._lora import delta_spec
-
-    return delta_spec(roles)
 
 
 class Mixed(nn.Module):
