@@ -21,8 +21,6 @@ from lora_jax._from_peft import from_peft
 from lora_jax._full import FullWeight
 from lora_jax._init import init
 from lora_jax._io import load, save
-from lora_jax._layers import register_layer
-from lora_jax._linen import axis_roles, wrap
 from lora_jax._lora import Adapter
 from lora_jax._merge import apply_lora, unmerge
 from lora_jax._optim import loraplus, optimizer
@@ -32,6 +30,7 @@ from lora_jax._residual import convert_to_lora, init_residual
 from lora_jax._sharding import adapter_shardings
 from lora_jax._specs import Conv, Einsum, Lookup, lowrank
 from lora_jax._summary import Summary, TargetSummary, summary
+from lora_jax._wrap import axis_roles, wrap
 
 __version__ = "0.1.0"
 
@@ -79,7 +78,6 @@ __all__ = [
     "quantize",
     "quantized_shardings",
     "register_kind",
-    "register_layer",
     "save",
     "save_params",
     "summary",

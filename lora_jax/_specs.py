@@ -233,7 +233,10 @@ def _einsum(spec: Einsum, a: jax.Array, b: jax.Array, scale: float) -> jax.Array
         return y if to_y == tuple(range(y.ndim)) else jnp.transpose(y, to_y)
     # Batched (stack) letters, repeated letters or axes summed inside x: two einsums.
     rank = next(c for c in _LETTERS if c not in xs + ks + ys)
-    u_spec = "".join(c for c in xs if c in ys) + rank
+    if any(c not in ys for c in stack):
+        raise ValueError(f"lora_jax: the layer ('{xs},{ks}->{ys}') sums over the stack axes {list(stack)} of its kernel.")
+    # u keeps x's axes that reach y, the stack axes (also those x lacks: one branch per stack entry), and r.
+    u_spec = "".join(c for c in xs if c in ys) + "".join(c for c in stack if c not in xs) + rank
     u = jnp.einsum(f"{xs},{first_spec.replace('@', rank)}->{u_spec}", x, first)
     return jnp.einsum(f"{u_spec},{second_spec.replace('@', rank)}->{ys}", _scaled(u, scale), second)
 

@@ -1,0 +1,542 @@
+"""The engine: LoRA as a transformation of the traced program.
+
+``fn(params, *args)`` is traced to a jaxpr once per input signature. Each adapted kernel is
+followed from its input variable through layout-only operations (:mod:`lora_jax._views`) to
+every *use*, and the program is evaluated again with each use computed by the adapter
+kind's factored output, never forming ``W + scale·a⋅b``:
+
+- ``dot_general`` with any dimension numbers: contracted kernel axes equal to the adapter's
+  ``in`` axes give ``(x⋅a)⋅b``, equal to its ``out`` axes (a tied head ``h @ E.T``) give
+  ``(x⋅bᵀ)⋅aᵀ``; kernel batch axes are ``stack`` axes;
+- ``conv_general_dilated`` on a ``(spatial..., in, out)`` kernel;
+- ``gather`` of whole rows (an embedding lookup): rows of ``a``, then ``⋅b``.
+
+The engine enters ``jit`` calls (inlined), ``checkpoint`` (re-emitted with its policy),
+``scan`` (a kernel stacked along the scanned axis is sliced with its adapter, which rides
+beside it as a scanned input), ``cond`` and ``while``. Any other use of a kernel (an
+elementwise op, a ``custom_jvp``/``custom_vjp`` call, a ``shard_map``, a Pallas call) gets
+the merged kernel at that use only, with one warning naming the path and the operation.
+
+The same walk, with no adapters, finds each kernel's axis roles from its uses (:func:`roles`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+import zlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax import _adapter, _cost, _merge, _paths, _specs, _views
+from lora_jax._views import View
+
+_INLINED = {"jit", "pjit", "closed_call", "core_call"}
+_REMAT = {"checkpoint", "remat2", "remat"}
+_LETTERS = _specs._LETTERS
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """A value of the program that is a view of an adapted kernel.
+
+    ``kernel`` is the kernel in its own layout (without the axes a ``scan`` sliced off),
+    ``adapter`` its adapter in that layout (``None`` while finding roles), ``value`` the
+    program's own value (``kernel`` laid out by ``view``, maybe cast), ``axes`` the axis of
+    the full kernel each axis of ``kernel`` is."""
+
+    kernel: Any
+    adapter: Any
+    value: Any
+    path: str
+    view: View
+    axes: tuple[int, ...]
+    ndim: int
+
+    def tree_flatten(self):
+        return (self.kernel, self.adapter, self.value), (self.path, self.view, self.axes, self.ndim)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+
+class Run:
+    """What one evaluation shares: the dropout key (``None``: no dropout), the usages of each
+    factored kernel (for ``compute="auto"``), the roles seen (when finding roles), and the
+    uses that were merged."""
+
+    def __init__(self, *, rng: Any = None, find_roles: bool = False):
+        self.rng = rng
+        self.find_roles = find_roles
+        self.usages: dict[str, list[_cost.Usage]] = {}
+        self.roles: dict[str, tuple[str, ...]] = {}
+        self.merged: dict[str, set[str]] = {}
+        self.count: dict[str, int] = {}
+
+    def dropout(self, path: str, adapter: Any) -> Callable | None:
+        rate = _adapter.static(adapter).get("dropout", 0.0)
+        if self.rng is None or not rate:
+            return None
+        n = self.count[path] = self.count.get(path, 0) + 1
+        key = jax.random.fold_in(jax.random.fold_in(self.rng, zlib.crc32(path.encode())), n)
+
+        def drop(x: jax.Array) -> jax.Array:
+            keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+            return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+        return drop
+
+    def record_roles(self, k: Kernel, local: tuple[str, ...]) -> None:
+        full = ["stack"] * k.ndim  # axes a scan sliced off are stacks
+        for axis, role in zip(k.axes, local):
+            full[axis] = role
+        self.roles.setdefault(k.path, tuple(full))
+
+
+# ---- evaluation -----------------------------------------------------------------------------
+
+
+def evaluate(run: Run, jaxpr: Any, consts: list, args: list) -> list:
+    """Evaluate ``jaxpr`` on ``args`` (some of them :class:`Kernel`\\ s), every use of a
+    kernel computed factored where possible."""
+    env: dict[Any, Any] = {}
+    read = lambda v: v.val if isinstance(v, jex.core.Literal) else env[v]  # noqa: E731
+    for v, x in zip(jaxpr.constvars, consts):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if any(isinstance(x, Kernel) for x in invals):
+            outs = _RULES.get(eqn.primitive.name, _merged_use)(run, eqn, invals)
+        else:
+            outs = _bind(eqn, invals)
+        for v, x in zip(eqn.outvars, outs):
+            env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _bind(eqn: Any, invals: list) -> list:
+    params = eqn.primitive.get_bind_params(eqn.params)
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def values(run: Run, xs: list, where: str) -> list:
+    """``xs`` with each :class:`Kernel` replaced by its merged value (the use ``where``)."""
+    return [merged_value(run, x, where) if isinstance(x, Kernel) else x for x in xs]
+
+
+def merged_value(run: Run, k: Kernel, where: str) -> jax.Array:
+    """The program's value of ``k`` with its adapter merged: ``W + scale·a⋅b`` laid out as the
+    program lays out ``W`` here."""
+    if k.adapter is None:
+        return k.value
+    run.merged.setdefault(k.path, set()).add(where)
+    merged = _merge.fold_kernel(k.kernel, k.adapter)
+    return _views.of_kernel(merged, k.view, k.value.dtype)
+
+
+def _merged_use(run: Run, eqn: Any, invals: list) -> list:
+    return _bind(eqn, values(run, invals, eqn.primitive.name))
+
+
+# ---- layout operations ------------------------------------------------------------------------
+
+
+def _layout(run: Run, eqn: Any, invals: list) -> list:
+    (k,) = invals if len(invals) == 1 else (None,)
+    view = None if k is None else _views.step(k.view, eqn.primitive.name, eqn.params, tuple(k.value.shape))
+    if view is None:
+        return _merged_use(run, eqn, invals)
+    (value,) = _bind(eqn, [k.value])
+    return [dataclasses.replace(k, value=value, view=view)]
+
+
+# ---- uses -----------------------------------------------------------------------------------
+
+
+def _factorable(roles: tuple[str, ...], contracted: set, batch: set, free: set) -> str | None:
+    """Why an adapter with ``roles`` cannot compute a use that contracts, batches and keeps the
+    kernel axes given (``None`` if it can)."""
+    of = lambda role: {k for k, r in enumerate(roles) if r == role}  # noqa: E731
+    stack, ins, outs = of("stack"), of("in"), of("out")
+    if not batch <= stack:
+        return f"its batch axes {sorted(batch)} are not all stack axes of the adapter (roles {roles})"
+    if contracted == ins and outs <= free:
+        return None
+    if contracted == outs and ins <= free and not stack:
+        return None  # a transposed use: (x⋅bᵀ)⋅aᵀ
+    return (
+        f"it contracts kernel axes {sorted(contracted)}, neither the adapter's in axes {sorted(ins)} nor its "
+        f"out axes {sorted(outs)} (roles {roles})"
+    )
+
+
+def _output(run: Run, k: Kernel, spec: _specs.Spec, base: jax.Array, where: str) -> jax.Array:
+    kind = _adapter.kind_of(k.adapter)
+    run.usages.setdefault(k.path, []).append(_cost.usage(spec, tuple(k.kernel.shape)))
+    try:
+        return kind.output(spec, base, k.kernel, k.adapter, run.dropout(k.path, k.adapter))
+    except ValueError as e:
+        raise ValueError(f"lora_jax.wrap: {k.path!r} ({where}): {e}") from e
+
+
+def _unfactorable(run: Run, eqn: Any, invals: list, k: Kernel, why: str) -> list:
+    if k.adapter is not None:
+        run.merged.setdefault(k.path, set()).add(f"{eqn.primitive.name}: {why}")
+        invals = [_views.of_kernel(_merge.fold_kernel(k.kernel, k.adapter), k.view, k.value.dtype) if x is k else x
+                  for x in invals]  # fmt: skip
+    return _bind(eqn, values(run, invals, eqn.primitive.name))
+
+
+def _dot_general(run: Run, eqn: Any, invals: list) -> list:
+    lhs, rhs = invals
+    if isinstance(lhs, Kernel) and isinstance(rhs, Kernel):
+        return _merged_use(run, eqn, invals)
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    k_is_lhs = isinstance(lhs, Kernel)
+    k, x = (lhs, rhs) if k_is_lhs else (rhs, lhs)
+    kc, kb, xc, xb = (lc, lb, rc, rb) if k_is_lhs else (rc, rb, lc, lb)
+    view = k.view
+    category = {d: "c" for d in kc} | {d: "b" for d in kb}
+    cats: dict[int, set] = {}
+    for d, group in enumerate(view.groups):
+        for axis, _ in group:
+            cats.setdefault(axis, set()).add(category.get(d, "f"))
+    if any(len(c) != 1 for c in cats.values()):
+        return _unfactorable(run, eqn, invals, k, "a kernel axis split between contracted and kept axes")
+    of = lambda c: [axis for axis in range(len(view.pieces)) if cats.get(axis) == {c}]  # noqa: E731
+    batch, contracted, free = of("b"), of("c"), of("f")
+    (base,) = _bind(eqn, [lhs.value if k_is_lhs else lhs, rhs.value if not k_is_lhs else rhs])
+    if run.find_roles:
+        local = ["out"] * len(view.pieces)
+        for axis in batch:
+            local[axis] = "stack"
+        for axis in contracted:
+            local[axis] = "in"
+        run.record_roles(k, tuple(local))
+        return [base]
+    why = _factorable(k.adapter.roles, set(contracted), set(batch), set(free))
+    if why is not None:
+        return _unfactorable(run, eqn, invals, k, why)
+    sizes = view.sizes() | {("x", i): n for i, n in enumerate(x.shape)}
+    pairs = dict(zip(xc, kc)) | dict(zip(xb, kb))
+    x_groups = [view.groups[pairs[i]] if i in pairs else (("x", i),) for i in range(x.ndim)]
+    x_free = [(("x", i),) for i in range(x.ndim) if i not in pairs]
+    whole = view.kernel_groups()
+    x_layout = [whole[a] for a in batch] + x_free + [whole[a] for a in contracted]
+    y_layout = [whole[a] for a in batch] + x_free + [whole[a] for a in free]
+    k_free = [view.groups[d] for d in range(len(view.groups)) if d not in category]
+    out_layout = [view.groups[d] for d in kb] + (k_free + x_free if k_is_lhs else x_free + k_free)
+    letter = {a: _LETTERS[a] for a in range(len(view.pieces))}
+    letter |= {g[0]: _LETTERS[len(view.pieces) + j] for j, g in enumerate(x_free)}
+    spell = lambda layout: "".join(letter[g[0][0]] if g[0][0] != "x" else letter[g[0]] for g in layout)  # noqa: E731
+    equation = f"{spell(x_layout)},{''.join(letter[a] for a in range(len(view.pieces)))}->{spell(y_layout)}"
+    spec = _specs.Einsum(equation, _views.regroup(x, x_groups, x_layout, sizes), roles=k.adapter.roles)
+    y = _output(run, k, spec, _views.regroup(base, out_layout, y_layout, sizes), "dot_general")
+    return [_views.regroup(y, y_layout, out_layout, sizes)]
+
+
+def _conv(run: Run, eqn: Any, invals: list) -> list:
+    lhs, rhs = invals
+    p = eqn.params
+    if isinstance(lhs, Kernel):
+        return _merged_use(run, eqn, invals)
+    k = rhs
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return _unfactorable(run, eqn, invals, k, "a grouped convolution")
+    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+    if not k.view.is_permutation():
+        return _unfactorable(run, eqn, invals, k, "a reshaped kernel")
+    axis = lambda d: k.view.groups[d][0][0]  # noqa: E731
+    n = len(rhs_spec) - 2
+    if [axis(d) for d in rhs_spec[2:]] + [axis(rhs_spec[1]), axis(rhs_spec[0])] != list(range(n + 2)):
+        return _unfactorable(run, eqn, invals, k, "a kernel not laid out (spatial..., in, out)")
+    (base,) = _bind(eqn, [lhs, k.value])
+    roles = ("in",) * (n + 1) + ("out",)
+    if run.find_roles:
+        run.record_roles(k, roles)
+        return [base]
+    if k.adapter.roles != roles:
+        return _unfactorable(run, eqn, invals, k, f"the adapter's roles {k.adapter.roles} are not {roles}")
+    to_last = lambda s: (s[0], *s[2:], s[1])  # noqa: E731 (N, spatial..., C)
+    x = jnp.transpose(lhs, to_last(lhs_spec))
+    out_perm = to_last(out_spec)
+    spec = _specs.Conv(x, tuple(p["window_strides"]), tuple(map(tuple, p["padding"])), tuple(p["lhs_dilation"]),
+                       tuple(p["rhs_dilation"]))  # fmt: skip
+    y = _output(run, k, spec, jnp.transpose(base, out_perm), "conv_general_dilated")
+    return [jnp.transpose(y, np.argsort(out_perm))]
+
+
+def _gather(run: Run, eqn: Any, invals: list) -> list:
+    k, indices = invals
+    if not isinstance(k, Kernel) or isinstance(indices, Kernel):
+        return _merged_use(run, eqn, invals)
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    rows = (
+        k.view.groups == (((0, 0),), ((1, 0),))
+        and k.view.pieces[1] == (k.kernel.shape[1],)
+        and tuple(dn.collapsed_slice_dims) == (0,)
+        and tuple(dn.start_index_map) == (0,)
+        and not tuple(dn.operand_batching_dims)
+        and tuple(p["slice_sizes"]) == (1, k.kernel.shape[1])
+        and indices.shape[-1] == 1
+        and tuple(dn.offset_dims) == (indices.ndim - 1,)
+    )
+    if not rows:
+        return _unfactorable(run, eqn, invals, k, "not a lookup of whole rows")
+    (base,) = _bind(eqn, [k.value, indices])
+    if run.find_roles:
+        run.record_roles(k, ("in", "out"))
+        return [base]
+    if k.adapter.roles != ("in", "out"):
+        return _unfactorable(run, eqn, invals, k, f"a lookup needs roles ('in', 'out'), found {k.adapter.roles}")
+    ids = indices[..., 0]
+    if "CLIP" in str(p["mode"]) or "PROMISE" in str(p["mode"]):
+        ids = jnp.clip(ids, 0, k.kernel.shape[0] - 1)
+    return [_output(run, k, _specs.Lookup(ids), base, "gather")]
+
+
+# ---- higher-order primitives ----------------------------------------------------------------
+
+
+def _inline(run: Run, eqn: Any, invals: list) -> list:
+    closed = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
+    jaxpr, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, [])
+    return evaluate(run, jaxpr, list(consts), invals)
+
+
+def _remat(run: Run, eqn: Any, invals: list) -> list:
+    p = eqn.params
+    jaxpr = p["jaxpr"]
+    jaxpr, consts = (jaxpr.jaxpr, list(jaxpr.consts)) if hasattr(jaxpr, "consts") else (jaxpr, [])
+    body = lambda ins: evaluate(run, jaxpr, consts, ins)  # noqa: E731
+    out = jax.checkpoint(body, prevent_cse=p.get("prevent_cse", True), policy=p.get("policy"))(invals)
+    return out
+
+
+def _settle(run: Run, xs: list, where: str) -> list:
+    """``xs`` without kernels (merged): what leaves a loop body or a branch."""
+    return values(run, xs, where)
+
+
+def _scan(run: Run, eqn: Any, invals: list) -> list:
+    p = eqn.params
+    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    consts, init, xs = invals[:n_consts], invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
+    init = _settle(run, init, "scan carry")
+    rebuild: list[Callable | None] = []
+    scanned: list[Any] = []
+    for x in xs:
+        plan = _slice_plan(x) if isinstance(x, Kernel) else None
+        if isinstance(x, Kernel) and plan is None:
+            x = merged_value(run, x, "scan over a non-stack axis")
+        rebuild.append(plan[1] if plan else None)
+        scanned.append(plan[0] if plan else x)
+    closed = p["jaxpr"]
+    counter = run.rng is not None
+
+    def body(carry, sliced):
+        carry = list(carry)
+        step = carry.pop() if counter else None
+        ins = [r(s) if r else s for r, s in zip(rebuild, sliced)]
+        outer_rng = run.rng
+        if counter:
+            run.rng = jax.random.fold_in(outer_rng, step)
+        try:
+            outs = evaluate(run, closed.jaxpr, list(closed.consts), list(consts) + carry + ins)
+        finally:
+            run.rng = outer_rng
+        outs = _settle(run, outs, "scan output")
+        new_carry = outs[:n_carry] + ([step + 1] if counter else [])
+        return new_carry, outs[n_carry:]
+
+    start = list(init) + ([jnp.zeros((), jnp.int32)] if counter else [])
+    carry, ys = jax.lax.scan(body, start, scanned, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+    return list(carry[:n_carry]) + list(ys)
+
+
+def _slice_plan(k: Kernel) -> tuple[Any, Callable] | None:
+    """How to scan over axis 0 of a kernel's value: ``(arrays to scan, rebuild)``, or ``None``
+    unless axis 0 is a whole stack axis of the kernel (and of its adapter)."""
+    dropped = k.view.drop_leading()
+    if dropped is None:
+        return None
+    view, axis = dropped
+    adapter = k.adapter
+    arrays: dict[str, Any] = {}
+    if adapter is not None:
+        if adapter.roles[axis] != "stack":
+            return None
+        for name, follows in _adapter.kind_of(adapter).axes(adapter).items():
+            if axis not in follows:
+                return None
+            arrays[name] = _views.move_axis_first(getattr(adapter, name), follows.index(axis))
+    scanned = {"value": k.value, "kernel": _views.move_axis_first(k.kernel, axis), "arrays": arrays}
+    axes = k.axes[:axis] + k.axes[axis + 1 :]
+
+    def rebuild(s: dict) -> Kernel:
+        local = None
+        if adapter is not None:
+            roles = adapter.roles[:axis] + adapter.roles[axis + 1 :]
+            local = _adapter.replace(adapter, roles=roles, **s["arrays"])
+        return Kernel(s["kernel"], local, s["value"], k.path, view, axes, k.ndim)
+
+    return scanned, rebuild
+
+
+def _cond(run: Run, eqn: Any, invals: list) -> list:
+    index, *ops = invals
+    branches = [
+        (lambda *xs, b=b: _settle(run, evaluate(run, b.jaxpr, list(b.consts), list(xs)), "cond output"))
+        for b in eqn.params["branches"]
+    ]
+    return list(jax.lax.switch(index, branches, *ops))
+
+
+def _while(run: Run, eqn: Any, invals: list) -> list:
+    p = eqn.params
+    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts, init = invals[:nc], invals[nc : nc + nb], _settle(run, invals[nc + nb :], "while carry")
+    cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
+    cond = lambda c: evaluate(run, cj.jaxpr, list(cj.consts), list(cconsts) + list(c))[0]  # noqa: E731
+    body = lambda c: tuple(_settle(run, evaluate(run, bj.jaxpr, list(bj.consts), list(bconsts) + list(c)), "while"))  # noqa: E731,E501
+    return list(jax.lax.while_loop(cond, body, tuple(init)))
+
+
+_RULES: dict[str, Callable[[Run, Any, list], list]] = {
+    **{name: _layout for name in ("transpose", "reshape", "squeeze", "broadcast_in_dim") + tuple(
+        _views._ELEMENTWISE_LAYOUT)},
+    "dot_general": _dot_general,
+    "conv_general_dilated": _conv,
+    "gather": _gather,
+    **{name: _inline for name in _INLINED},
+    **{name: _remat for name in _REMAT},
+    "scan": _scan,
+    "cond": _cond,
+    "while": _while,
+}  # fmt: skip
+
+
+# ---- tracing ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Traced:
+    """``fn(params, *args, **kwargs)`` as a jaxpr over its array inputs: ``paths[i]`` the
+    parameter path of input ``i`` (``None`` for an argument), ``static`` the other leaves."""
+
+    jaxpr: Any
+    treedef: Any
+    dynamic: list[int]
+    static: dict[int, Any]
+    paths: list[str | None]
+    out_tree: Any
+
+    def used(self) -> set[str]:
+        """Paths of parameters the program reads at all."""
+        reads = {v for eqn in self.jaxpr.jaxpr.eqns for v in eqn.invars if not isinstance(v, jex.core.Literal)}
+        reads |= {v for v in self.jaxpr.jaxpr.outvars if not isinstance(v, jex.core.Literal)}
+        return {p for v, p in zip(self.jaxpr.jaxpr.invars, self.paths) if p is not None and v in reads}
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+class Tracer:
+    """Traces a function once per input signature (abstract shapes, dtypes and static leaves)."""
+
+    def __init__(self, fn: Callable, max_entries: int = 16):
+        self.fn = fn
+        self._cache: dict[Any, Traced] = {}
+        self._max = max_entries
+
+    def __call__(self, params: Any, args: tuple, kwargs: Mapping) -> tuple[Traced, list]:
+        flat, treedef = jax.tree_util.tree_flatten_with_path((params, args, dict(kwargs)),
+                                                               is_leaf=lambda x: x is None)  # fmt: skip
+        leaves = [leaf for _, leaf in flat]
+        dynamic = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
+        static = {i: leaf for i, leaf in enumerate(leaves) if i not in set(dynamic)}
+        args_in = [leaves[i] for i in dynamic]
+        key = None
+        try:
+            avals = tuple((tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False))) for x in args_in)
+            key = (treedef, avals, tuple(sorted(static.items(), key=lambda kv: kv[0])))
+            hash(key)
+        except TypeError:
+            key = None
+        if key is not None and key in self._cache:
+            return self._cache[key], args_in
+
+        def flat_fn(*dyn):
+            full = dict(static)
+            full.update(zip(dynamic, dyn))
+            p, a, kw = jax.tree.unflatten(treedef, [full[i] for i in range(len(leaves))])
+            return self.fn(p, *a, **kw)
+
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*args_in)
+        paths = []
+        for i in dynamic:
+            keypath = flat[i][0]
+            is_param = keypath and isinstance(keypath[0], jax.tree_util.SequenceKey) and keypath[0].idx == 0
+            paths.append(_paths.join(_paths.keys_of(keypath[1:])) if is_param else None)
+        traced = Traced(closed, treedef, dynamic, static, paths, jax.tree.structure(out_shape))
+        if key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
+            if len(self._cache) >= self._max:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = traced
+        return traced, args_in
+
+
+def run_traced(run: Run, traced: Traced, args_in: list, adapters: Mapping[str, Any]) -> Any:
+    """Evaluate a traced program with the parameters named in ``adapters`` as kernels."""
+    ins = []
+    for x, path in zip(args_in, traced.paths):
+        if path is not None and path in adapters:
+            shape = tuple(x.shape)
+            x = Kernel(x, adapters[path], x, path, View.identity(shape), tuple(range(len(shape))), len(shape))
+        ins.append(x)
+    outs = evaluate(run, traced.jaxpr.jaxpr, list(traced.jaxpr.consts), ins)
+    outs = values(run, outs, "the function's output")
+    return jax.tree.unflatten(traced.out_tree, outs)
+
+
+def warn_merged(run: Run, stacklevel: int = 3) -> None:
+    if run.merged:
+        lines = "".join(f"\n  {p!r}: {'; '.join(sorted(w))}" for p, w in sorted(run.merged.items()))
+        warnings.warn(
+            "lora_jax.wrap: these adapted kernels have uses that cannot be computed factored; those uses get the "
+            "merged kernel W + scale·a⋅b (correct, but the step computes their weight gradients):" + lines,
+            stacklevel=stacklevel,
+        )
+
+
+def roles(tracer: Tracer, params: Any, args: tuple, kwargs: Mapping) -> dict[str, tuple[str, ...]]:
+    """The roles of every parameter of at least two axes that the program multiplies, convolves
+    or looks up, from its first such use; traced abstractly (no FLOPs)."""
+    run = Run(find_roles=True)
+    flat, tree = jax.tree.flatten((params, args, dict(kwargs)))
+    positions = [i for i, x in enumerate(flat) if _is_array(x)]
+
+    def call(*xs):
+        full = list(flat)
+        for i, x in zip(positions, xs):
+            full[i] = x
+        p, a, kw = jax.tree.unflatten(tree, full)
+        traced, args_in = tracer(p, a, kw)
+        probes = {p: None for x, p in zip(args_in, traced.paths) if p is not None and len(x.shape) >= 2}
+        run_traced(run, traced, args_in, probes)
+
+    jax.eval_shape(call, *[jax.ShapeDtypeStruct(np.shape(flat[i]), flat[i].dtype) for i in positions])
+    return dict(run.roles)

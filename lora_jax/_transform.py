@@ -1,0 +1,75 @@
+"""One adapted call through the engine, shared by every front end of ``wrap``.
+
+``call`` freezes the base, folds in the adapters that are computed merged (kinds without a
+factored output, ``compute="merged"``, or those the cost model picks under ``"auto"``),
+refuses adapters of kernels the program never reads, and evaluates the traced program with
+the rest factored at each use (:mod:`lora_jax._engine`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax import _adapter, _cost, _engine, _merge, _quant
+
+_LOG = logging.getLogger("lora_jax")
+
+
+def frozen(params: Any) -> Any:
+    """``params`` dequantized (a quantized base computes in float) and without gradient."""
+
+    def freeze(x: Any) -> Any:
+        floating = hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+        return jax.lax.stop_gradient(x) if floating else x
+
+    return jax.tree.map(freeze, _quant.dequantize(params))
+
+
+def call(
+    tracer: _engine.Tracer, params: Any, by_path: Mapping[str, Any], args: tuple, kwargs: Mapping, *,
+    strict: bool, compute: str, rng: Any = None, stacklevel: int = 3,
+) -> Any:  # fmt: skip
+    """``tracer.fn(params, *args, **kwargs)`` with the adapters ``by_path`` (``{path: adapter}``,
+    already checked against ``params``); ``rng`` is the LoRA dropout key (``None``: no dropout)."""
+    dropped = {p for p, ad in by_path.items() if rng is not None and _adapter.static(ad).get("dropout", 0.0) > 0}
+    if compute == "merged" and dropped:
+        raise ValueError(
+            "lora_jax.wrap: compute='merged' cannot apply LoRA dropout (it acts on the branch input only), but "
+            f"lora_training=True and these adapters have dropout > 0: {sorted(dropped)}. Use compute='auto' or "
+            "'factored', or adapters without dropout."
+        )
+    params = frozen(params)
+    traced, inputs = tracer(params, args, kwargs)
+    used = traced.used()
+    unused = [p for p in by_path if p not in used]
+    if strict and unused:
+        raise ValueError(
+            "lora_jax.wrap: adapters name kernels that the model never uses in this call:"
+            + "".join(f"\n  {p!r}" for p in unused)
+            + "\nAdapt only kernels the model uses (or drop these adapters), or pass strict=False to wrap to "
+            "ignore them in calls that skip those kernels."
+        )
+    used_adapters = {p: ad for p, ad in by_path.items() if p in used}
+    merged = {p for p, ad in used_adapters.items() if _adapter.kind_of(ad).output is None}
+    factored = {p: ad for p, ad in used_adapters.items() if p not in merged}
+    if compute == "merged":
+        merged |= set(factored)
+    elif compute == "auto" and any(_cost.mergeable(ad) for p, ad in factored.items() if p not in dropped):
+        plan = _engine.Run()
+        jax.eval_shape(lambda xs, ads: _engine.run_traced(plan, traced, xs, ads), inputs, factored)
+        chosen = _cost.choose({p: ad for p, ad in factored.items() if p not in dropped}, plan.usages)
+        if chosen:
+            _LOG.debug("lora_jax.wrap: merging %s (cheaper than factored at their ranks and token counts)", chosen)
+        merged |= chosen
+    inputs = [
+        _merge.fold_kernel(x, used_adapters[p]) if p in merged else x for x, p in zip(inputs, traced.paths)
+    ]
+    run = _engine.Run(rng=rng)
+    out = _engine.run_traced(run, traced, inputs, {p: ad for p, ad in factored.items() if p not in merged})
+    _engine.warn_merged(run, stacklevel=stacklevel + 1)
+    return out
