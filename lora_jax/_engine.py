@@ -79,6 +79,9 @@ class Run:
         self.roles: dict[str, tuple[str, ...]] = {}
         self.merged: dict[str, set[str]] = {}
         self.count: dict[str, int] = {}
+        self.problems: dict[str, str] = {}
+        self.transposed: dict[str, str] = {}  # kernels with a use contracting the adapter's out axes
+        self.forward: set[str] = set()  # and kernels with a use contracting its in axes
 
     def dropout(self, path: str, adapter: Any) -> Callable | None:
         rate = _adapter.static(adapter).get("dropout", 0.0)
@@ -164,21 +167,45 @@ def _layout(run: Run, eqn: Any, invals: list) -> list:
 # ---- uses -----------------------------------------------------------------------------------
 
 
-def _factorable(roles: tuple[str, ...], contracted: set, batch: set, free: set) -> str | None:
-    """Why an adapter with ``roles`` cannot compute a use that contracts, batches and keeps the
-    kernel axes given (``None`` if it can)."""
-    of = lambda role: {k for k, r in enumerate(roles) if r == role}  # noqa: E731
-    stack, ins, outs = of("stack"), of("in"), of("out")
-    if not batch <= stack:
-        return f"its batch axes {sorted(batch)} are not all stack axes of the adapter (roles {roles})"
-    if contracted == ins and outs <= free:
-        return None
-    if contracted == outs and ins <= free and not stack:
-        return None  # a transposed use: (x⋅bᵀ)⋅aᵀ
-    return (
-        f"it contracts kernel axes {sorted(contracted)}, neither the adapter's in axes {sorted(ins)} nor its "
-        f"out axes {sorted(outs)} (roles {roles})"
+def _implied(n: int, contracted: list, batch: list) -> tuple[str, ...]:
+    """The roles a use gives a kernel's axes: batch axes stack, contracted axes in, others out."""
+    return tuple("stack" if a in batch else "in" if a in contracted else "out" for a in range(n))
+
+
+def _check_use(run: Run, k: Kernel, use_roles: tuple[str, ...]) -> bool:
+    """Whether ``k``'s adapter computes a use whose roles are ``use_roles``: as they are, or
+    transposed (in and out swapped: a tied head ``h @ E.T`` computes ``(h⋅bᵀ)⋅aᵀ``). A
+    contradiction is noted (reported with the others when the run ends)."""
+    roles = k.adapter.roles
+    fits = lambda use: len(use) == len(roles) and all(r == u or (r, u) == ("stack", "out") for r, u in zip(roles, use))  # noqa: E731,E501
+    if fits(use_roles):  # an adapter's stack axis may be a free axis of the use: one branch per entry
+        run.forward.add(k.path)
+        return True
+    swapped = tuple({"in": "out", "out": "in"}.get(r, r) for r in use_roles)
+    if roles == swapped and "stack" not in roles:
+        run.transposed.setdefault(k.path, f"the adapter has roles {roles}, the model uses its kernel "
+                                          f"{tuple(k.kernel.shape)} as {use_roles}")  # fmt: skip
+        return True
+    run.problems.setdefault(
+        k.path, f"the adapter has roles {roles}, the model uses its kernel {tuple(k.kernel.shape)} as {use_roles}"
     )
+    return False
+
+
+def check(run: Run) -> None:
+    """Raise the contradictions between adapters and uses seen in ``run``: roles that fit no
+    use, and kernels only ever used transposed (an ``(out, in)`` kernel given the default 2-D
+    roles would train and export transposed)."""
+    problems = dict(run.problems)
+    for path, why in run.transposed.items():
+        if path not in run.forward:
+            problems.setdefault(path, why + " only")
+    if problems:
+        raise ValueError(
+            "lora_jax.wrap: adapters contradict how the model uses their kernels:"
+            + "".join(f"\n  {p!r}: {why}" for p, why in sorted(problems.items()))
+            + "\nCreate adapters with roles=lj.axis_roles(model, *sample_inputs)."
+        )
 
 
 def _output(run: Run, k: Kernel, spec: _specs.Spec, base: jax.Array, where: str) -> jax.Array:
@@ -191,11 +218,7 @@ def _output(run: Run, k: Kernel, spec: _specs.Spec, base: jax.Array, where: str)
 
 
 def _unfactorable(run: Run, eqn: Any, invals: list, k: Kernel, why: str) -> list:
-    if k.adapter is not None:
-        run.merged.setdefault(k.path, set()).add(f"{eqn.primitive.name}: {why}")
-        invals = [_views.of_kernel(_merge.fold_kernel(k.kernel, k.adapter), k.view, k.value.dtype) if x is k else x
-                  for x in invals]  # fmt: skip
-    return _bind(eqn, values(run, invals, eqn.primitive.name))
+    return _bind(eqn, values(run, invals, f"{eqn.primitive.name} ({why})"))
 
 
 def _dot_general(run: Run, eqn: Any, invals: list) -> list:
@@ -217,17 +240,12 @@ def _dot_general(run: Run, eqn: Any, invals: list) -> list:
     of = lambda c: [axis for axis in range(len(view.pieces)) if cats.get(axis) == {c}]  # noqa: E731
     batch, contracted, free = of("b"), of("c"), of("f")
     (base,) = _bind(eqn, [lhs.value if k_is_lhs else lhs, rhs.value if not k_is_lhs else rhs])
+    use_roles = _implied(len(view.pieces), contracted, batch)
     if run.find_roles:
-        local = ["out"] * len(view.pieces)
-        for axis in batch:
-            local[axis] = "stack"
-        for axis in contracted:
-            local[axis] = "in"
-        run.record_roles(k, tuple(local))
+        run.record_roles(k, use_roles)
         return [base]
-    why = _factorable(k.adapter.roles, set(contracted), set(batch), set(free))
-    if why is not None:
-        return _unfactorable(run, eqn, invals, k, why)
+    if not _check_use(run, k, use_roles):
+        return _merged_use(run, eqn, invals)
     sizes = view.sizes() | {("x", i): n for i, n in enumerate(x.shape)}
     pairs = dict(zip(xc, kc)) | dict(zip(xb, kb))
     x_groups = [view.groups[pairs[i]] if i in pairs else (("x", i),) for i in range(x.ndim)]
@@ -267,7 +285,9 @@ def _conv(run: Run, eqn: Any, invals: list) -> list:
         run.record_roles(k, roles)
         return [base]
     if k.adapter.roles != roles:
-        return _unfactorable(run, eqn, invals, k, f"the adapter's roles {k.adapter.roles} are not {roles}")
+        _check_use(run, k, roles)
+        return _merged_use(run, eqn, invals)
+    run.forward.add(k.path)
     to_last = lambda s: (s[0], *s[2:], s[1])  # noqa: E731 (N, spatial..., C)
     x = jnp.transpose(lhs, to_last(lhs_spec))
     out_perm = to_last(out_spec)
@@ -300,7 +320,9 @@ def _gather(run: Run, eqn: Any, invals: list) -> list:
         run.record_roles(k, ("in", "out"))
         return [base]
     if k.adapter.roles != ("in", "out"):
-        return _unfactorable(run, eqn, invals, k, f"a lookup needs roles ('in', 'out'), found {k.adapter.roles}")
+        _check_use(run, k, ("in", "out"))
+        return _merged_use(run, eqn, invals)
+    run.forward.add(k.path)
     ids = indices[..., 0]
     if "CLIP" in str(p["mode"]) or "PROMISE" in str(p["mode"]):
         ids = jnp.clip(ids, 0, k.kernel.shape[0] - 1)
@@ -337,14 +359,18 @@ def _scan(run: Run, eqn: Any, invals: list) -> list:
     init = _settle(run, init, "scan carry")
     rebuild: list[Callable | None] = []
     scanned: list[Any] = []
+    sliced_from: dict[str, tuple[Kernel, int]] = {}
     for x in xs:
         plan = _slice_plan(x) if isinstance(x, Kernel) else None
         if isinstance(x, Kernel) and plan is None:
             x = merged_value(run, x, "scan over a non-stack axis")
+        if plan is not None:
+            sliced_from[x.path] = (x, plan[2])
         rebuild.append(plan[1] if plan else None)
         scanned.append(plan[0] if plan else x)
     closed = p["jaxpr"]
     counter = run.rng is not None
+    restack: dict[int, tuple[Kernel, View]] = {}  # ys that are slices of a scanned kernel, stacked again
 
     def body(carry, sliced):
         carry = list(carry)
@@ -357,17 +383,26 @@ def _scan(run: Run, eqn: Any, invals: list) -> list:
             outs = evaluate(run, closed.jaxpr, list(closed.consts), list(consts) + carry + ins)
         finally:
             run.rng = outer_rng
-        outs = _settle(run, outs, "scan output")
-        new_carry = outs[:n_carry] + ([step + 1] if counter else [])
-        return new_carry, outs[n_carry:]
+        ys = outs[n_carry:]
+        for i, y in enumerate(ys):
+            outer, axis = sliced_from.get(y.path, (None, 0)) if isinstance(y, Kernel) else (None, 0)
+            if outer is not None and len(y.axes) == len(outer.axes) - 1:
+                restack[i] = (outer, _views.add_leading(y.view, axis, outer.kernel.shape[axis]))
+                ys[i] = y.value
+        new_carry = _settle(run, outs[:n_carry], "scan carry") + ([step + 1] if counter else [])
+        return new_carry, _settle(run, ys, "scan output")
 
     start = list(init) + ([jnp.zeros((), jnp.int32)] if counter else [])
     carry, ys = jax.lax.scan(body, start, scanned, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
-    return list(carry[:n_carry]) + list(ys)
+    ys = list(ys)
+    for i, (outer, view) in restack.items():
+        ys[i] = dataclasses.replace(outer, value=ys[i], view=view)
+    return list(carry[:n_carry]) + ys
 
 
-def _slice_plan(k: Kernel) -> tuple[Any, Callable] | None:
-    """How to scan over axis 0 of a kernel's value: ``(arrays to scan, rebuild)``, or ``None``
+def _slice_plan(k: Kernel) -> tuple[Any, Callable, int] | None:
+    """How to scan over axis 0 of a kernel's value: ``(arrays to scan, rebuild, the kernel axis
+    scanned)``, or ``None``
     unless axis 0 is a whole stack axis of the kernel (and of its adapter)."""
     dropped = k.view.drop_leading()
     if dropped is None:
@@ -392,7 +427,7 @@ def _slice_plan(k: Kernel) -> tuple[Any, Callable] | None:
             local = _adapter.replace(adapter, roles=roles, **s["arrays"])
         return Kernel(s["kernel"], local, s["value"], k.path, view, axes, k.ndim)
 
-    return scanned, rebuild
+    return scanned, rebuild, axis
 
 
 def _cond(run: Run, eqn: Any, invals: list) -> list:

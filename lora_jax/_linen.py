@@ -83,6 +83,8 @@ def check_apply(apply_fn: Any) -> None:
         found = f"a method of the NNX model {type(owner).__name__}; pass the model itself: lj.wrap(model)"
     elif isinstance(apply_fn, nn.Module):
         found = f"the Linen model {type(apply_fn).__name__} itself; pass its apply: lj.wrap(model.apply)"
+    elif isinstance(owner, nn.Module):
+        found = f"{type(owner).__name__}.{fn.__name__}; pass the model's apply: lj.wrap(model.apply)"
     elif not callable(apply_fn):
         found = f"a {type(apply_fn).__name__}, which is not callable"
     else:

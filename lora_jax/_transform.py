@@ -71,5 +71,6 @@ def call(
     ]
     run = _engine.Run(rng=rng)
     out = _engine.run_traced(run, traced, inputs, {p: ad for p, ad in factored.items() if p not in merged})
+    _engine.check(run)
     _engine.warn_merged(run, stacklevel=stacklevel + 1)
     return out

@@ -62,6 +62,14 @@ class View(NamedTuple):
         return View(tuple(shift(g) for g in self.groups[1:]), self.pieces[:k] + self.pieces[k + 1 :]), k
 
 
+def add_leading(view: View, axis: int, size: int) -> View:
+    """The inverse of :meth:`View.drop_leading`: the view of slices stacked along a new axis 0
+    that is kernel axis ``axis`` (of ``size``)."""
+    shift = lambda g: tuple((a + (a >= axis), j) for a, j in g)  # noqa: E731
+    groups = (((axis, 0),),) + tuple(shift(g) for g in view.groups)
+    return View(groups, view.pieces[:axis] + ((size,),) + view.pieces[axis:])
+
+
 def step(view: View, name: str, params: dict, in_shape: tuple[int, ...]) -> View | None:
     """The view after the layout operation ``name`` (a primitive of one operand), or ``None``
     if it is not a layout operation the engine follows."""

@@ -216,10 +216,10 @@ class _ScanLayer(nn.Module):
 # ---- bad input ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fn", [lambda v, x: x, MODEL, MODEL.init, "apply"])
-def test_wrap_rejects_non_linen_apply(fn):
+@pytest.mark.parametrize("fn", [MODEL, MODEL.init, "apply"])
+def test_wrap_rejects_near_misses_of_a_linen_apply(fn):
     with pytest.raises(
-        TypeError, match=r"lora_jax\.wrap: expected a Flax Linen model's apply method, e\.g\. lj\.wrap\(model\.apply\)"
+        TypeError, match=r"lora_jax\.wrap: expected a function fn\(params, \*args\), a Flax Linen model's apply"
     ):
         lj.wrap(fn, compute="factored")
 
@@ -268,27 +268,31 @@ def test_roles_that_contradict_the_layer():
     with pytest.raises(
         ValueError,
         match=r"adapters contradict how the model uses their kernels:\n"
-        r"  'block_0/query/kernel' \(DenseGeneral\): the adapter has roles \('in', 'in', 'out'\), "
-        r"the layer uses its kernel \(24, 2, 12\) as \('in', 'out', 'out'\)\n"
+        r"  'block_0/query/kernel': the adapter has roles \('in', 'in', 'out'\), "
+        r"the model uses its kernel \(24, 2, 12\) as \('in', 'out', 'out'\)\n"
         r"  'block_1/query/kernel'.*\nCreate adapters with roles=lj\.axis_roles",
     ):
         lj.wrap(MODEL.apply, compute="factored")({"params": PARAMS, "lora": lora}, IDS)
 
 
-def test_axis_roles_rejects_non_module():
-    with pytest.raises(TypeError, match=r"lora_jax\.axis_roles: model must be a flax\.linen Module, found function"):
-        lj.axis_roles(lambda x: x, IDS)
+def test_axis_roles_rejects_what_it_cannot_trace():
+    with pytest.raises(TypeError, match=r"lora_jax\.axis_roles: expected a Linen module, an NNX model, or a function"):
+        lj.axis_roles("model", IDS)
+    with pytest.raises(TypeError, match=r"found function and no sample inputs"):
+        lj.axis_roles(lambda p, x: x)
 
 
-def test_axis_roles_rejects_non_leading_stack_axis():
+def test_a_kernel_stacked_along_a_non_leading_axis():
     class Odd(nn.Module):
         @nn.compact
         def __call__(self, x):
             scan = nn.scan(_ScanLayer, variable_axes={"params": 1}, split_rngs={"params": True}, length=3)
             return scan(name="layers")(x, None)[0]
 
-    with pytest.raises(
-        ValueError,
-        match=r"stacked along a non-leading axis.*\n  'layers/dense/kernel': the layer sees shape \(24, 24\), params hold \(24, 3, 24\)",
-    ):
-        lj.axis_roles(Odd(), jnp.ones((2, D)))
+    model, x = Odd(), jax.random.normal(jax.random.key(0), (2, D))
+    roles = lj.axis_roles(model, x)
+    assert roles == {"layers/dense/kernel": ("in", "stack", "out")}
+    params = model.init(jax.random.key(1), x)["params"]
+    lora = randomize(lj.init(jax.random.key(2), params, lj.LoraConfig(rank=2), roles=roles), jax.random.key(3))
+    y = lj.wrap(model.apply, compute="factored")({"params": params, "lora": lora}, x)
+    np.testing.assert_allclose(y, model.apply({"params": lj.apply_lora(params, lora)}, x), rtol=1e-5, atol=1e-6)

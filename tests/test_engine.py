@@ -1,4 +1,5 @@
-"""The layer table: subclasses, registered custom layers and PyTorch-layout kernels train factored."""
+"""The engine: layers nobody registered (subclasses, einsum and dot_general on a kernel, PyTorch-layout
+kernels, tied heads) train factored, with the merged model's values and gradients."""
 
 import re
 import warnings
@@ -50,13 +51,6 @@ class Conv1D(nn.Module):
         kernel = self.param("kernel", nn.initializers.normal(0.2), (self.features, x.shape[-1]))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         return jax.lax.dot_general(x, kernel.T, (((x.ndim - 1,), (0,)), ((), ()))) + bias
-
-
-lj.register_layer(
-    OwnEinsum, lambda m, method, args, kw: ("kernel", lj.Einsum("btd,dhf->bthf", args[0])) if method == "__call__" else None
-)
-lj.register_layer(OwnDotGeneral, lambda m, method, args, kw: ("kernel", lj.Einsum("...i,io->...o", args[0])))
-lj.register_layer(Conv1D, lambda m, method, args, kw: ("kernel", lj.Einsum("...i,oi->...o", args[0])))
 
 
 class Net(nn.Module):
@@ -128,30 +122,25 @@ def test_transposed_kernel_with_default_roles_is_refused():
     lora = randomize(lj.init(jax.random.key(2), PARAMS, lj.LoraConfig(rank=2, targets="c_attn/kernel")), jax.random.key(3))
     with pytest.raises(
         ValueError,
-        match=r"'c_attn/kernel' \(Conv1D\): the adapter has roles \('in', 'out'\), the layer uses its kernel \(12, 12\) "
-        r"as \('out', 'in'\)",
+        match=r"'c_attn/kernel': the adapter has roles \('in', 'out'\), the model uses its kernel \(12, 12\) "
+        r"as \('out', 'in'\) only",
     ):
         lj.wrap(MODEL.apply, compute="factored")({"params": PARAMS, "lora": lora}, X)
 
 
-def test_opting_a_class_out_merges_it_with_a_warning():
-    class Plain(nn.Dense):
-        pass
+def test_a_use_that_cannot_be_factored_is_merged_there_with_a_warning():
+    class Scaled(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            kernel = self.param("kernel", nn.initializers.normal(0.3), (D, D))
+            return x @ kernel + x @ (kernel * kernel)  # an elementwise use beside a factored one
 
-    lj.register_layer(Plain, None)
-    model = Plain(4)
+    model = Scaled()
     params = model.init(jax.random.key(0), X)["params"]
     lora = randomize(lj.init(jax.random.key(1), params, lj.LoraConfig(rank=2)), jax.random.key(2))
-    with pytest.warns(UserWarning, match=r"no factored LoRA forward for the layers owning 'kernel'.*lj\.register_layer"):
+    with pytest.warns(UserWarning, match=r"(?s)cannot be computed factored.*\n  'kernel': mul"):
         y = lj.wrap(model.apply, compute="factored")({"params": params, "lora": lora}, X)
     np.testing.assert_allclose(y, model.apply({"params": lj.apply_lora(params, lora)}, X), rtol=1e-5, atol=1e-6)
-
-
-def test_register_layer_bad_input():
-    with pytest.raises(TypeError, match=r"lora_jax\.register_layer: cls must be a class"):
-        lj.register_layer("Dense", None)
-    with pytest.raises(TypeError, match=r"lora_jax\.register_layer: describe must be callable or None"):
-        lj.register_layer(MyDense, 3)
 
 
 class TiedLM(nn.Module):
