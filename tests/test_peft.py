@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import flax.linen as nn
 import jax
@@ -509,3 +510,39 @@ def test_nnx_adapters_both_ways_with_peft(tmp_path):
     assert merged.keys() == reference.keys()
     for k in reference:
         np.testing.assert_allclose(merged[k], reference[k], rtol=1e-5, atol=1e-6)
+
+
+def test_hugging_face_flax_gpt2_trains_factored_and_exports_to_pytorch_gpt2(tmp_path):
+    """transformers' own Flax GPT-2 (its Conv1D kernels are stored (out, in) and used as x @ W.T):
+    no registration, no roles by hand; PEFT's GPT-2 (fan_in_fan_out) gives the same logits."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "FlaxGPT2LMHeadModel") or int(transformers.__version__.split(".")[0]) >= 5:
+        pytest.skip("needs transformers 4.x (its Flax models)")
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    model = transformers.FlaxGPT2LMHeadModel(cfg, seed=0)
+    params, ids = model.params, jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    logits = lambda p, ids: model(ids, params=p).logits  # noqa: E731
+    roles = lj.axis_roles(logits, params, ids)
+    assert roles["transformer/h/0/attn/c_attn/kernel"] == ("out", "in")
+    assert roles["transformer/wte/embedding"] == ("in", "out")
+    cfg_lora = lj.LoraConfig(rank=2, targets=r".*/(c_attn|c_proj|c_fc)/kernel")
+    lora = randomize(lj.init(jax.random.key(1), params, cfg_lora, roles=roles), jax.random.key(2), 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing merged
+        got = lj.wrap(logits, compute="factored")(params, lora, ids)
+    np.testing.assert_allclose(got, logits(lj.apply_lora(params, lora), ids), rtol=1e-5, atol=1e-6)
+
+    torch_model = transformers.GPT2LMHeadModel(cfg).eval()
+    state = {}
+    for path, leaf in lj._paths.leaves_with_paths(params):  # Flax names -> PyTorch names (kernels transposed)
+        *module, name = map(str, path)
+        leaf = np.asarray(leaf).T if name == "kernel" else np.asarray(leaf)
+        state[".".join(module + ["bias" if name == "bias" else "weight"])] = torch.tensor(leaf)
+    torch_model.load_state_dict(state, strict=False)  # lm_head is tied to wte
+    lj.to_peft(tmp_path, lora)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT notes that it sets fan_in_fan_out for Conv1D itself
+        peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path)
+    with torch.no_grad():
+        want = peft_model(torch.tensor(np.asarray(ids))).logits.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
