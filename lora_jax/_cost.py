@@ -96,23 +96,6 @@ def usage(spec: _specs.Spec, kernel_shape: tuple[int, ...]) -> Usage:
     return Usage(tokens, size("in"), size("out"), size("stack"))
 
 
-class Calls:
-    """The :class:`Usage` of each call of each adapted kernel in one run of a model, grouped by
-    layer instance: a lifted transform that traces its body twice (``nn.scan`` does) calls a
-    second instance of the layer, and only one instance's calls count."""
-
-    def __init__(self) -> None:
-        self._by_path: dict[str, dict[int, list[Usage]]] = {}
-        self._layers: list[Any] = []  # alive while recorded, so that their ids stay unique
-
-    def add(self, path: str, layer: Any, spec: _specs.Spec, kernel_shape: tuple[int, ...]) -> None:
-        self._layers.append(layer)
-        self._by_path.setdefault(path, {}).setdefault(id(layer), []).append(usage(spec, kernel_shape))
-
-    def usages(self) -> dict[str, list[Usage]]:
-        return {path: max(groups.values(), key=len) for path, groups in self._by_path.items()}
-
-
 def costs(adapter: Any, usages: Sequence[Usage]) -> tuple[float, float] | None:
     """``(factored, merged)`` FLOPs of ``adapter`` over ``usages``; ``None`` if its kind has
     no cost model (it is then always factored)."""

@@ -1,12 +1,12 @@
-"""Layer specs: how one layer call applies its kernel, independent of the framework.
+"""Use specs: how one use of a kernel in a program applies it to its input.
 
-A front end (Linen's method interception; NNX next) turns a layer call into a spec; the
-adapter kinds compute their factored outputs from specs only. Three specs cover every layer
-whose kernel enters a ``dot_general``/``einsum``/``conv``:
+The engine (:mod:`lora_jax._engine`) turns each use of an adapted kernel into a spec, with
+the kernel in its own layout; the adapter kinds compute their factored outputs from specs
+only. Three specs cover every use the engine factors:
 
-- :class:`Einsum` ``y = einsum(equation, x, kernel)``: ``Dense`` (``"...i,io->...o"``),
-  ``DenseGeneral``, ``Einsum``, a PyTorch-layout ``Conv1D`` (``"...i,oi->...o"``), a tied
-  output head (``Embed.attend``: ``"...f,vf->...v"``);
+- :class:`Einsum` ``y = einsum(equation, x, kernel)``: any ``dot_general`` (``Dense`` is
+  ``"...i,io->...o"``, a PyTorch-layout ``Conv1D`` ``"...i,oi->...o"``, a tied output head
+  ``"...f,vf->...v"``);
 - :class:`Conv` ``y = conv_general_dilated(x, kernel, ...)``;
 - :class:`Lookup` ``y = kernel[ids]``.
 

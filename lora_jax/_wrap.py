@@ -71,7 +71,7 @@ def wrap(fn: Any, *, strict: bool = True, compute: str = "auto", trainable: Any 
       >>> def mlp(params, x):  # any function of a parameter tree
       ...     return jax.lax.dot_general(x, params["w"], (((1,), (1,)), ((), ())))  # x @ w.T
       >>> params = {"w": jnp.ones((3, 8))}  # stored (out, in)
-      >>> lora = lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2), roles={"w": ("out", "in")})
+      >>> lora = lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2, targets="w"), roles={"w": ("out", "in")})
       >>> lj.wrap(mlp)(params, lora, jnp.ones((2, 8))).shape
       (2, 3)
     """

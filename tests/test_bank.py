@@ -260,7 +260,7 @@ def test_bad_input(setup):
     b = lj.bank(trees)
     apply = lj.wrap(model.apply)
     v = {"params": params, "lora": b}
-    with pytest.raises(ValueError, match=r"'fc1/kernel' \(Dense\).*index holds \[3, 7\], outside the bank's slots 0..2"):
+    with pytest.raises(ValueError, match=r"'fc1/kernel' \(dot_general\).*index holds \[3, 7\], outside the bank's slots 0..2"):
         apply(v, x, lora_index=jnp.array([0, 3, 7, 0, 0, 0]))
     with pytest.raises(ValueError, match="needs the adapter of each example: pass lora_index="):
         apply(v, x)

@@ -275,11 +275,3 @@ def test_nnx_stateful_auto_compiles_the_cheaper_call():
         flops[mode] = (cost[0] if isinstance(cost, list) else cost)["flops"]
     assert flops["auto"] == flops["merged"] < flops["factored"]
 
-
-def test_calls_of_one_layer_add_up_and_a_retraced_layer_counts_once():
-    calls = _cost.Calls()
-    layer = object()
-    calls.add("k", layer, lj.Einsum("ni,io->no", jnp.ones((3, 4))), (4, 5))
-    calls.add("k", layer, lj.Einsum("ni,io->no", jnp.ones((7, 4))), (4, 5))  # the same layer called twice
-    calls.add("k", object(), lj.Einsum("ni,io->no", jnp.ones((3, 4))), (4, 5))  # a re-trace of it
-    assert calls.usages() == {"k": [lj.Usage(3, 4, 5), lj.Usage(7, 4, 5)]}

@@ -155,7 +155,7 @@ def test_bad_input(tmp_path):
     model, ids = WithEmbed(), jnp.array([[1, 2, 3]])
     params = model.init(jax.random.key(0), ids)["params"]
     lora = lj.init(jax.random.key(1), params, lj.LoraConfig(rank=2, use_dora=True, targets=".*(embedding|kernel)"))
-    with pytest.raises(ValueError, match=r"'emb/embedding' \(Embed\): DoRA adapts linear layers and convolutions"):
+    with pytest.raises(ValueError, match=r"'emb/embedding' \(gather\): DoRA adapts linear layers and convolutions"):
         lj.wrap(model.apply)({"params": params, "lora": lora}, ids)
     with pytest.raises(ValueError, match="a DoRA merge cannot be undone"):
         lj.unmerge(lj.apply_lora(params, lora), lora)

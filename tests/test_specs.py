@@ -1,5 +1,8 @@
 """The factored forward of every known layer type equals the merged forward, values and gradients."""
 
+import warnings
+
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -145,19 +148,21 @@ def test_bf16_base_keeps_its_dtype(name):
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_m, np.float32), rtol=0.05, atol=0.05)
 
 
-def test_unknown_layer_is_merged_with_a_warning():
-    model = nn.ConvTranspose(4, (3, 3))
+def test_conv_transpose_is_a_dilated_conv_and_factored():
+    """Nobody registered nn.ConvTranspose: it is a conv_general_dilated with input dilation."""
+    model = nn.ConvTranspose(4, (3, 3), strides=(2, 2))
     params = model.init(jax.random.key(0), IMG)["params"]
-    roles = {"kernel": ("in", "in", "in", "out")}
+    roles = lj.axis_roles(model, IMG)
+    assert roles == {"kernel": ("in", "in", "in", "out")}
     lora = randomize(lj.init(jax.random.key(1), params, lj.LoraConfig(rank=2), roles=roles), jax.random.key(2))
-    with pytest.warns(UserWarning, match=r"no factored LoRA forward for the layers owning 'kernel'.*merged"):
-        y = lj.wrap(model.apply, compute="factored")({"params": params, "lora": lora}, IMG)
+    apply = lj.wrap(model.apply, compute="factored")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = apply({"params": params, "lora": lora}, IMG)
+        g = jax.grad(lambda ad: jnp.sum(apply({"params": params, "lora": ad}, IMG) ** 2))(lora)
     np.testing.assert_allclose(y, model.apply({"params": lj.apply_lora(params, lora)}, IMG), rtol=1e-5, atol=1e-5)
-    with pytest.warns(UserWarning, match="merged"):
-        g = jax.grad(lambda ad: jnp.sum(lj.wrap(model.apply, compute="factored")({"params": params, "lora": ad}, IMG) ** 2))(lora)
     g_m = jax.grad(lambda ad: jnp.sum(model.apply({"params": lj.apply_lora(params, ad)}, IMG) ** 2))(lora)
-    for u, v in zip(jax.tree.leaves(g), jax.tree.leaves(g_m)):
-        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(g, g_m, rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_conv_falls_back_to_merge():
