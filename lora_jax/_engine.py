@@ -156,8 +156,8 @@ def _merged_use(run: Run, eqn: Any, invals: list) -> list:
 
 
 def _layout(run: Run, eqn: Any, invals: list) -> list:
-    (k,) = invals if len(invals) == 1 else (None,)
-    view = None if k is None else _views.step(k.view, eqn.primitive.name, eqn.params, tuple(k.value.shape))
+    k = invals[0]
+    view = _views.step(k.view, eqn.primitive.name, eqn.params, tuple(k.value.shape)) if len(invals) == 1 else None
     if view is None:
         return _merged_use(run, eqn, invals)
     (value,) = _bind(eqn, [k.value])
@@ -186,10 +186,14 @@ def _check_use(run: Run, k: Kernel, use_roles: tuple[str, ...]) -> bool:
         run.transposed.setdefault(k.path, f"the adapter has roles {roles}, the model uses its kernel "
                                           f"{tuple(k.kernel.shape)} as {use_roles}")  # fmt: skip
         return True
-    run.problems.setdefault(
-        k.path, f"the adapter has roles {roles}, the model uses its kernel {tuple(k.kernel.shape)} as {use_roles}"
-    )
+    _contradiction(run, k, use_roles)
     return False
+
+
+def _contradiction(run: Run, k: Kernel, use_roles: tuple[str, ...]) -> None:
+    shape = tuple(k.kernel.shape)
+    run.problems.setdefault(k.path, f"the adapter has roles {k.adapter.roles}, the model uses its kernel {shape} as "
+                                    f"{use_roles}")  # fmt: skip
 
 
 def check(run: Run) -> None:
@@ -209,10 +213,11 @@ def check(run: Run) -> None:
 
 
 def _output(run: Run, k: Kernel, spec: _specs.Spec, base: jax.Array, where: str) -> jax.Array:
-    kind = _adapter.kind_of(k.adapter)
+    output = _adapter.kind_of(k.adapter).output
+    assert output is not None  # kinds without one are merged before the run
     run.usages.setdefault(k.path, []).append(_cost.usage(spec, tuple(k.kernel.shape)))
     try:
-        return kind.output(spec, base, k.kernel, k.adapter, run.dropout(k.path, k.adapter))
+        return output(spec, base, k.kernel, k.adapter, run.dropout(k.path, k.adapter))
     except ValueError as e:
         raise ValueError(f"lora_jax.wrap: {k.path!r} ({where}): {e}") from e
 
@@ -255,7 +260,7 @@ def _dot_general(run: Run, eqn: Any, invals: list) -> list:
     y_layout = [whole[a] for a in batch] + x_free + [whole[a] for a in free]
     k_free = [view.groups[d] for d in range(len(view.groups)) if d not in category]
     out_layout = [view.groups[d] for d in kb] + (k_free + x_free if k_is_lhs else x_free + k_free)
-    letter = {a: _LETTERS[a] for a in range(len(view.pieces))}
+    letter: dict[Any, str] = {a: _LETTERS[a] for a in range(len(view.pieces))}
     letter |= {g[0]: _LETTERS[len(view.pieces) + j] for j, g in enumerate(x_free)}
     spell = lambda layout: "".join(letter[g[0][0]] if g[0][0] != "x" else letter[g[0]] for g in layout)  # noqa: E731
     equation = f"{spell(x_layout)},{''.join(letter[a] for a in range(len(view.pieces)))}->{spell(y_layout)}"
@@ -285,7 +290,7 @@ def _conv(run: Run, eqn: Any, invals: list) -> list:
         run.record_roles(k, roles)
         return [base]
     if k.adapter.roles != roles:
-        _check_use(run, k, roles)
+        _contradiction(run, k, roles)
         return _merged_use(run, eqn, invals)
     run.forward.add(k.path)
     to_last = lambda s: (s[0], *s[2:], s[1])  # noqa: E731 (N, spatial..., C)
@@ -294,7 +299,7 @@ def _conv(run: Run, eqn: Any, invals: list) -> list:
     spec = _specs.Conv(x, tuple(p["window_strides"]), tuple(map(tuple, p["padding"])), tuple(p["lhs_dilation"]),
                        tuple(p["rhs_dilation"]))  # fmt: skip
     y = _output(run, k, spec, jnp.transpose(base, out_perm), "conv_general_dilated")
-    return [jnp.transpose(y, np.argsort(out_perm))]
+    return [jnp.transpose(y, tuple(int(i) for i in np.argsort(out_perm)))]
 
 
 def _gather(run: Run, eqn: Any, invals: list) -> list:
@@ -320,7 +325,7 @@ def _gather(run: Run, eqn: Any, invals: list) -> list:
         run.record_roles(k, ("in", "out"))
         return [base]
     if k.adapter.roles != ("in", "out"):
-        _check_use(run, k, ("in", "out"))
+        _contradiction(run, k, ("in", "out"))
         return _merged_use(run, eqn, invals)
     run.forward.add(k.path)
     ids = indices[..., 0]

@@ -49,7 +49,7 @@ def wrap(apply_fn: Callable, *, strict: bool, compute: str) -> Callable:
         _check_paths_exist(_paths.by_path(params, "lora_jax.wrap"), by_path)
         _merge.check_fit(params, by_path, "lora_jax.wrap")
         others = {k: v for k, v in variables.items() if k not in ("params", "lora")}
-        rng = jax.random.fold_in(rngs["dropout"], _DROPOUT_STREAM) if lora_training else None
+        rng = jax.random.fold_in(rngs["dropout"], _DROPOUT_STREAM) if lora_training and rngs else None
         with _bank.indexed(lora_index):
             return _transform.call(
                 tracer, params, by_path, (others, *args), kwargs, strict=strict, compute=compute, rng=rng

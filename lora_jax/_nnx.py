@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import jax
 from flax import nnx
 
 from lora_jax import _bank, _engine, _merge, _paths, _specs, _transform

@@ -234,7 +234,7 @@ def _einsum(spec: Einsum, a: jax.Array, b: jax.Array, scale: float) -> jax.Array
     # Batched (stack) letters, repeated letters or axes summed inside x: two einsums.
     rank = next(c for c in _LETTERS if c not in xs + ks + ys)
     if any(c not in ys for c in stack):
-        raise ValueError(f"lora_jax: the layer ('{xs},{ks}->{ys}') sums over the stack axes {list(stack)} of its kernel.")
+        raise ValueError(f"lora_jax: the use '{xs},{ks}->{ys}' sums over the kernel's stack axes {list(stack)}.")
     # u keeps x's axes that reach y, the stack axes (also those x lacks: one branch per stack entry), and r.
     u_spec = "".join(c for c in xs if c in ys) + "".join(c for c in stack if c not in xs) + rank
     u = jnp.einsum(f"{xs},{first_spec.replace('@', rank)}->{u_spec}", x, first)

@@ -147,9 +147,10 @@ def _reshape(view: View, old: tuple[int, ...], new: tuple[int, ...]) -> View | N
 
 
 def _split_atoms(atoms: Group, sizes_wanted: list[int], sizes: dict[Atom, int]) -> list[Group] | None:
-    out, current, it = [], [], iter(atoms)
+    out: list[Group] = []
+    it = iter(atoms)
     for want in sizes_wanted:
-        current = []
+        current: list[Atom] = []
         while math.prod(sizes[a] for a in current) < want:
             a = next(it, None)
             if a is None:
