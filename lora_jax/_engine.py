@@ -33,7 +33,7 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _adapter, _cost, _merge, _paths, _specs, _views
+from lora_jax import _adapter, _cost, _merge, _paths, _quant, _specs, _views
 from lora_jax._views import View
 
 _INLINED = {"jit", "pjit", "closed_call", "core_call"}
@@ -47,9 +47,13 @@ class Kernel:
     """A value of the program that is a view of an adapted kernel.
 
     ``kernel`` is the kernel in its own layout (without the axes a ``scan`` sliced off),
-    ``adapter`` its adapter in that layout (``None`` while finding roles), ``value`` the
-    program's own value (``kernel`` laid out by ``view``, maybe cast), ``axes`` the axis of
-    the full kernel each axis of ``kernel`` is."""
+    ``adapter`` its adapter in that layout (``None`` while finding roles, and for a quantized
+    kernel without one), ``value`` the program's own value (``kernel`` laid out by ``view``,
+    maybe cast), ``axes`` the axis of the full kernel each axis of ``kernel`` is.
+
+    A quantized kernel (:class:`lora_jax.Quantized`) stays quantized: its ``value`` is only a
+    shape and dtype, and each use dequantizes it inside a ``jax.checkpoint`` of the use itself,
+    so a step never holds every dequantized kernel (the backward pass dequantizes again)."""
 
     kernel: Any
     adapter: Any
@@ -60,11 +64,64 @@ class Kernel:
     ndim: int
 
     def tree_flatten(self):
-        return (self.kernel, self.adapter, self.value), (self.path, self.view, self.axes, self.ndim)
+        lazy = isinstance(self.value, jax.ShapeDtypeStruct)  # a quantized kernel's: no array to carry
+        children = (self.kernel, self.adapter) + (() if lazy else (self.value,))
+        return children, (self.path, self.view, self.axes, self.ndim, self.value if lazy else None)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(*children, *aux)
+        *aux, lazy = aux
+        kernel, adapter, *value = children
+        return cls(kernel, adapter, lazy if lazy is not None else value[0], *aux)
+
+
+def _quantized(k: Kernel) -> bool:
+    return _quant.is_quantized(k.kernel)
+
+
+def dense(k: Kernel) -> jax.Array:
+    """The kernel in its own layout as a float array (a quantized kernel dequantized)."""
+    return _quant.dequantize_kernel(k.kernel) if _quantized(k) else k.kernel
+
+
+def current(k: Kernel) -> jax.Array:
+    """The program's value of ``k`` (without the adapter)."""
+    return _views.of_kernel(dense(k), k.view, k.value.dtype) if _quantized(k) else k.value
+
+
+def _base(eqn: Any, invals: list, k: Kernel) -> jax.Array:
+    """The use ``eqn`` of the base kernel ``k`` (its value in place of ``k``). A quantized
+    kernel is dequantized at the use only: once when the other inputs are ready, and again in
+    the backward pass when the output's cotangent arrives (optimization barriers tie the
+    dequantization to them), so a step never holds every dequantized kernel at once."""
+    if not _quantized(k):
+        return _bind(eqn, [k.value if x is k else x for x in invals])[0]
+
+    def use(q, others):
+        it = iter(others)
+        return _bind(eqn, [current(dataclasses.replace(k, kernel=q)) if x is k else next(it) for x in invals])[0]
+
+    @jax.custom_vjp
+    def dequantized_use(q, others):
+        return use(q, others)
+
+    def forward(q, others):
+        return use(*jax.lax.optimization_barrier((q, others))), (q, others)
+
+    def backward(residuals, g):
+        q, others = residuals
+        q_now, g = jax.lax.optimization_barrier((q, g))
+        _, vjp = jax.vjp(lambda others: use(q_now, others), others)
+        return jax.tree.map(_zero_cotangent, q), vjp(g)[0]
+
+    dequantized_use.defvjp(forward, backward)
+    return dequantized_use(k.kernel, [x for x in invals if x is not k])
+
+
+def _zero_cotangent(x: jax.Array) -> Any:
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
 
 
 class Run:
@@ -142,9 +199,9 @@ def merged_value(run: Run, k: Kernel, where: str) -> jax.Array:
     """The program's value of ``k`` with its adapter merged: ``W + scale·a⋅b`` laid out as the
     program lays out ``W`` here."""
     if k.adapter is None:
-        return k.value
+        return current(k)
     run.merged.setdefault(k.path, set()).add(where)
-    merged = _merge.fold_kernel(k.kernel, k.adapter)
+    merged = _merge.fold_kernel(dense(k), k.adapter)
     return _views.of_kernel(merged, k.view, k.value.dtype)
 
 
@@ -160,6 +217,9 @@ def _layout(run: Run, eqn: Any, invals: list) -> list:
     view = _views.step(k.view, eqn.primitive.name, eqn.params, tuple(k.value.shape)) if len(invals) == 1 else None
     if view is None:
         return _merged_use(run, eqn, invals)
+    if _quantized(k):  # stays quantized: only the shape and dtype follow
+        aval = eqn.outvars[0].aval
+        return [dataclasses.replace(k, value=jax.ShapeDtypeStruct(aval.shape, aval.dtype), view=view)]
     (value,) = _bind(eqn, [k.value])
     return [dataclasses.replace(k, value=value, view=view)]
 
@@ -217,7 +277,7 @@ def _output(run: Run, k: Kernel, spec: _specs.Spec, base: jax.Array, where: str)
     assert output is not None  # kinds without one are merged before the run
     run.usages.setdefault(k.path, []).append(_cost.usage(spec, tuple(k.kernel.shape)))
     try:
-        return output(spec, base, k.kernel, k.adapter, run.dropout(k.path, k.adapter))
+        return output(spec, base, dense(k), k.adapter, run.dropout(k.path, k.adapter))
     except ValueError as e:
         raise ValueError(f"lora_jax.wrap: {k.path!r} ({where}): {e}") from e
 
@@ -244,10 +304,12 @@ def _dot_general(run: Run, eqn: Any, invals: list) -> list:
         return _unfactorable(run, eqn, invals, k, "a kernel axis split between contracted and kept axes")
     of = lambda c: [axis for axis in range(len(view.pieces)) if cats.get(axis) == {c}]  # noqa: E731
     batch, contracted, free = of("b"), of("c"), of("f")
-    (base,) = _bind(eqn, [lhs.value if k_is_lhs else lhs, rhs.value if not k_is_lhs else rhs])
+    base = _base(eqn, invals, k)
     use_roles = _implied(len(view.pieces), contracted, batch)
     if run.find_roles:
         run.record_roles(k, use_roles)
+        return [base]
+    if k.adapter is None:
         return [base]
     if not _check_use(run, k, use_roles):
         return _merged_use(run, eqn, invals)
@@ -284,10 +346,12 @@ def _conv(run: Run, eqn: Any, invals: list) -> list:
     n = len(rhs_spec) - 2
     if [axis(d) for d in rhs_spec[2:]] + [axis(rhs_spec[1]), axis(rhs_spec[0])] != list(range(n + 2)):
         return _unfactorable(run, eqn, invals, k, "a kernel not laid out (spatial..., in, out)")
-    (base,) = _bind(eqn, [lhs, k.value])
+    base = _base(eqn, invals, k)
     roles = ("in",) * (n + 1) + ("out",)
     if run.find_roles:
         run.record_roles(k, roles)
+        return [base]
+    if k.adapter is None:
         return [base]
     if k.adapter.roles != roles:
         _contradiction(run, k, roles)
@@ -320,9 +384,11 @@ def _gather(run: Run, eqn: Any, invals: list) -> list:
     )
     if not rows:
         return _unfactorable(run, eqn, invals, k, "not a lookup of whole rows")
-    (base,) = _bind(eqn, [k.value, indices])
+    base = _base(eqn, invals, k)
     if run.find_roles:
         run.record_roles(k, ("in", "out"))
+        return [base]
+    if k.adapter is None:
         return [base]
     if k.adapter.roles != ("in", "out"):
         _contradiction(run, k, ("in", "out"))
@@ -393,7 +459,7 @@ def _scan(run: Run, eqn: Any, invals: list) -> list:
             outer, axis = sliced_from.get(y.path, (None, 0)) if isinstance(y, Kernel) else (None, 0)
             if outer is not None and len(y.axes) == len(outer.axes) - 1:
                 restack[i] = (outer, _views.add_leading(y.view, axis, outer.kernel.shape[axis]))
-                ys[i] = y.value
+                ys[i] = current(y)
         new_carry = _settle(run, outs[:n_carry], "scan carry") + ([step + 1] if counter else [])
         return new_carry, _settle(run, ys, "scan output")
 
@@ -401,7 +467,8 @@ def _scan(run: Run, eqn: Any, invals: list) -> list:
     carry, ys = jax.lax.scan(body, start, scanned, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
     ys = list(ys)
     for i, (outer, view) in restack.items():
-        ys[i] = dataclasses.replace(outer, value=ys[i], view=view)
+        value = jax.ShapeDtypeStruct(ys[i].shape, ys[i].dtype) if _quantized(outer) else ys[i]
+        ys[i] = dataclasses.replace(outer, value=value, view=view)
     return list(carry[:n_carry]) + ys
 
 
@@ -414,6 +481,13 @@ def _slice_plan(k: Kernel) -> tuple[Any, Callable, int] | None:
         return None
     view, axis = dropped
     adapter = k.adapter
+    if _quantized(k):
+        stacked = _quant.leading_slices(k.kernel) if axis == 0 else None
+        if stacked is None:  # blocks that cross the stacked axis: dequantized whole, before the loop
+            return _slice_plan(dataclasses.replace(k, kernel=dense(k), value=current(k)))
+        kernel_arrays, unstack = stacked
+    else:
+        kernel_arrays, unstack = _views.move_axis_first(k.kernel, axis), (lambda x: x)
     arrays: dict[str, Any] = {}
     if adapter is not None:
         if adapter.roles[axis] != "stack":
@@ -422,7 +496,8 @@ def _slice_plan(k: Kernel) -> tuple[Any, Callable, int] | None:
             if axis not in follows:
                 return None
             arrays[name] = _views.move_axis_first(getattr(adapter, name), follows.index(axis))
-    scanned = {"value": k.value, "kernel": _views.move_axis_first(k.kernel, axis), "arrays": arrays}
+    value = jax.ShapeDtypeStruct(k.value.shape[1:], k.value.dtype) if _quantized(k) else None
+    scanned = {"value": None if _quantized(k) else k.value, "kernel": kernel_arrays, "arrays": arrays}
     axes = k.axes[:axis] + k.axes[axis + 1 :]
 
     def rebuild(s: dict) -> Kernel:
@@ -430,7 +505,8 @@ def _slice_plan(k: Kernel) -> tuple[Any, Callable, int] | None:
         if adapter is not None:
             roles = adapter.roles[:axis] + adapter.roles[axis + 1 :]
             local = _adapter.replace(adapter, roles=roles, **s["arrays"])
-        return Kernel(s["kernel"], local, s["value"], k.path, view, axes, k.ndim)
+        return Kernel(unstack(s["kernel"]), local, value if value is not None else s["value"], k.path, view, axes,
+                      k.ndim)  # fmt: skip
 
     return scanned, rebuild, axis
 
@@ -503,10 +579,10 @@ class Tracer:
         self._max = max_entries
 
     def __call__(self, params: Any, args: tuple, kwargs: Mapping) -> tuple[Traced, list]:
-        flat, treedef = jax.tree_util.tree_flatten_with_path((params, args, dict(kwargs)),
-                                                               is_leaf=lambda x: x is None)  # fmt: skip
+        leaf = lambda x: x is None or _quant.is_quantized(x)  # noqa: E731 (a quantized kernel is one input)
+        flat, treedef = jax.tree_util.tree_flatten_with_path((params, args, dict(kwargs)), is_leaf=leaf)
         leaves = [leaf for _, leaf in flat]
-        dynamic = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
+        dynamic = [i for i, leaf in enumerate(leaves) if _is_array(leaf) or _quant.is_quantized(leaf)]
         static = {i: leaf for i, leaf in enumerate(leaves) if i not in set(dynamic)}
         args_in = [leaves[i] for i in dynamic]
         key = None
@@ -525,7 +601,8 @@ class Tracer:
             p, a, kw = jax.tree.unflatten(treedef, [full[i] for i in range(len(leaves))])
             return self.fn(p, *a, **kw)
 
-        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*args_in)
+        abstract = [jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)) if _quant.is_quantized(x) else x for x in args_in]
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*abstract)
         paths = []
         for i in dynamic:
             keypath = flat[i][0]
@@ -543,9 +620,10 @@ def run_traced(run: Run, traced: Traced, args_in: list, adapters: Mapping[str, A
     """Evaluate a traced program with the parameters named in ``adapters`` as kernels."""
     ins = []
     for x, path in zip(args_in, traced.paths):
-        if path is not None and path in adapters:
+        if path is not None and (path in adapters or _quant.is_quantized(x)):
             shape = tuple(x.shape)
-            x = Kernel(x, adapters[path], x, path, View.identity(shape), tuple(range(len(shape))), len(shape))
+            value = jax.ShapeDtypeStruct(shape, jnp.dtype(x.dtype)) if _quant.is_quantized(x) else x
+            x = Kernel(x, adapters.get(path), value, path, View.identity(shape), tuple(range(len(shape))), len(shape))
         ins.append(x)
     outs = evaluate(run, traced.jaxpr.jaxpr, list(traced.jaxpr.consts), ins)
     outs = values(run, outs, "the function's output")

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -138,6 +140,32 @@ def blocked(shape: tuple[int, ...], block: int) -> tuple[int, tuple[int, ...]]:
         if rows % block == 0:
             return rows, tuple(shape[j + 1 :])
     raise ValueError(f"no leading axes of {shape} hold a multiple of the block size {block}")
+
+
+def leading_slices(q: Quantized) -> tuple[dict[str, Any], Callable[[dict[str, Any]], Quantized]] | None:
+    """A kernel stacked along axis 0, quantized, as arrays with that axis leading (for a
+    ``lax.scan`` to slice) and ``rebuild(slices) -> Quantized`` of one slice; ``None`` where
+    blocks (or double quantization's groups of 256 block scales) cross from one slice to the next."""
+    n, inner = q.shape[0], tuple(q.shape[1:])
+    try:
+        rows_in, rest_in = blocked(inner, q.block)
+    except ValueError:
+        return None
+    if blocked(q.shape, q.block) != (n * rows_in, rest_in):
+        return None
+    lead = lambda x: x.reshape((n, -1) + tuple(x.shape[1:]))  # noqa: E731
+    arrays = {"codes": lead(q.codes), "absmax": lead(q.absmax)}
+    if q.absmax_scale is not None:
+        if math.prod(arrays["absmax"].shape[1:]) % DOUBLE_BLOCK:
+            return None
+        arrays["absmax_scale"] = q.absmax_scale.reshape(n, -1)
+    offset = q.absmax_offset
+
+    def rebuild(a: dict[str, Any]) -> Quantized:
+        return Quantized(a["codes"], a["absmax"], a.get("absmax_scale"), offset, shape=inner, dtype=q.dtype,
+                         method=q.method, block=q.block)  # fmt: skip
+
+    return arrays, rebuild
 
 
 def _quantize_absmax(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -21,13 +21,14 @@ _LOG = logging.getLogger("lora_jax")
 
 
 def frozen(params: Any) -> Any:
-    """``params`` dequantized (a quantized base computes in float) and without gradient."""
+    """``params`` without gradient (quantized kernels stay quantized: the engine dequantizes
+    them at each use)."""
 
     def freeze(x: Any) -> Any:
         floating = hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
         return jax.lax.stop_gradient(x) if floating else x
 
-    return jax.tree.map(freeze, _quant.dequantize(params))
+    return jax.tree.map(freeze, params)
 
 
 def call(
@@ -67,7 +68,8 @@ def call(
             _LOG.debug("lora_jax.wrap: merging %s (cheaper than factored at their ranks and token counts)", chosen)
         merged |= chosen
     inputs = [
-        _merge.fold_kernel(x, used_adapters[p]) if p in merged else x for x, p in zip(inputs, traced.paths)
+        _merge.fold_kernel(_quant.dequantize(x), used_adapters[p]) if p in merged else x
+        for x, p in zip(inputs, traced.paths)
     ]
     run = _engine.Run(rng=rng)
     out = _engine.run_traced(run, traced, inputs, {p: ad for p, ad in factored.items() if p not in merged})
