@@ -102,7 +102,7 @@ class _Scanned(nn.Module):
         return layer(name="layers")(x, None)[0]
 
 
-@pytest.mark.parametrize("width, sliced", [(256, True), (32, False)])
+@pytest.mark.parametrize("width, sliced", [(256, True), (64, False)])
 def test_a_stacked_quantized_kernel_is_dequantized_per_layer_inside_the_scan(width, sliced):
     """Each step of the scan dequantizes its own layer's blocks (when blocks and double
     quantization's groups stay within a layer; else the whole kernel, before the loop)."""
