@@ -164,32 +164,6 @@ def array_specs(adapter: Any, kernel_spec: Sequence[Any]) -> dict[str, tuple]:
     }
 
 
-def unstack(adapter: Any, n: int) -> Any:
-    """The adapter as a layer sees it after a lifted transform slices off ``n`` stack axes:
-    its arrays are already sliced; its ``roles`` lose the leading ``n``."""
-    if n == 0 or "roles" not in static(adapter):
-        return adapter
-    return replace(adapter, roles=adapter.roles[n:])
-
-
-def localize(adapter: Any, shape: tuple[int, ...], roles: tuple[str, ...]) -> Any:
-    """The adapter as a layer using its kernel of ``shape`` with ``roles`` sees it (stack axes
-    sliced off by a lifted transform), or a message saying why it does not fit."""
-    adapter_roles = static(adapter).get("roles")
-    if adapter_roles is None:
-        return f"a {type(adapter).__name__} has no axis roles, so it cannot adapt a layer"
-    n_sliced = len(adapter_roles) - len(shape)
-    if n_sliced < 0 or any(r != "stack" for r in adapter_roles[:n_sliced]) or adapter_roles[n_sliced:] != roles:
-        return f"the adapter has roles {adapter_roles}, the layer uses its kernel {shape} as {roles}"
-    try:
-        local = unstack(adapter, n_sliced)
-    except ValueError as e:
-        return str(e)
-    if kernel_shape(local) != shape:
-        return f"the adapter fits a kernel of shape {kernel_shape(local)}, the layer's is {shape}"
-    return local
-
-
 def _shape(x: Any) -> tuple[int, ...]:
     shape = getattr(x, "shape", None)
     return tuple(shape) if isinstance(shape, (tuple, list)) else ()

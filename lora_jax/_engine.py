@@ -481,13 +481,13 @@ def _slice_plan(k: Kernel) -> tuple[Any, Callable, int] | None:
         return None
     view, axis = dropped
     adapter = k.adapter
+    kernel_arrays: Any = _views.move_axis_first(k.kernel, axis) if not _quantized(k) else None
+    unstack: Callable[[Any], Any] = lambda x: x  # noqa: E731
     if _quantized(k):
         stacked = _quant.leading_slices(k.kernel) if axis == 0 else None
         if stacked is None:  # blocks that cross the stacked axis: dequantized whole, before the loop
             return _slice_plan(dataclasses.replace(k, kernel=dense(k), value=current(k)))
         kernel_arrays, unstack = stacked
-    else:
-        kernel_arrays, unstack = _views.move_axis_first(k.kernel, axis), (lambda x: x)
     arrays: dict[str, Any] = {}
     if adapter is not None:
         if adapter.roles[axis] != "stack":

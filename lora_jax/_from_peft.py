@@ -140,7 +140,7 @@ def _check_pair(paired: str | None, config: dict, where: str) -> None:
         recorded = json.loads(paired)
     except ValueError:
         recorded = {}
-    default = {"use_dora": False}  # written by versions that did not record it
+    default = {"use_dora": False, "ensure_weight_tying": False}  # written by versions that did not record them
     differ = {
         k: (recorded.get(k, default.get(k)), config.get(k, default.get(k)))
         for k in MATH_FIELDS

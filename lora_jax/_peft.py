@@ -48,7 +48,7 @@ WHOLE_KEY = re.compile(r"base_model\.model\.(?P<name>(?P<module>.+)\.[^.]+)")
 # and weights from different writes are never read as a pair.
 PAIRED = "lora_jax_config"
 MATH_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules", "modules_to_save",
-               "use_dora")  # fmt: skip
+               "use_dora", "ensure_weight_tying")  # fmt: skip
 # Keys PEFT writes that do not change how saved LoRA weights are applied.
 KNOWN_KEYS = {
     "peft_type", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout",
@@ -74,6 +74,7 @@ def to_peft(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
     conv: _paths.Pattern | None = None,
+    ensure_weight_tying: bool = False,
 ) -> None:
     """Write ``adapters`` as a PEFT LoRA adapter directory, loadable by ``PeftModel.from_pretrained``.
 
@@ -89,6 +90,10 @@ def to_peft(
       conv: paths of convolution kernels (regex, list or callable). By default a 4-D or
         5-D kernel whose axes are all ``in`` but the last is a ``Conv2d``/``Conv3d``; pass
         ``conv`` for ``Conv1d`` kernels.
+      ensure_weight_tying: write PEFT's ``ensure_weight_tying=True`` (PEFT 0.19+): on a model
+        whose output head is tied to its input embedding (``tie_word_embeddings``, as Gemma's),
+        PEFT then applies the embedding's adapter to the head too, transposed, as ``lj.wrap``
+        does with one adapter on a tied table. Needs an adapted embedding.
 
     Raises:
       ValueError: if adapters disagree on ``use_rslora`` (PEFT has one flag), a stacked
@@ -166,9 +171,13 @@ def to_peft(
             modules[module] = (path, adapter if dora else ad)
     clash = sorted(set(whole) & set(modules))
     problems += [f"module {m!r} is both LoRA-adapted and trained fully ({whole[m]!r})" for m in clash]
+    if ensure_weight_tying and not any(_torch.layer_kind(path, ad.roles, is_conv) == "embedding"
+                                       for path, ad in modules.values()):  # fmt: skip
+        problems.append("ensure_weight_tying=True ties a head to an adapted input embedding, but none is adapted")
     if problems:
         raise ValueError("lora_jax.to_peft: cannot export:" + "".join(f"\n  {p}" for p in problems))
     config = _config(modules, sorted(whole), base_model_name_or_path, task_type)
+    config["ensure_weight_tying"] = bool(ensure_weight_tying)
     try:
         config_bytes = json.dumps(config, indent=2, sort_keys=True, allow_nan=False).encode()
     except (TypeError, ValueError) as e:

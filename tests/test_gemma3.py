@@ -155,3 +155,35 @@ def test_the_real_vocabulary_when_the_270m_file_is_cached():
     assert [tok.pieces[i] for i in ids[1:]] == ["The", "▁capital", "▁of", "▁France", "▁is"]
     assert tok.decode(ids) == "The capital of France is"
     assert tok.decode(tok.encode("naïve café, 日本")) == "naïve café, 日本"
+
+
+def test_a_tied_embedding_adapter_exports_to_peft_with_weight_tying(tiny, tmp_path):
+    """Gemma's head is its embedding table: one lora_jax adapter serves the lookup and the head,
+    and PEFT's ensure_weight_tying gives the head the same adapter (transposed)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    path, (_, model, _) = tiny
+    from flax import nnx
+
+    import lora_jax as lj
+
+    graphdef, state = nnx.split(model)
+    config = lj.LoraConfig(rank=4, alpha=8, targets=r"model/(embed_tokens/embedding|layers/0/self_attn/q_proj/kernel)")
+    lora = jax.tree.map(lambda t: t + 0.03, lj.init(jax.random.key(0), model, config))
+    got = np.asarray(lj.wrap(graphdef)(state, lora, jnp.asarray(IDS)))
+    np.testing.assert_allclose(got, nnx.merge(graphdef, lj.apply_lora(state, lora))(jnp.asarray(IDS)), atol=2e-5)
+
+    def peft_logits(directory):
+        ref = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32, query_pre_attn_scalar=TINY.head_dim
+        )
+        with torch.no_grad():
+            return peft.PeftModel.from_pretrained(ref, directory)(torch.tensor(IDS)).logits.numpy()
+
+    lj.to_peft(tmp_path / "tied", lora, ensure_weight_tying=True)
+    np.testing.assert_allclose(got, peft_logits(tmp_path / "tied"), rtol=0, atol=2e-5 * np.abs(got).max())
+    lj.to_peft(tmp_path / "untied", lora)  # PEFT then adapts the lookup only
+    assert not np.allclose(got, peft_logits(tmp_path / "untied"), rtol=0, atol=2e-5 * np.abs(got).max())
+    with pytest.raises(ValueError, match="ensure_weight_tying=True ties a head to an adapted input embedding"):
+        lj.to_peft(tmp_path / "none", {"model": {"layers": lora["model"]["layers"]}}, ensure_weight_tying=True)
