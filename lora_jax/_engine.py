@@ -282,7 +282,8 @@ def _output(run: Run, k: Kernel, spec: _specs.Spec, base: jax.Array, where: str)
         raise ValueError(f"lora_jax.wrap: {k.path!r} ({where}): {e}") from e
 
 
-def _unfactorable(run: Run, eqn: Any, invals: list, k: Kernel, why: str) -> list:
+def _unfactorable(run: Run, eqn: Any, invals: list, why: str) -> list:
+    """The use ``eqn`` with the merged kernel, ``why`` it cannot be factored noted for the warning."""
     return _bind(eqn, values(run, invals, f"{eqn.primitive.name} ({why})"))
 
 
@@ -301,7 +302,7 @@ def _dot_general(run: Run, eqn: Any, invals: list) -> list:
         for axis, _ in group:
             cats.setdefault(axis, set()).add(category.get(d, "f"))
     if any(len(c) != 1 for c in cats.values()):
-        return _unfactorable(run, eqn, invals, k, "a kernel axis split between contracted and kept axes")
+        return _unfactorable(run, eqn, invals, "a kernel axis split between contracted and kept axes")
     of = lambda c: [axis for axis in range(len(view.pieces)) if cats.get(axis) == {c}]  # noqa: E731
     batch, contracted, free = of("b"), of("c"), of("f")
     base = _base(eqn, invals, k)
@@ -338,14 +339,14 @@ def _conv(run: Run, eqn: Any, invals: list) -> list:
         return _merged_use(run, eqn, invals)
     k = rhs
     if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-        return _unfactorable(run, eqn, invals, k, "a grouped convolution")
+        return _unfactorable(run, eqn, invals, "a grouped convolution")
     lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
     if not k.view.is_permutation():
-        return _unfactorable(run, eqn, invals, k, "a reshaped kernel")
+        return _unfactorable(run, eqn, invals, "a reshaped kernel")
     axis = lambda d: k.view.groups[d][0][0]  # noqa: E731
     n = len(rhs_spec) - 2
     if [axis(d) for d in rhs_spec[2:]] + [axis(rhs_spec[1]), axis(rhs_spec[0])] != list(range(n + 2)):
-        return _unfactorable(run, eqn, invals, k, "a kernel not laid out (spatial..., in, out)")
+        return _unfactorable(run, eqn, invals, "a kernel not laid out (spatial..., in, out)")
     base = _base(eqn, invals, k)
     roles = ("in",) * (n + 1) + ("out",)
     if run.find_roles:
@@ -383,7 +384,7 @@ def _gather(run: Run, eqn: Any, invals: list) -> list:
         and tuple(dn.offset_dims) == (indices.ndim - 1,)
     )
     if not rows:
-        return _unfactorable(run, eqn, invals, k, "not a lookup of whole rows")
+        return _unfactorable(run, eqn, invals, "not a lookup of whole rows")
     base = _base(eqn, invals, k)
     if run.find_roles:
         run.record_roles(k, ("in", "out"))
@@ -418,16 +419,11 @@ def _remat(run: Run, eqn: Any, invals: list) -> list:
     return out
 
 
-def _settle(run: Run, xs: list, where: str) -> list:
-    """``xs`` without kernels (merged): what leaves a loop body or a branch."""
-    return values(run, xs, where)
-
-
 def _scan(run: Run, eqn: Any, invals: list) -> list:
     p = eqn.params
     n_consts, n_carry = p["num_consts"], p["num_carry"]
     consts, init, xs = invals[:n_consts], invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
-    init = _settle(run, init, "scan carry")
+    init = values(run, init, "scan carry")
     rebuild: list[Callable | None] = []
     scanned: list[Any] = []
     sliced_from: dict[str, tuple[Kernel, int]] = {}
@@ -460,8 +456,8 @@ def _scan(run: Run, eqn: Any, invals: list) -> list:
             if outer is not None and len(y.axes) == len(outer.axes) - 1:
                 restack[i] = (outer, _views.add_leading(y.view, axis, outer.kernel.shape[axis]))
                 ys[i] = current(y)
-        new_carry = _settle(run, outs[:n_carry], "scan carry") + ([step + 1] if counter else [])
-        return new_carry, _settle(run, ys, "scan output")
+        new_carry = values(run, outs[:n_carry], "scan carry") + ([step + 1] if counter else [])
+        return new_carry, values(run, ys, "scan output")
 
     start = list(init) + ([jnp.zeros((), jnp.int32)] if counter else [])
     carry, ys = jax.lax.scan(body, start, scanned, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
@@ -514,7 +510,7 @@ def _slice_plan(k: Kernel) -> tuple[Any, Callable, int] | None:
 def _cond(run: Run, eqn: Any, invals: list) -> list:
     index, *ops = invals
     branches = [
-        (lambda *xs, b=b: _settle(run, evaluate(run, b.jaxpr, list(b.consts), list(xs)), "cond output"))
+        (lambda *xs, b=b: values(run, evaluate(run, b.jaxpr, list(b.consts), list(xs)), "cond output"))
         for b in eqn.params["branches"]
     ]
     return list(jax.lax.switch(index, branches, *ops))
@@ -523,10 +519,10 @@ def _cond(run: Run, eqn: Any, invals: list) -> list:
 def _while(run: Run, eqn: Any, invals: list) -> list:
     p = eqn.params
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
-    cconsts, bconsts, init = invals[:nc], invals[nc : nc + nb], _settle(run, invals[nc + nb :], "while carry")
+    cconsts, bconsts, init = invals[:nc], invals[nc : nc + nb], values(run, invals[nc + nb :], "while carry")
     cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
     cond = lambda c: evaluate(run, cj.jaxpr, list(cj.consts), list(cconsts) + list(c))[0]  # noqa: E731
-    body = lambda c: tuple(_settle(run, evaluate(run, bj.jaxpr, list(bj.consts), list(bconsts) + list(c)), "while"))  # noqa: E731,E501
+    body = lambda c: tuple(values(run, evaluate(run, bj.jaxpr, list(bj.consts), list(bconsts) + list(c)), "while"))  # noqa: E731
     return list(jax.lax.while_loop(cond, body, tuple(init)))
 
 
