@@ -13,7 +13,7 @@ from typing import Any
 
 from flax import nnx
 
-from lora_jax import _bank, _engine, _merge, _paths, _specs, _transform
+from lora_jax import _engine, _paths, _specs, _transform
 
 
 def is_nnx(x: Any) -> bool:
@@ -31,26 +31,15 @@ def wrap(model_or_graphdef: Any, *, strict: bool = True, compute: str = "auto") 
     ``__call__`` on ``state`` (from ``nnx.split(model)``) with adapters ``lora``, factored, and
     returns its output."""
     graphdef = model_or_graphdef if isinstance(model_or_graphdef, nnx.GraphDef) else nnx.split(model_or_graphdef)[0]
-    tracer = _engine.Tracer(run_model(graphdef))
 
-    def apply(
-        state: Any, lora: Any, *args, lora_training: bool = False, lora_rng: Any = None, lora_index: Any = None,
-        **kwargs,
-    ):  # fmt: skip
+    def check(state: Any) -> None:
         if not isinstance(state, nnx.State):
             raise TypeError(
                 "lora_jax.wrap: the wrapped NNX apply takes (state, lora, *inputs) with state from "
                 f"nnx.split(model); found a {type(state).__name__} as state."
             )
-        if lora_training and lora_rng is None:
-            raise ValueError("lora_jax.wrap: lora_training=True needs lora_rng=<a PRNG key> for the LoRA dropout.")
-        by_path = _merge.adapters_by_path(lora, "lora_jax.wrap")
-        _merge.check_fit(state, by_path, "lora_jax.wrap")
-        with _bank.indexed(lora_index):
-            return _transform.call(tracer, state, by_path, args, kwargs, strict=strict, compute=compute,
-                                   rng=lora_rng if lora_training else None)  # fmt: skip
 
-    return apply
+    return _transform.function_apply(run_model(graphdef), strict=strict, compute=compute, check=check)
 
 
 def axis_roles(model: nnx.Module, *args, **kwargs) -> dict[str, tuple[str, ...]]:

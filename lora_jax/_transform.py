@@ -9,13 +9,13 @@ the rest factored at each use (:mod:`lora_jax._engine`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _adapter, _cost, _engine, _merge, _quant
+from lora_jax import _adapter, _bank, _cost, _engine, _merge, _quant
 
 _LOG = logging.getLogger("lora_jax")
 
@@ -76,3 +76,23 @@ def call(
     _engine.check(run)
     _engine.warn_merged(run, stacklevel=stacklevel + 1)
     return out
+
+
+def function_apply(fn: Callable, *, strict: bool, compute: str, check: Callable[[Any], None] | None = None) -> Callable:
+    """``apply(params, lora, *args, lora_training=False, lora_rng=None, lora_index=None, **kwargs)``:
+    ``fn(params, *args, **kwargs)`` with the adapters ``lora`` (``check(params)`` first, if given)."""
+    tracer = _engine.Tracer(fn)
+
+    def apply(params: Any, lora: Any, *args, lora_training: bool = False, lora_rng: Any = None,
+              lora_index: Any = None, **kwargs):  # fmt: skip
+        if check is not None:
+            check(params)
+        if lora_training and lora_rng is None:
+            raise ValueError("lora_jax.wrap: lora_training=True needs lora_rng=<a PRNG key> for the LoRA dropout.")
+        by_path = _merge.adapters_by_path(lora, "lora_jax.wrap")
+        _merge.check_fit(params, by_path, "lora_jax.wrap")
+        with _bank.indexed(lora_index):
+            return call(tracer, params, by_path, args, kwargs, strict=strict, compute=compute,
+                        rng=lora_rng if lora_training else None)  # fmt: skip
+
+    return apply

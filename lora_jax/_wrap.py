@@ -10,7 +10,7 @@ from typing import Any
 import flax.linen as nn
 from flax import nnx
 
-from lora_jax import _bank, _cost, _engine, _full, _linen, _merge, _nnx, _transform
+from lora_jax import _cost, _engine, _full, _linen, _nnx, _transform
 
 
 def wrap(fn: Any, *, strict: bool = True, compute: str = "auto", trainable: Any = None) -> Callable:
@@ -82,20 +82,7 @@ def wrap(fn: Any, *, strict: bool = True, compute: str = "auto", trainable: Any 
     if _linen.is_linen_apply(fn):
         return _linen.wrap(fn, strict=strict, compute=compute)
     _linen.check_apply(fn)
-    tracer = _engine.Tracer(fn)
-
-    @functools.wraps(fn)
-    def apply(params: Any, lora: Any, *args, lora_training: bool = False, lora_rng: Any = None,
-              lora_index: Any = None, **kwargs):  # fmt: skip
-        if lora_training and lora_rng is None:
-            raise ValueError("lora_jax.wrap: lora_training=True needs lora_rng=<a PRNG key> for the LoRA dropout.")
-        by_path = _merge.adapters_by_path(lora, "lora_jax.wrap")
-        _merge.check_fit(params, by_path, "lora_jax.wrap")
-        with _bank.indexed(lora_index):
-            return _transform.call(tracer, params, by_path, args, kwargs, strict=strict, compute=compute,
-                                   rng=lora_rng if lora_training else None)  # fmt: skip
-
-    return apply
+    return functools.wraps(fn)(_transform.function_apply(fn, strict=strict, compute=compute))
 
 
 def axis_roles(fn_or_model: Any, *args, **kwargs) -> dict[str, tuple[str, ...]]:
