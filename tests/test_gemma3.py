@@ -5,6 +5,7 @@ and the tokenizer against SentencePiece BPE's rules."""
 import sys
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,6 +184,8 @@ def test_a_tied_embedding_adapter_exports_to_peft_with_weight_tying(tiny, tmp_pa
 
     lj.to_peft(tmp_path / "tied", lora, ensure_weight_tying=True)
     np.testing.assert_allclose(got, peft_logits(tmp_path / "tied"), rtol=0, atol=2e-5 * np.abs(got).max())
+    back = lj.from_peft(tmp_path / "tied", state)  # and back: the same adapter serves both uses again
+    chex.assert_trees_all_close(back, lora, rtol=0, atol=0)
     lj.to_peft(tmp_path / "untied", lora)  # PEFT then adapts the lookup only
     assert not np.allclose(got, peft_logits(tmp_path / "untied"), rtol=0, atol=2e-5 * np.abs(got).max())
     with pytest.raises(ValueError, match="ensure_weight_tying=True ties a head to an adapted input embedding"):
