@@ -237,23 +237,24 @@ def _check_use(run: Run, k: Kernel, use_roles: tuple[str, ...]) -> bool:
     transposed (in and out swapped: a tied head ``h @ E.T`` computes ``(h⋅bᵀ)⋅aᵀ``). A
     contradiction is noted (reported with the others when the run ends)."""
     roles = k.adapter.roles
-    fits = lambda use: len(use) == len(roles) and all(r == u or (r, u) == ("stack", "out") for r, u in zip(roles, use))  # noqa: E731,E501
-    if fits(use_roles):  # an adapter's stack axis may be a free axis of the use: one branch per entry
+    # An adapter's stack axis may be a free axis of the use: one branch per entry of it.
+    if len(use_roles) == len(roles) and all(r == u or (r, u) == ("stack", "out") for r, u in zip(roles, use_roles)):
         run.forward.add(k.path)
         return True
     swapped = tuple({"in": "out", "out": "in"}.get(r, r) for r in use_roles)
     if roles == swapped and "stack" not in roles:
-        run.transposed.setdefault(k.path, f"the adapter has roles {roles}, the model uses its kernel "
-                                          f"{tuple(k.kernel.shape)} as {use_roles}")  # fmt: skip
+        run.transposed.setdefault(k.path, _mismatch(k, use_roles))
         return True
     _contradiction(run, k, use_roles)
     return False
 
 
+def _mismatch(k: Kernel, use_roles: tuple[str, ...]) -> str:
+    return f"the adapter has roles {k.adapter.roles}, the model uses its kernel {tuple(k.kernel.shape)} as {use_roles}"
+
+
 def _contradiction(run: Run, k: Kernel, use_roles: tuple[str, ...]) -> None:
-    shape = tuple(k.kernel.shape)
-    run.problems.setdefault(k.path, f"the adapter has roles {k.adapter.roles}, the model uses its kernel {shape} as "
-                                    f"{use_roles}")  # fmt: skip
+    run.problems.setdefault(k.path, _mismatch(k, use_roles))
 
 
 def check(run: Run) -> None:
