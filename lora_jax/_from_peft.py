@@ -287,8 +287,8 @@ def _from_torch(module: str, part: dict, kernel: tuple, config: dict, roles: Map
         if config.get("fan_in_fan_out") is True and _adapter.roles_for(path, shape, roles) in (None, ("in", "out")):
             raise _Mismatch(
                 "the config says fan_in_fan_out: true (a PyTorch Conv1D, as in GPT-2), so the Flax kernel may be "
-                "stored (out, in): pass its roles, roles=lj.axis_roles(model, ...) (a Conv1D layer registered with "
-                "lj.register_layer reports ('out', 'in')) or roles={path: ('out', 'in')}"
+                "stored (out, in): pass its roles, roles=lj.axis_roles(model, ...) (which reports ('out', 'in') for a "
+                "kernel the model uses as x @ W.T) or roles={path: ('out', 'in')}"
             )
         kernel_roles = _linear_roles(path, shape, lora_a.shape[1], lora_b.shape[0], roles)
         a, b = lora_a.T, lora_b.T

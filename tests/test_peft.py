@@ -4,6 +4,7 @@ import json
 import os
 import warnings
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -546,3 +547,6 @@ def test_hugging_face_flax_gpt2_trains_factored_and_exports_to_pytorch_gpt2(tmp_
     with torch.no_grad():
         want = peft_model(torch.tensor(np.asarray(ids))).logits.numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"fan_in_fan_out: true .* roles=lj\.axis_roles"):
+        lj.from_peft(tmp_path, params)  # GPT-2's (out, in) kernels need their roles to be read back
+    chex.assert_trees_all_close(lj.from_peft(tmp_path, params, roles=roles), lora, rtol=0, atol=0)
