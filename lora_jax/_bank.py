@@ -202,7 +202,7 @@ def output(layer: _specs.Spec, base: jax.Array, kernel: jax.Array, bank: Bank, d
         raise ValueError(f"the adapter index holds {bad}, outside the bank's slots 0..{n - 1} (or -1 for the base).")
     if dropout is not None:
         layer = _specs.map_input(layer, dropout)
-    inputs, axis, branch, finish = _examples(layer, index.shape[0])
+    inputs, axis, branch = _examples(layer)
     if index.shape[0] != inputs.shape[0]:
         raise ValueError(
             f"the adapter index has {index.shape[0]} entries but the layer's input has {inputs.shape[0]} examples "
@@ -215,27 +215,18 @@ def output(layer: _specs.Spec, base: jax.Array, kernel: jax.Array, bank: Bank, d
     b = jnp.take(bank.b, take, axis=0)
     b = b * scale.reshape((-1,) + (1,) * (b.ndim - 1)).astype(b.dtype)
     y = jax.vmap(branch, out_axes=axis)(inputs, a, b)
-    return base + finish(y).astype(base.dtype)
+    return base + y.astype(base.dtype)
 
 
-def _examples(layer: _specs.Spec, batch: int):
-    """``(inputs, axis, branch, finish)``: the layer's input with its examples along axis 0, the
-    axis of the examples in the layer's output, ``branch(x, a, b)`` the low-rank branch of one
-    example's input ``x`` (no example axis) and ``finish`` restoring the output's shape."""
-    same = lambda y: y  # noqa: E731
+def _examples(layer: _specs.Spec):
+    """``(inputs, axis, branch)``: the layer's input with its examples along axis 0, the axis of
+    the examples in the layer's output, and ``branch(x, a, b)`` the low-rank branch of one
+    example's input ``x`` (no example axis)."""
     low = lambda spec, a, b: _specs.lowrank(spec, a, b, 1.0)  # noqa: E731
     if isinstance(layer, _specs.Lookup):
-        return jnp.asarray(layer.ids), 0, lambda ids, a, b: low(_specs.Lookup(ids[None]), a, b)[0], same
+        return jnp.asarray(layer.ids), 0, lambda ids, a, b: low(_specs.Lookup(ids[None]), a, b)[0]
     if isinstance(layer, _specs.Conv):
-        x, shape = layer.x, layer.batch_shape
-        if shape is None:
-            return x, 0, lambda x, a, b: low(layer._replace(x=x[None]), a, b)[0], same
-        # The layer flattened several batch axes into one: each example owns a run of rows.
-        if shape[0] != batch or x.shape[0] % batch:
-            return x, 0, None, same  # the caller's size check reports it
-        grouped = x.reshape((batch, x.shape[0] // batch) + x.shape[1:])
-        branch = lambda x, a, b: low(layer._replace(x=x, batch_shape=None), a, b)  # noqa: E731
-        return grouped, 0, branch, lambda y: y.reshape(shape + y.shape[2:])
+        return layer.x, 0, lambda x, a, b: low(layer._replace(x=x[None]), a, b)[0]
     xs, ks, ys = _specs._parse(layer.equation, jnp.ndim(layer.x))
     first = xs[0] if xs else ""
     if not first or first in ks or first not in ys or xs.count(first) > 1:
@@ -244,7 +235,7 @@ def _examples(layer: _specs.Spec, batch: int):
             f"'{xs},{ks}->{ys}'."
         )
     axis = ys.index(first)
-    return layer.x, axis, lambda x, a, b: jnp.squeeze(low(layer._replace(x=x[None]), a, b), axis), same
+    return layer.x, axis, lambda x, a, b: jnp.squeeze(low(layer._replace(x=x[None]), a, b), axis)
 
 
 def _no_merge(kernel: jax.Array, bank: Bank) -> jax.Array:

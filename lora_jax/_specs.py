@@ -49,17 +49,14 @@ class Einsum(NamedTuple):
 
 
 class Conv(NamedTuple):
-    """A layer computing ``lax.conv_general_dilated(x, kernel, ...)`` with channels-last ``x``
-    and a ``(spatial..., in, out)`` kernel; ``batch_shape``: the leading output shape to
-    restore when the layer flattened several batch axes of its input into one; ``bias`` as
-    for :class:`Einsum`."""
+    """A use computing ``lax.conv_general_dilated(x, kernel, ...)`` with channels-last ``x``
+    and a ``(spatial..., in, out)`` kernel; ``bias`` as for :class:`Einsum`."""
 
     x: Any
     strides: tuple[int, ...]
     padding: Any
     lhs_dilation: tuple[int, ...]
     rhs_dilation: tuple[int, ...]
-    batch_shape: tuple[int, ...] | None = None
     bias: Any = None
 
 
@@ -252,5 +249,4 @@ def _conv(spec: Conv, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
         x, a, spec.strides, spec.padding, lhs_dilation=spec.lhs_dilation, rhs_dilation=spec.rhs_dilation,
         dimension_numbers=numbers,
     )  # fmt: skip
-    y = (_scaled(u.reshape(-1, a.shape[-1]), scale) @ b).reshape(u.shape[:-1] + b.shape[-1:])
-    return y if spec.batch_shape is None else y.reshape(spec.batch_shape + y.shape[1:])
+    return (_scaled(u.reshape(-1, a.shape[-1]), scale) @ b).reshape(u.shape[:-1] + b.shape[-1:])
