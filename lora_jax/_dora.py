@@ -102,6 +102,17 @@ def in_kernel_layout(m: jax.Array, roles: Roles) -> jax.Array:
     return m.reshape(tuple(1 if r == "in" else next(sizes) for r in roles))
 
 
+def guarded_norm(v: jax.Array, roles: Roles) -> tuple[jax.Array, jax.Array]:
+    """``(‖v‖, nonzero)`` over the in axes (size-1 axes kept), without gradient, with ``1``
+    in place of the norm of a column of ``v`` that is exactly zero (``nonzero`` false there).
+
+    Such a column has no direction, and DoRA uses the limit ``m · V/‖V‖ → 0`` for it: the
+    column computes only the bias and passes no gradient to ``a``, ``b`` or ``m`` (PEFT divides
+    0 by 0 there and gives NaN outputs and gradients)."""
+    n = jax.lax.stop_gradient(norm(v, roles))
+    return jnp.where(n > 0, n, 1.0), n > 0
+
+
 def initial_magnitude(kernel: jax.Array, roles: Roles) -> jax.Array:
     """``‖W‖`` per output feature, ``(stack..., out...)``, in float32."""
     n = norm(jnp.asarray(kernel, jnp.float32), roles)
@@ -112,7 +123,8 @@ def merge(w: jax.Array, ad: DoraAdapter) -> jax.Array:
     """``m · V/‖V‖``; ``‖V‖`` without gradient, as in the factored forward (merged inside a step,
     the gradients are the factored ones)."""
     v = w + _lora.delta(ad.lora)
-    return in_kernel_layout(ad.m.astype(jnp.float32), ad.roles) * v / jax.lax.stop_gradient(norm(v, ad.roles))
+    n, nonzero = guarded_norm(v, ad.roles)
+    return jnp.where(nonzero, in_kernel_layout(ad.m.astype(jnp.float32), ad.roles) * v / n, 0.0)
 
 
 def _no_unmerge(w: jax.Array, ad: DoraAdapter) -> jax.Array:
@@ -129,8 +141,8 @@ def output(layer: _specs.Spec, base: jax.Array, kernel: jax.Array, ad: DoraAdapt
     factor_axes = _output_axes(layer, ad.roles)
     lora = ad.lora
     v = kernel.astype(jnp.float32) + jax.lax.stop_gradient(_lora.delta(lora))
-    n = jax.lax.stop_gradient(norm(v, ad.roles))
-    factor = ad.m.astype(jnp.float32) / n.reshape(ad.m.shape)
+    n, nonzero = guarded_norm(v, ad.roles)
+    factor = jnp.where(nonzero.reshape(ad.m.shape), ad.m.astype(jnp.float32) / n.reshape(ad.m.shape), 0.0)
     factor = factor_axes(factor)  # float32: a bf16 factor would round every output by 2^-8
     bias = getattr(layer, "bias", None)
     bias = jnp.zeros((), base.dtype) if bias is None else jnp.asarray(bias, base.dtype)

@@ -228,3 +228,45 @@ def test_bfloat16_base_keeps_the_rescaling_in_float32():
     got = lj.wrap(model.apply, compute="factored")({"params": bf16, "lora": trained}, x.astype(jnp.bfloat16))
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=2e-2 * np.abs(want).max())
+
+
+def test_a_zero_column_is_the_limit_not_nan():
+    """A column of V = W + s·a⋅b that is exactly zero (a pruned or zero-initialised output): its
+    output is the bias, it passes no gradient, and every other column is as if it were absent."""
+    x = jax.random.normal(jax.random.key(0), (6, 8))
+    kernel = jax.random.normal(jax.random.key(1), (8, 5)).at[:, 2].set(0.0)
+    params = {"kernel": kernel, "bias": jnp.arange(5.0)}
+    model = nn.Dense(5)
+    fresh = lj.init(jax.random.key(2), params, lj.LoraConfig(rank=2, use_dora=True, targets="kernel"))
+    apply = lj.wrap(model.apply, compute="factored")
+    base = model.apply({"params": params}, x)
+    np.testing.assert_array_equal(apply({"params": params, "lora": fresh}, x), base)  # a no-op, not NaN
+    merged_fresh = lj.apply_lora(params, fresh)["kernel"]
+    np.testing.assert_array_equal(merged_fresh[:, 2], 0.0)  # 0, not 0/0
+    np.testing.assert_allclose(merged_fresh, kernel, rtol=1e-6)
+
+    # Trained: b's column 2 still zero, so V's column 2 stays zero; compare with the model without it.
+    trained = randomize(fresh, jax.random.key(3), 0.3)
+    ad = trained["kernel"]
+    ad = lj.DoraAdapter(ad.a, ad.b.at[:, 2].set(0.0), ad.m, rank=2, alpha=ad.alpha)
+    keep = jnp.array([0, 1, 3, 4])
+    rest_params = {"kernel": kernel[:, keep], "bias": params["bias"][keep]}
+    rest = lj.DoraAdapter(ad.a, ad.b[:, keep], ad.m[keep], rank=2, alpha=ad.alpha)
+
+    def loss(ad, params, n):
+        return jnp.sum(jnp.sin(lj.wrap(nn.Dense(n).apply, compute="factored")({"params": params, "lora": {"kernel": ad}}, x)))
+
+    y = apply({"params": params, "lora": {"kernel": ad}}, x)
+    np.testing.assert_array_equal(y[:, 2], jnp.full((6,), params["bias"][2]))
+    want = lj.wrap(nn.Dense(4).apply, compute="factored")({"params": rest_params, "lora": {"kernel": rest}}, x)
+    np.testing.assert_allclose(y[:, keep], want, rtol=1e-6)
+    g = jax.grad(loss)(ad, params, 5)
+    g_rest = jax.grad(loss)(rest, rest_params, 4)
+    assert all(bool(jnp.isfinite(t).all()) for t in jax.tree.leaves(g))
+    assert float(g.m[2]) == 0.0 and not jnp.any(g.b[:, 2])
+    np.testing.assert_allclose(g.a, g_rest.a, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g.b[:, keep], g_rest.b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g.m[keep], g_rest.m, rtol=1e-5, atol=1e-7)
+    merged = lj.apply_lora(params, {"kernel": ad})["kernel"]
+    np.testing.assert_array_equal(merged[:, 2], 0.0)
+    np.testing.assert_allclose(merged[:, keep], lj.apply_lora(rest_params, {"kernel": rest})["kernel"], rtol=1e-6)
