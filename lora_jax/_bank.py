@@ -162,6 +162,16 @@ def indexed(index: Any, where: str = "lora_jax.wrap: lora_index") -> Iterator[No
         _INDEX.reset(token)
 
 
+def check_range(index: jax.Array, n: int, where: str) -> None:
+    """A ``ValueError`` listing the values of a concrete ``index`` outside ``-1..n-1`` (a traced
+    one cannot be checked: the forward gives its examples NaN)."""
+    values = _concrete(index)
+    if values is not None and ((values < BASE) | (values >= n)).any():
+        bad = sorted({int(v) for v in values if not BASE <= v < n})
+        raise ValueError(f"{where}: the adapter index holds {bad}, outside the bank's slots 0..{n - 1} (or -1 for the "
+                         "base).")  # fmt: skip
+
+
 def check_index(index: Any, where: str) -> jax.Array:
     dtype = getattr(index, "dtype", None)
     if dtype is None and isinstance(index, (list, tuple)):
@@ -196,10 +206,7 @@ def output(layer: _specs.Spec, base: jax.Array, kernel: jax.Array, bank: Bank, d
             "`with lj.bank_index(index):`)."
         )
     n = bank.scales.shape[-1]
-    values = _concrete(index)
-    if values is not None and ((values < BASE) | (values >= n)).any():
-        bad = sorted({int(v) for v in values if not BASE <= v < n})
-        raise ValueError(f"the adapter index holds {bad}, outside the bank's slots 0..{n - 1} (or -1 for the base).")
+    check_range(index, n, "lora_jax.wrap: lora_index")
     if dropout is not None:
         layer = _specs.map_input(layer, dropout)
     inputs, axis, branch = _examples(layer)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import _adapter, _io, _lora, _merge, _paths
-from lora_jax._bank import Bank
+from lora_jax._bank import BASE, Bank
 
 
 def bank(adapters: Sequence[Any], *, rank: int | None = None, params: Any = None) -> dict:
@@ -132,7 +132,8 @@ def bank_set(banks: Any, i: Any, adapters: Any) -> dict:
 
     Raises:
       TypeError, ValueError: if an adapter has no slot in the bank, a higher rank than the
-        bank's, or another kernel shape or roles; IndexError: if ``i`` is not a slot.
+        bank's, or another kernel shape or roles; IndexError: if ``i`` is not a slot (a
+        traced ``i`` outside the slots, which cannot be checked, gives a bank of NaN).
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -297,9 +298,11 @@ def _slot_index(i: Any, by_path: dict, where: str) -> Any:
         return i
     if isinstance(i, bool) or not isinstance(i, numbers.Integral):
         raise TypeError(f"{where}: the slot must be an int, found {i!r}.")
-    if not -n <= i < n:
-        raise IndexError(f"{where}: slot {i} is out of range for a bank of {n} slots.")
-    return int(i) % n
+    i = int(i)
+    if not 0 <= i < n:
+        base = " (-1 is lj.BASE, the base model alone in a lora_index; it is no slot)" if i == BASE else ""
+        raise IndexError(f"{where}: slot {i} is out of range for a bank of {n} slots 0..{n - 1}{base}.")
+    return i
 
 
 def _take(b: Bank, i: int) -> tuple:
@@ -308,8 +311,13 @@ def _take(b: Bank, i: int) -> tuple:
 
 
 def _put(x: jax.Array, axis: int, i: Any, value: Any) -> jax.Array:
+    """``x`` with ``value`` at ``i`` along ``axis``; a traced ``i`` outside the slots (which
+    cannot be refused under ``jax.jit``) makes every entry NaN rather than write nothing."""
     index = (slice(None),) * axis + (i,)
-    return x.at[index].set(jnp.asarray(value, x.dtype))
+    out = x.at[index].set(jnp.asarray(value, x.dtype))
+    if isinstance(i, jax.core.Tracer):
+        out = jnp.where((i >= 0) & (i < x.shape[axis]), out, jnp.nan)
+    return out
 
 
 def _fitted(adapters: Any, by_path: dict[str, tuple[tuple, Bank]], where: str) -> dict[str, tuple]:

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
-from lora_jax import _bank, _engine, _merge, _paths, _transform
+from lora_jax import _engine, _merge, _paths, _transform
 
 _DROPOUT_STREAM = 0x10A  # LoRA dropout keys are folded from rngs['dropout'] with this
 
@@ -50,10 +50,8 @@ def wrap(apply_fn: Callable, *, strict: bool, compute: str) -> Callable:
         _merge.check_fit(params, by_path, "lora_jax.wrap")
         others = {k: v for k, v in variables.items() if k not in ("params", "lora")}
         rng = jax.random.fold_in(rngs["dropout"], _DROPOUT_STREAM) if lora_training and rngs else None
-        with _bank.indexed(lora_index):
-            return _transform.call(
-                tracer, params, by_path, (others, *args), kwargs, strict=strict, compute=compute, rng=rng
-            )
+        return _transform.call(tracer, params, by_path, (others, *args), kwargs, strict=strict, compute=compute,
+                               rng=rng, lora_index=lora_index)  # fmt: skip
 
     return apply
 

@@ -82,6 +82,7 @@ def _slots_kept(tx: optax.GradientTransformation) -> optax.GradientTransformatio
                 return new
             n = new.roles.count("stack")
             size = new.a.shape[n]
+            _bank.check_range(index, size, "lora_jax.optimizer: lora_index")
             used = jnp.zeros(size, bool).at[jnp.where(index >= 0, index, size)].set(True, mode="drop")
             changes = {}
             for name, x in _adapter.arrays(new).items():

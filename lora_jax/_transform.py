@@ -33,10 +33,25 @@ def frozen(params: Any) -> Any:
 
 def call(
     tracer: _engine.Tracer, params: Any, by_path: Mapping[str, Any], args: tuple, kwargs: Mapping, *,
-    strict: bool, compute: str, rng: Any = None, stacklevel: int = 3,
+    strict: bool, compute: str, rng: Any = None, lora_index: Any = None, stacklevel: int = 3,
 ) -> Any:  # fmt: skip
     """``tracer.fn(params, *args, **kwargs)`` with the adapters ``by_path`` (``{path: adapter}``,
-    already checked against ``params``); ``rng`` is the LoRA dropout key (``None``: no dropout)."""
+    already checked against ``params``); ``rng`` is the LoRA dropout key (``None``: no dropout),
+    ``lora_index`` each example's bank slot (``None``: none)."""
+    if lora_index is not None and not any(isinstance(ad, _bank.Bank) for ad in by_path.values()):
+        raise ValueError(
+            "lora_jax.wrap: lora_index= selects each example's slot of an adapter bank, but no adapter is a "
+            "lj.Bank; build one with lj.bank([...]) or drop lora_index."
+        )
+    with _bank.indexed(lora_index):
+        return _call(tracer, params, by_path, args, kwargs, strict=strict, compute=compute, rng=rng,
+                     stacklevel=stacklevel + 1)  # fmt: skip
+
+
+def _call(
+    tracer: _engine.Tracer, params: Any, by_path: Mapping[str, Any], args: tuple, kwargs: Mapping, *,
+    strict: bool, compute: str, rng: Any, stacklevel: int,
+) -> Any:  # fmt: skip
     dropped = {p for p, ad in by_path.items() if rng is not None and _adapter.static(ad).get("dropout", 0.0) > 0}
     if compute == "merged" and dropped:
         raise ValueError(
@@ -91,8 +106,7 @@ def function_apply(fn: Callable, *, strict: bool, compute: str, check: Callable[
             raise ValueError("lora_jax.wrap: lora_training=True needs lora_rng=<a PRNG key> for the LoRA dropout.")
         by_path = _merge.adapters_by_path(lora, "lora_jax.wrap")
         _merge.check_fit(params, by_path, "lora_jax.wrap")
-        with _bank.indexed(lora_index):
-            return call(tracer, params, by_path, args, kwargs, strict=strict, compute=compute,
-                        rng=lora_rng if lora_training else None)  # fmt: skip
+        return call(tracer, params, by_path, args, kwargs, strict=strict, compute=compute,
+                    rng=lora_rng if lora_training else None, lora_index=lora_index)  # fmt: skip
 
     return apply

@@ -2,6 +2,7 @@
 and PEFT's mixed-batch inference, per-slot gradients and optimizer state, swaps without
 retracing, building/reading/editing banks, files, and bad input."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -299,3 +300,30 @@ def test_bad_input(setup):
         lj.bank([])
     with pytest.raises(ValueError, match="the 2 adapter trees adapt no kernel"):
         lj.bank([{}, {}])
+
+
+def test_slots_and_indices_are_checked_wherever_they_are_used(setup):
+    """-1 is lj.BASE in an index and no slot; a slot or index outside the bank is an error where
+    it can be checked and NaN under jit (never a silent no-op); lora_index needs a bank."""
+    model, params, x, trees = setup
+    b = lj.bank(trees)
+    for fn in (lambda i: lj.bank_get(b, i), lambda i: lj.bank_set(b, i, None), lambda i: lj.bank_remove(b, i)):
+        with pytest.raises(IndexError, match=r"slot -1 is out of range for a bank of 3 slots 0\.\.2 \(-1 is lj\.BASE"):
+            fn(-1)
+        with pytest.raises(IndexError, match="slot 3 is out of range"):
+            fn(3)
+    # Under jit the slot cannot be checked: the written bank is NaN, not the old bank.
+    out = jax.jit(lambda i: lj.bank_set(b, i, trees[0]))(10)
+    assert all(bool(jnp.isnan(t).all()) for t in jax.tree.leaves(out))
+    inside = jax.jit(lambda i: lj.bank_set(b, i, trees[0]))(1)
+    chex.assert_trees_all_close(lj.bank_get(inside, 1), lj.bank_get(lj.bank_set(b, 1, trees[0]), 1))
+    # The optimizer: an index outside the slots is refused, as in the forward.
+    tx = lj.optimizer(optax.adam(1e-2))
+    variables = {"params": params, "lora": b}
+    state = tx.init(variables)
+    grads = jax.tree.map(jnp.ones_like, variables)
+    with pytest.raises(ValueError, match=r"lora_jax\.optimizer: lora_index: the adapter index holds \[5\], outside"):
+        tx.update(grads, state, variables, lora_index=jnp.array([5, 5, 5, 5, 5, 5]))
+    # lora_index with plain adapters is an error, not ignored.
+    with pytest.raises(ValueError, match="lora_index= selects each example's slot of an adapter bank, but no adapter"):
+        lj.wrap(model.apply)({"params": params, "lora": trees[0]}, x, lora_index=jnp.zeros(6, int))
