@@ -54,6 +54,8 @@ class Bank:
         and :func:`lora_jax.optimizer` freezes it).
       rank: the padded rank ``R`` (the largest rank a slot can hold).
       roles: the role of each kernel axis.
+      dropout: the LoRA dropout rate of the bank's adapters (one rate per kernel, applied to
+        the layer's input in training as for one adapter).
 
     Raises:
       TypeError, ValueError: on metadata of the wrong type or arrays that do not fit it.
@@ -64,9 +66,11 @@ class Bank:
     scales: Any
     rank: int = dataclasses.field(metadata=dict(static=True))
     roles: Roles = dataclasses.field(default=DEFAULT_ROLES_2D, metadata=dict(static=True))
+    dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
 
     def __post_init__(self):
         object.__setattr__(self, "rank", _lora.check_rank(self.rank, "lora_jax.Bank: rank"))
+        object.__setattr__(self, "dropout", _lora.check_dropout(self.dropout, "lora_jax.Bank: dropout"))
         roles = tuple(self.roles) if isinstance(self.roles, (list, tuple)) else self.roles
         why = _adapter.roles_problem(roles, [1] * len(roles) if isinstance(roles, tuple) else [])
         if why:
@@ -101,7 +105,8 @@ class Bank:
     def __repr__(self) -> str:
         shape = lambda x: getattr(x, "shape", x)  # noqa: E731
         arrays = f"a={shape(self.a)}, b={shape(self.b)}, scales={shape(self.scales)}"
-        return f"Bank({arrays}, rank={self.rank}, roles={self.roles})"
+        dropout = f", dropout={self.dropout}" if self.dropout else ""
+        return f"Bank({arrays}, rank={self.rank}, roles={self.roles}{dropout})"
 
 
 def axes(bank: Bank) -> dict[str, tuple[int | None, ...]]:

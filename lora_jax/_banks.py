@@ -76,9 +76,15 @@ def bank(adapters: Sequence[Any], *, rank: int | None = None, params: Any = None
                 f"{where}: the adapters of {path!r} disagree on its kernel: adapters[{next(iter(present))}] has "
                 f"{_merge.describe(first)}, but " + ", ".join(misfits) + "."
             )
+        rates = {i: ad.dropout for i, ad in present.items()}
+        if len(set(rates.values())) > 1:
+            raise ValueError(
+                f"{where}: the adapters of {path!r} have LoRA dropout rates {rates}; a bank applies one rate per "
+                "kernel (to the layer's input, shared by the batch): give them one rate."
+            )
         empty = _empty(first, rank)
         slots = [_slot(present[i], rank) if i in present else empty for i in range(len(trees))]
-        out.append((keys[path], _stack(slots, first.roles, rank)))
+        out.append((keys[path], _stack(slots, first.roles, rank, first.dropout)))
     return _paths.nest(out, where)
 
 
@@ -113,7 +119,7 @@ def bank_get(banks: Any, i: int) -> dict:
             continue
         ad = _lora.Adapter(
             jnp.asarray(a_i[..., :r]), jnp.asarray(np.take(b_i, range(r), axis=n_stack)), rank=r,
-            alpha=_alpha(scale, r), roles=b.roles,
+            alpha=_alpha(scale, r), roles=b.roles, dropout=b.dropout,
         )  # fmt: skip
         out.append((keys, ad))
     return _paths.nest(out, where)
@@ -275,11 +281,11 @@ def _empty_of(b: Bank) -> tuple:
     return tuple(jnp.zeros(x.shape[:n] + x.shape[n + 1 :], x.dtype) for x in (b.a, b.b, b.scales))
 
 
-def _stack(slots: list[tuple], roles: tuple, rank: int) -> Bank:
+def _stack(slots: list[tuple], roles: tuple, rank: int, dropout: float) -> Bank:
     n = roles.count("stack")
     dtype = jnp.result_type(*(x for s in slots for x in s[:2]))
     a, b, scales = (jnp.stack([s[k].astype(dtype if k < 2 else jnp.float32) for s in slots], axis=n) for k in range(3))
-    return Bank(a, b, scales, rank=rank, roles=roles)
+    return Bank(a, b, scales, rank=rank, roles=roles, dropout=dropout)
 
 
 def _banks_by_path(banks: Any, where: str) -> dict[str, tuple[tuple, Bank]]:
@@ -338,6 +344,9 @@ def _fitted(adapters: Any, by_path: dict[str, tuple[tuple, Bank]], where: str) -
                 f"{path!r}: the adapter fits a kernel {ad.kernel_shape} with roles {ad.roles}, the bank's is "
                 f"{_adapter.kernel_shape(b)} with roles {b.roles}"
             )
+        elif ad.dropout != b.dropout:
+            problems.append(f"{path!r}: the adapter's LoRA dropout is {ad.dropout}, the bank's {b.dropout} (one rate "
+                            "per kernel)")  # fmt: skip
     if problems:
         raise ValueError(f"{where}: the adapters do not fit the bank:" + "".join(f"\n  {p}" for p in problems))
     return {path: _slot(ad, by_path[path][1].rank) for path, (_, ad) in entry.items()}

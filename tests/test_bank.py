@@ -327,3 +327,25 @@ def test_slots_and_indices_are_checked_wherever_they_are_used(setup):
     # lora_index with plain adapters is an error, not ignored.
     with pytest.raises(ValueError, match="lora_index= selects each example's slot of an adapter bank, but no adapter"):
         lj.wrap(model.apply)({"params": params, "lora": trees[0]}, x, lora_index=jnp.zeros(6, int))
+
+
+def test_a_bank_keeps_its_adapters_dropout(setup):
+    """One LoRA dropout rate per kernel: in training each example's branch sees the same dropout
+    as its adapter alone; bank_get returns it; adapters of other rates are refused."""
+    model, params, x, _ = setup
+    cfg = lambda seed, rate: lj.LoraConfig(rank=2, dropout=rate, targets="fc1/kernel")  # noqa: E731
+    trees = [randomize(lj.init(jax.random.key(i), params, cfg(i, 0.25)), jax.random.key(10 + i)) for i in range(3)]
+    b = lj.bank(trees)
+    assert b["fc1"]["kernel"].dropout == 0.25 and lj.bank_get(b, 1)["fc1"]["kernel"].dropout == 0.25
+    apply = lj.wrap(model.apply)
+    rngs = {"dropout": jax.random.key(7)}
+    train = apply({"params": params, "lora": b}, x, lora_index=jnp.full(6, 1), lora_training=True, rngs=rngs)
+    alone = apply({"params": params, "lora": trees[1]}, x, lora_training=True, rngs=rngs)
+    np.testing.assert_allclose(train, alone, rtol=1e-5, atol=1e-6)
+    evaluation = apply({"params": params, "lora": b}, x, lora_index=jnp.full(6, 1))
+    assert not np.allclose(train, evaluation)  # dropout acts in training
+    other = randomize(lj.init(jax.random.key(5), params, cfg(5, 0.5)), jax.random.key(6))
+    with pytest.raises(ValueError, match=r"'fc1/kernel' have LoRA dropout rates \{0: 0\.25, 1: 0\.5\}"):
+        lj.bank([trees[0], other])
+    with pytest.raises(ValueError, match=r"the adapter's LoRA dropout is 0\.5, the bank's 0\.25"):
+        lj.bank_set(b, 0, other)
