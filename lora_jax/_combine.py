@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax import _adapter, _lora, _merge, _paths
 
@@ -114,7 +115,21 @@ def combine(
         else:
             combined = _svd(present, rule, density, majority_sign_method, k, rank)
         out.append((tuple(path.split("/")), combined))
+    overflow = [path for path, (_, ad) in zip(paths, out) if not _finite(ad)]
+    if overflow:
+        raise ValueError(
+            f"{_WHERE}: the weights {list(weights)!r} make the combined adapters of {overflow} overflow (inf or NaN "
+            "in float32); scale the weights down."
+        )
     return _paths.nest(out, _WHERE)
+
+
+def _finite(adapter: Any) -> bool:
+    """Whether an adapter's arrays are finite (traced arrays, which cannot be checked, pass)."""
+    try:
+        return all(bool(np.isfinite(np.asarray(x)).all()) for x in _adapter.arrays(adapter).values())
+    except jax.errors.TracerArrayConversionError:
+        return True
 
 
 def _lora_forms(by_path: dict[str, Any]) -> dict[str, _lora.Adapter]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lora_jax import _adapter, _dora, _nnx, _paths, _quant
@@ -88,6 +89,7 @@ def init(
         if config.use_dora:
             kernel = _quant.dequantize(kernels[path])  # ‖W‖ of what the layer computes with
             m = _dora.initial_magnitude(kernel, kernel_roles).astype(config.dtype)
+            _check_finite_magnitude(m, path, config.dtype)
             adapter = DoraAdapter(**_adapter.arrays(adapter), m=m, **_adapter.static(adapter))
         adapters.append((keys, adapter))
     return _paths.nest(adapters)
@@ -189,3 +191,16 @@ def _describe(leaf: Any) -> str:
     if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
         return f"shape {tuple(leaf.shape)}, dtype {leaf.dtype}"
     return f"a {type(leaf).__name__}"
+
+
+def _check_finite_magnitude(m: jax.Array, path: str, dtype: Any) -> None:
+    """A ``ValueError`` if a DoRA magnitude ``‖W‖`` overflows the adapter dtype (where concrete)."""
+    try:
+        finite = bool(np.isfinite(np.asarray(m)).all())
+    except jax.errors.TracerArrayConversionError:
+        return
+    if not finite:
+        raise ValueError(
+            f"lora_jax.init: {path!r}: a column norm of the kernel overflows the adapter dtype {jnp.dtype(dtype).name} "
+            "as DoRA's magnitude m = ‖W‖ (or the kernel holds inf/NaN); use LoraConfig(dtype=jnp.float32)."
+        )

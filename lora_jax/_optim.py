@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lora_jax import _adapter, _bank, _full, _paths
@@ -98,6 +101,14 @@ def _slots_kept(tx: optax.GradientTransformation) -> optax.GradientTransformatio
     return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
+def _positive(value: Any, name: str) -> float:
+    """``value`` as a float, or a ``ValueError`` unless it is a finite number > 0."""
+    number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) else None
+    if number is None or not (math.isfinite(number) and number > 0):
+        raise ValueError(f"lora_jax.loraplus: {name} must be a finite number > 0 (or a schedule), found {value!r}.")
+    return number
+
+
 def _labels(adapters: Any) -> Any:
     """Train every adapter array except those its kind declares frozen (a bank's scales)."""
 
@@ -138,7 +149,8 @@ def loraplus(
       ``{'params', 'lora'}`` with the base frozen.
 
     Raises:
-      ValueError: if ``ratio`` is not a positive number.
+      TypeError: if ``make`` is not callable.
+      ValueError: if ``ratio`` or a learning rate given as a number is not a finite number > 0.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
@@ -151,8 +163,14 @@ def loraplus(
       >>> round(float(ad.a[0, 0]), 6), round(float(ad.b[0, 0]), 6)  # adam's first step: -lr·sign(g)
       (-0.0001, -0.0016)
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
-        raise ValueError(f"lora_jax.loraplus: ratio must be a number > 0, found {ratio!r}.")
+    if not callable(make):
+        raise TypeError(f"lora_jax.loraplus: make must be a function learning_rate -> optax transformation, found "
+                        f"{make!r}.")  # fmt: skip
+    ratio = _positive(ratio, "ratio")
+    if not callable(learning_rate):
+        learning_rate = _positive(learning_rate, "learning_rate")
+    if not callable(embedding_learning_rate):
+        embedding_learning_rate = _positive(embedding_learning_rate, "embedding_learning_rate")
     scaled = (lambda step: ratio * learning_rate(step)) if callable(learning_rate) else ratio * learning_rate
     transforms = {"a": make(learning_rate), "b": make(scaled), "embedding": make(embedding_learning_rate)}
     return optax.multi_transform(transforms, _loraplus_labels)

@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax import _adapter, _lora, _merge, _paths, _quant
 from lora_jax._config import LoraConfig
@@ -77,6 +78,12 @@ def init_residual(
             "PiSSA does."
         )
     keys = {path: k for path, (k, _) in _paths.by_path(plain, _WHERE, is_leaf=_adapter.is_adapter).items()}
+    bad = [p for p in _merge.adapters_by_path(plain, _WHERE) if not _finite(kernels[p])]
+    if bad:
+        raise ValueError(
+            f"{_WHERE}: init={config.init!r} factors each kernel, and these hold inf or NaN, which would spread to the "
+            f"whole adapter and residual: {bad}. Repair or exclude them."
+        )
     adapters, residual = [], {}
     for path, adapter in _merge.adapters_by_path(plain, _WHERE).items():
         if "roles" not in _adapter.static(adapter):
@@ -175,3 +182,11 @@ def _svd_lowrank(m: jax.Array, r: int, niter: int, key: jax.Array) -> tuple[jax.
         q, _ = jnp.linalg.qr(m @ z)
     u, s, vt = jnp.linalg.svd(q.T @ m, full_matrices=False)
     return q @ u, s, vt
+
+
+def _finite(x: Any) -> bool:
+    """Whether a concrete array is finite (a traced one cannot be checked and passes)."""
+    try:
+        return bool(np.isfinite(np.asarray(x)).all())
+    except jax.errors.TracerArrayConversionError:
+        return True

@@ -154,3 +154,11 @@ def test_linear_needs_equal_ranks_and_the_same_kernels():
         lj.combine([one, partial], [1.0, 1.0], "linear")
     both = lj.combine([one, partial], [1.0, 1.0], "cat")  # absent = zero for cat and svd
     assert both["fc2"]["kernel"].rank == 4 and both["fc1"]["kernel"].rank == 8
+
+
+def test_weights_that_overflow_float32_are_refused():
+    params = {"d": {"kernel": jnp.zeros((6, 4))}}
+    trees = [randomize(lj.init(jax.random.key(i), params, lj.LoraConfig(rank=2)), jax.random.key(5 + i)) for i in (0, 1)]
+    with pytest.raises(ValueError, match=r"make the combined adapters of \['d/kernel'\] overflow"):
+        lj.combine(trees, [1e300, 1.0], "linear")
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(lj.combine(trees, [1e3, 1.0], "linear")))

@@ -270,3 +270,10 @@ def test_a_zero_column_is_the_limit_not_nan():
     merged = lj.apply_lora(params, {"kernel": ad})["kernel"]
     np.testing.assert_array_equal(merged[:, 2], 0.0)
     np.testing.assert_allclose(merged[:, keep], lj.apply_lora(rest_params, {"kernel": rest})["kernel"], rtol=1e-6)
+
+
+def test_a_magnitude_beyond_the_adapter_dtype_is_refused():
+    params = {"kernel": jnp.full((4, 3), 40000.0)}  # column norms 80000 > float16's 65504
+    with pytest.raises(ValueError, match=r"'kernel': a column norm of the kernel overflows the adapter dtype float16"):
+        lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2, use_dora=True, targets="kernel", dtype=jnp.float16))
+    assert lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2, use_dora=True, targets="kernel"))["kernel"].m.dtype == jnp.float32

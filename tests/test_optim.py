@@ -161,8 +161,15 @@ def test_loraplus_groups_the_arrays_as_peft_does(dora):
 
 
 def test_loraplus_bad_ratio_and_schedules():
-    with pytest.raises(ValueError, match="ratio must be a number > 0, found 0"):
+    with pytest.raises(ValueError, match="ratio must be a finite number > 0 .*found 0"):
         lj.loraplus(optax.adam, learning_rate=1e-3, ratio=0)
+    with pytest.raises(ValueError, match="ratio must be a finite number > 0 .*found inf"):
+        lj.loraplus(optax.adam, learning_rate=1e-3, ratio=float("inf"))  # b would become -inf
+    with pytest.raises(ValueError, match="learning_rate must be a finite number > 0 .*found nan"):
+        lj.loraplus(optax.adam, learning_rate=float("nan"), ratio=16)
+    with pytest.raises(TypeError, match="make must be a function learning_rate -> optax transformation"):
+        lj.loraplus("adam", learning_rate=1e-3, ratio=16)
+    lj.loraplus(optax.adam, learning_rate=np.float32(1e-3), ratio=np.float32(16))  # numpy numbers are numbers
     params = {"dense": {"kernel": jnp.zeros((4, 3))}}
     lora = lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2))
     tx = lj.loraplus(optax.sgd, learning_rate=optax.constant_schedule(0.1), ratio=4.0)

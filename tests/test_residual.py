@@ -136,3 +136,11 @@ def test_dora_with_pissa_converts_to_dora_of_the_original_base():
     assert isinstance(converted["fc1"]["kernel"], lj.DoraAdapter) and converted["fc1"]["kernel"].rank == 6
     np.testing.assert_allclose(apply({"params": params, "lora": converted}, x),
                                apply({"params": residual, "lora": trained}, x), rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+def test_non_finite_kernels_are_refused_before_they_spread():
+    params = {"a": {"kernel": jnp.ones((8, 4)).at[1, 2].set(jnp.nan)}, "b": {"kernel": jnp.ones((8, 4))},
+              "c": {"kernel": jnp.ones((8, 4)).at[0, 0].set(jnp.inf)}}  # fmt: skip
+    for init in ("pissa", "olora"):
+        with pytest.raises(ValueError, match=r"hold inf or NaN, which would spread .*\['a/kernel', 'c/kernel'\]"):
+            lj.init_residual(jax.random.key(0), params, lj.LoraConfig(rank=2, init=init))
