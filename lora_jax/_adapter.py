@@ -93,6 +93,9 @@ def register_kind(cls: type, kind: Kind) -> type:
         raise TypeError(f"lora_jax.register_kind: cls must be a dataclass type, found {cls!r}.")
     if not isinstance(kind, Kind):
         raise TypeError(f"lora_jax.register_kind: kind must be a lora_jax.Kind, found {type(kind).__name__}.")
+    if not isinstance(kind.name, str) or not kind.name:
+        raise TypeError(f"lora_jax.register_kind: the kind's name (recorded in files) must be a non-empty str, found "
+                        f"{kind.name!r}.")  # fmt: skip
     taken = [c for c, k in _KINDS.items() if k.name == kind.name and c is not cls]
     if taken:
         raise ValueError(f"lora_jax.register_kind: the name {kind.name!r} is taken by {taken[0].__qualname__}.")

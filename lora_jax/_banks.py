@@ -192,6 +192,9 @@ def bank_remove(banks: Any, i: int) -> dict:
     """
     where = "lora_jax.bank_remove"
     by_path = _banks_by_path(banks, where)
+    if isinstance(i, jax.core.Tracer):
+        raise TypeError(f"{where}: removing a slot changes the bank's shapes, so the slot must be a concrete int, "
+                        "not traced (call it outside jax.jit, or empty the slot with lj.bank_set(bank, i, None)).")
     i = _slot_index(i, by_path, where)
     if next(iter(by_path.values()))[1].size == 1:
         raise ValueError(f"{where}: the bank has one slot; a bank cannot be empty.")

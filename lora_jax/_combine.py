@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import _adapter, _lora, _merge, _paths
+from lora_jax._config import check_key
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune",
            "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")  # fmt: skip
@@ -93,6 +94,8 @@ def combine(
         raise ValueError(f"{_WHERE}: majority_sign_method must be 'total' or 'frequency', found {found}.")
     if "dare" in method and key is None:
         raise ValueError(f"{_WHERE}: method {method!r} draws random masks: pass key=jax.random.key(...).")
+    if key is not None:
+        check_key(key, _WHERE)
     if rank is not None:
         rank = _lora.check_rank(rank, f"{_WHERE}: rank")
     trees = [_lora_forms(_merge.adapters_by_path(tree, _WHERE)) for tree in adapters]

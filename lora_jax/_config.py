@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from lora_jax import _lora, _paths
@@ -142,3 +143,14 @@ def _check_pattern_map(value: Any, name: str, check: Callable[[Any, str], Any]) 
             raise ValueError(f"lora_jax.LoraConfig: {name} key {pattern!r} is not a valid regex: {e}.") from None
         out.append((pattern, check(v, f"{name}[{pattern!r}]")))
     return tuple(out)
+
+
+def check_key(key: Any, where: str) -> None:
+    """A ``TypeError`` unless ``key`` is a PRNG key: ``jax.random.key(...)`` or the raw
+    ``uint32[2]`` of ``jax.random.PRNGKey(...)``."""
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and jnp.ndim(key) == 0
+    raw = dtype == jnp.uint32 and tuple(jnp.shape(key)) == (2,)
+    if not (typed or raw):
+        found = type(key).__name__ + (f" of dtype {dtype} and shape {jnp.shape(key)}" if dtype is not None else "")
+        raise TypeError(f"{where}: key must be one PRNG key (jax.random.key(0)), found {found}.")

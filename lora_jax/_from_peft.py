@@ -245,6 +245,8 @@ def _kernels_by_module(params: Any, name_of: Callable[[str], str]) -> dict[str, 
             continue
         path = _paths.join(keys)
         name = name_of(path)
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"lora_jax.from_peft: name_map must return a non-empty str for {path!r}, found {name!r}.")
         if "{}" in name:
             out.update({name.format(i): (path, shape[1:], i, keys) for i in range(shape[0])})
         else:

@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from lora_jax import _adapter, _dora, _nnx, _paths, _quant
-from lora_jax._config import RESIDUAL_INITS, LoraConfig
+from lora_jax._config import RESIDUAL_INITS, LoraConfig, check_key
 from lora_jax._dora import DoraAdapter
 from lora_jax._full import FullWeight
 from lora_jax._lora import Adapter
@@ -64,6 +64,7 @@ def init(
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"lora_jax.init: config must be a lora_jax.LoraConfig, found {type(config).__name__}.")
+    check_key(key, "lora_jax.init")
     if RESIDUAL_INITS.fullmatch(config.init):
         raise ValueError(
             f"lora_jax.init: init={config.init!r} moves part of each kernel into its adapter, so the base changes "

@@ -90,7 +90,8 @@ class Adapter:
         n_out = len(self.roles) - n_stack - n_in
         sliced_a, sliced_b = n_stack + n_in + 1 - len(a), n_stack + n_out + 1 - len(b)
         problem = None
-        if not (0 <= sliced_a <= n_stack and sliced_a == sliced_b):
+        if not (0 <= sliced_a <= n_stack and sliced_a == sliced_b) or any(r != "stack" for r in self.roles[:sliced_a]):
+            # (a transform slicing the arrays removes leading stack axes only)
             problem = f"roles {self.roles} need a (stack..., in..., r) and b (stack..., r, out...)"
         elif a[-1] != self.rank or b[n_stack - sliced_b] != self.rank:
             problem = f"rank {self.rank} is not the last axis of a and the rank axis of b"

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import _adapter, _lora, _merge, _paths, _quant
-from lora_jax._config import LoraConfig
+from lora_jax._config import LoraConfig, check_key
 from lora_jax._dora import DoraAdapter
 
 _WHERE = "lora_jax.init_residual"
@@ -65,6 +65,9 @@ def init_residual(
     """
     from lora_jax._init import init  # _init refuses these inits and points here
 
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"{_WHERE}: config must be a lora_jax.LoraConfig, found {type(config).__name__}.")
+    check_key(key, _WHERE)
     plain = init(key, params, dataclasses.replace(config, init="lora"), roles=roles)
     method = _method(config.init)
     if method is None:

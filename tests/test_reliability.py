@@ -249,3 +249,35 @@ def test_config_values(kw, error, match):
 def test_summary_with_a_python_scalar_leaf():
     s = lj.summary({**PARAMS, "step": 3}, _lora())
     assert s.total_params == 6 * 5 + 5 + 5 * 3 + 1 + s.trainable_params
+
+
+def test_raw_exceptions_of_the_new_surface_are_clear_errors(tmp_path):
+    """Issue 22's raw exceptions: each is a TypeError/ValueError/IndexError naming the function."""
+    import dataclasses
+
+    params = {"d": {"kernel": jnp.ones((4, 3))}}
+    lora = lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2))
+    with pytest.raises(TypeError, match=r"lora_jax\.combine: key must be one PRNG key .*found int"):
+        lj.combine([lora, lora], [1, 1], "dare_linear", density=0.5, key=3)
+    with pytest.raises(TypeError, match=r"lora_jax\.init_residual: key must be one PRNG key"):
+        lj.init_residual(3, params, lj.LoraConfig(rank=2, init="pissa"))
+    with pytest.raises(TypeError, match=r"lora_jax\.init_residual: config must be a lora_jax\.LoraConfig, found dict"):
+        lj.init_residual(jax.random.key(0), params, {"rank": 2})
+    with pytest.raises(TypeError, match=r"lora_jax\.init: key must be one PRNG key"):
+        lj.init("key", params, lj.LoraConfig(rank=2))
+    bank = lj.bank([lora, lora])
+    with pytest.raises(TypeError, match=r"lora_jax\.bank_remove: removing a slot changes the bank's shapes"):
+        jax.jit(lambda i: lj.bank_remove(bank, i))(0)
+    with pytest.raises(ValueError, match=r"roles \('out', 'in', 'stack'\) need a \(stack\.\.\., in\.\.\., r\)"):
+        lj.Adapter(jnp.ones((4, 2)), jnp.ones((2, 3)), rank=2, alpha=1.0, roles=("out", "in", "stack"))
+
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass(frozen=True)
+    class Gain:
+        g: jax.Array
+
+    with pytest.raises(TypeError, match=r"lora_jax\.register_kind: the kind's name .* must be a non-empty str, found 3"):
+        lj.register_kind(Gain, lj.Kind(name=3, axes=lambda ad: {"g": (1,)}, merge=lambda w, ad: w, unmerge=None))
+    lj.to_peft(tmp_path, lora)
+    with pytest.raises(TypeError, match=r"lora_jax\.from_peft: name_map must return a non-empty str for 'd/kernel'"):
+        lj.from_peft(tmp_path, params, name_map=lambda path: None)
