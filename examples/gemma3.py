@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -207,8 +208,68 @@ def _open(path: str | Path) -> tuple[Any, dict[str, Any]]:
 def read_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer of a Gemma 3 GGUF file (its metadata only: no weights are read)."""
     _, fields = _open(path)
-    meta = {k.removeprefix("tokenizer.ggml."): v for k, v in fields.items() if k.startswith("tokenizer.ggml.")}
-    return Tokenizer(meta["tokens"], meta["scores"], meta["token_type"], meta)
+    return tokenizer_of(_tokenizer_meta(fields), path)
+
+
+def _tokenizer_meta(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k.removeprefix("tokenizer.ggml."): v for k, v in fields.items() if k.startswith("tokenizer.ggml.")}
+
+
+def tokenizer_of(meta: dict[str, Any], path: str | Path) -> Tokenizer:
+    """The tokenizer of a GGUF's ``tokenizer.ggml.*`` metadata, checked: pieces, scores and types
+    of one length, known piece types with normal pieces among them, byte pieces spelled
+    ``<0xHH>``, a BOS id inside the vocabulary."""
+    missing = [k for k in ("tokens", "scores", "token_type") if meta.get(k) is None]
+    if missing:
+        raise GGUFError(f"{path}: the tokenizer metadata lacks {', '.join('tokenizer.ggml.' + k for k in missing)}")
+    pieces, scores, types = meta["tokens"], meta["scores"], np.asarray(meta["token_type"])
+    if not len(pieces) == len(scores) == len(types):
+        raise GGUFError(f"{path}: {len(pieces)} tokens, {len(scores)} scores and {len(types)} token types differ")
+    unknown = sorted({int(t) for t in types if not NORMAL <= t <= BYTE})
+    if unknown or not (types == NORMAL).any():
+        raise GGUFError(f"{path}: token types must be SentencePiece's 1..6 with normal (1) pieces among them; found "
+                        f"{sorted({int(t) for t in types})}")  # fmt: skip
+    bad_bytes = [p for p, t in zip(pieces, types) if t == BYTE and not re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", str(p))]
+    if bad_bytes:
+        raise GGUFError(f"{path}: byte pieces must be spelled <0xHH>, found {bad_bytes[:3]}")
+    bos = meta.get("bos_token_id")
+    if bos is not None and not 0 <= int(bos) < len(pieces):
+        raise GGUFError(f"{path}: bos_token_id {bos} is outside the vocabulary of {len(pieces)} pieces")
+    return Tokenizer(pieces, scores, types, meta)
+
+
+def config_of(fields: dict[str, Any], path: str | Path) -> Gemma3Config:
+    """The model config of a GGUF's ``gemma3.*`` metadata, checked: each field present, a number, > 0."""
+
+    def number(key: str, kind: Any = int, default: Any = None) -> Any:
+        value = fields.get(f"gemma3.{key}", default)
+        if value is None:
+            raise GGUFError(f"{path}: the metadata lacks gemma3.{key}")
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise GGUFError(f"{path}: gemma3.{key} is {value!r}, expected a number") from None
+        if not number > 0:
+            raise GGUFError(f"{path}: gemma3.{key} is {value!r}, expected a number > 0")
+        return number
+
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise GGUFError(f"{path}: the metadata lacks tokenizer.ggml.tokens")
+    return Gemma3Config(
+        width=number("embedding_length"),
+        layers=number("block_count"),
+        heads=number("attention.head_count"),
+        kv_heads=number("attention.head_count_kv"),
+        head_dim=number("attention.key_length"),
+        mlp=number("feed_forward_length"),
+        eps=number("attention.layer_norm_rms_epsilon", float),
+        sliding_window=number("attention.sliding_window"),
+        rope_global=number("rope.freq_base", float, 1_000_000.0),
+        context=number("context_length"),
+        vocab=len(tokens),
+        query_pre_attn_scalar=number("attention.key_length", float),
+    )
 
 
 def read_gguf(path: str | Path) -> tuple[Gemma3Config, dict[tuple, np.ndarray], dict[str, Any]]:
@@ -216,21 +277,7 @@ def read_gguf(path: str | Path) -> tuple[Gemma3Config, dict[tuple, np.ndarray], 
     import gguf
 
     reader, fields = _open(path)
-    get = lambda key, default=None: fields.get(f"gemma3.{key}", default)  # noqa: E731
-    cfg = Gemma3Config(
-        width=int(get("embedding_length")),
-        layers=int(get("block_count")),
-        heads=int(get("attention.head_count")),
-        kv_heads=int(get("attention.head_count_kv")),
-        head_dim=int(get("attention.key_length")),
-        mlp=int(get("feed_forward_length")),
-        eps=float(get("attention.layer_norm_rms_epsilon")),
-        sliding_window=int(get("attention.sliding_window")),
-        rope_global=float(get("rope.freq_base", 1_000_000.0)),
-        context=int(get("context_length")),
-        vocab=len(fields["tokenizer.ggml.tokens"]),
-        query_pre_attn_scalar=float(get("attention.key_length")),
-    )
+    cfg = config_of(fields, path)
     arrays: dict[tuple, np.ndarray] = {}
     for tensor in reader.tensors:
         data = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
@@ -240,13 +287,15 @@ def read_gguf(path: str | Path) -> tuple[Gemma3Config, dict[tuple, np.ndarray], 
             arrays[("model", "embed_tokens", "embedding")] = data
         elif tensor.name == "output_norm.weight":
             arrays[("model", "norm", "weight")] = data - 1.0
-        elif parts[0] == "blk" and parts[2] in _GGUF_NAMES and parts[-1] == "weight":
+        elif len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_NAMES and parts[-1] == "weight":
+            if not parts[1].isdigit() or int(parts[1]) >= cfg.layers:
+                raise GGUFError(f"{path}: tensor {tensor.name!r} is not in blocks 0..{cfg.layers - 1} (block_count "
+                                f"{cfg.layers})")  # fmt: skip
             keys = ("model", "layers", int(parts[1])) + _GGUF_NAMES[parts[2]]
             arrays[keys] = data.T if keys[-1] == "kernel" else data - 1.0  # GGUF stores 1 + norm weight
         else:
             raise GGUFError(f"{path}: unexpected tensor {tensor.name!r} for a Gemma 3 text model")
-    tokenizer = {k.removeprefix("tokenizer.ggml."): v for k, v in fields.items() if k.startswith("tokenizer.ggml.")}
-    return cfg, arrays, tokenizer
+    return cfg, arrays, _tokenizer_meta(fields)
 
 
 def load(path: str | Path, dtype: Any = jnp.float32) -> tuple[Gemma3Config, Gemma3, Tokenizer]:
@@ -266,7 +315,7 @@ def load(path: str | Path, dtype: Any = jnp.float32) -> tuple[Gemma3Config, Gemm
         dt = jnp.float32 if keys[-1] == "weight" else dtype  # norms stay float32
         variable.set_value(jnp.asarray(value, dt))
     nnx.update(model, state)
-    return cfg, model, Tokenizer(meta["tokens"], meta["scores"], meta["token_type"], meta)
+    return cfg, model, tokenizer_of(meta, path)
 
 
 def write_tiny_gguf(path: str | Path, cfg: Gemma3Config, seed: int = 0) -> Path:

@@ -2,6 +2,7 @@
 GGUF file (a tiny random one here; the real 270M weights are checked by hand, see the README),
 and the tokenizer against SentencePiece BPE's rules."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -190,3 +191,57 @@ def test_a_tied_embedding_adapter_exports_to_peft_with_weight_tying(tiny, tmp_pa
     assert not np.allclose(got, peft_logits(tmp_path / "untied"), rtol=0, atol=2e-5 * np.abs(got).max())
     with pytest.raises(ValueError, match="ensure_weight_tying=True ties a head to an adapted input embedding"):
         lj.to_peft(tmp_path / "none", {"model": {"layers": lora["model"]["layers"]}}, ensure_weight_tying=True)
+
+
+def _meta(tiny_path):
+    _, fields = g._open(tiny_path)
+    return fields
+
+
+def test_gguf_metadata_is_checked_before_the_model_is_built(tiny, tmp_path):
+    """Issue 22: the loader's silent and raw failures are GGUFErrors naming what is wrong."""
+    path = tiny[0]
+    fields = _meta(path)
+    cfg = g.config_of(fields, path)
+    assert (cfg.layers, cfg.width, cfg.heads) == (TINY.layers, TINY.width, TINY.heads)
+    for key, value, message in [
+        ("gemma3.embedding_length", None, "lacks gemma3.embedding_length"),
+        ("gemma3.attention.head_count", 0, r"head_count is 0, expected a number > 0"),
+        ("gemma3.block_count", "seven", r"block_count is 'seven', expected a number"),
+        ("tokenizer.ggml.tokens", None, "lacks tokenizer.ggml.tokens"),
+    ]:
+        with pytest.raises(g.GGUFError, match=message):
+            g.config_of({**fields, key: value}, path)
+    meta = g._tokenizer_meta(fields)
+    assert g.tokenizer_of(meta, path).encode("hi") == tiny[1][2].encode("hi")
+    n = len(meta["tokens"])
+    for change, message in [
+        ({"scores": None}, "lacks tokenizer.ggml.scores"),
+        ({"token_type": [0] * n}, r"token types must be SentencePiece's 1\.\.6 with normal \(1\) pieces"),
+        ({"tokens": ["<0xZZ>" if p == "<0x41>" else p for p in meta["tokens"]]}, r"byte pieces must be spelled <0xHH>, found \['<0xZZ>'\]"),
+        ({"bos_token_id": n + 5}, f"bos_token_id {n + 5} is outside the vocabulary of {n} pieces"),
+        ({"scores": meta["scores"][:-1]}, "scores and .* token types differ"),
+    ]:
+        with pytest.raises(g.GGUFError, match=message):
+            g.tokenizer_of({**meta, **change}, path)
+    short = dataclasses.replace(TINY, layers=2)  # a file whose block_count says 1 while it holds blocks 0 and 1
+    gguf = pytest.importorskip("gguf")
+    two = g.write_tiny_gguf(tmp_path / "two.gguf", short)
+    reader = gguf.GGUFReader(str(two))
+    out = tmp_path / "lying.gguf"
+    writer = gguf.GGUFWriter(str(out), "gemma3")
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value = field.contents()
+        if name == "gemma3.block_count":
+            value = 1
+        writer.add_key_value(name, value, field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.asarray(tensor.data).reshape(tuple(int(s) for s in reversed(tensor.shape))))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(g.GGUFError, match=r"'blk\.1\.attn_q\.weight' is not in blocks 0\.\.0 \(block_count 1\)"):
+        g.read_gguf(out)
