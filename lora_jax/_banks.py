@@ -7,8 +7,11 @@ in the order the adapters were given; keep your own ``{name: slot}`` map beside 
 
 from __future__ import annotations
 
+import json
 import numbers
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _adapter, _io, _lora, _merge, _paths
+from lora_jax import _adapter, _io, _lora, _merge, _paths, _safetensors
 from lora_jax._bank import BASE, Bank
 
 
@@ -217,8 +220,14 @@ def bank_to_peft(
       names: one directory name per slot (default: ``"0"``, ``"1"``, ...).
       **kwargs: passed to :func:`lora_jax.to_peft` (``name_map``, ``base_model_name_or_path``...).
 
+    The export replaces ``directory`` as a whole: the slots are written into a new directory
+    beside it, which then takes its place, so slots of an earlier export that the bank no longer
+    has do not linger, and a failure midway leaves the earlier export as it was. A directory
+    that holds anything but an earlier bank export is refused rather than replaced.
+
     Raises:
-      ValueError: if ``names`` has the wrong length, repeats or holds a path separator.
+      ValueError: if ``names`` has the wrong length, repeats or holds a path separator, or
+        ``directory`` exists and is not an earlier export of a bank.
     """
     where = "lora_jax.bank_to_peft"
     from lora_jax._peft import to_peft  # _peft imports the adapter kinds; keep this module below it
@@ -231,10 +240,35 @@ def bank_to_peft(
         raise ValueError(
             f"{where}: names must be {n} distinct directory names (one per slot, no path separators), found {names!r}."
         )
-    for k, name in enumerate(names):
-        adapters = bank_get(banks, k)
-        if adapters:
-            to_peft(os.path.join(directory, name), adapters, **kwargs)
+    directory = os.path.abspath(_safetensors.user_path(directory, where))
+    if os.path.exists(directory) and not os.path.isfile(os.path.join(directory, _MANIFEST)) and os.listdir(directory):
+        raise ValueError(
+            f"{where}: {directory!r} exists and is not an earlier bank export (it has no {_MANIFEST}); the export "
+            "replaces its directory whole, so give it a new or empty one."
+        )
+    slots = [(name, bank_get(banks, k)) for k, name in enumerate(names)]
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.", suffix=".tmp")
+    try:
+        for name, adapters in slots:
+            if adapters:
+                to_peft(os.path.join(staging, name), adapters, **kwargs)
+        with open(os.path.join(staging, _MANIFEST), "w") as f:
+            json.dump({"slots": [name for name, adapters in slots if adapters]}, f)
+        os.chmod(staging, 0o777 & ~_safetensors._umask())
+        old = None
+        if os.path.exists(directory):
+            old = staging + ".old"
+            os.replace(directory, old)
+        os.replace(staging, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+_MANIFEST = "lora_jax_bank.json"  # marks a directory written by bank_to_peft (the slots it holds)
 
 
 # ---- helpers --------------------------------------------------------------------------------

@@ -349,3 +349,31 @@ def test_a_bank_keeps_its_adapters_dropout(setup):
         lj.bank([trees[0], other])
     with pytest.raises(ValueError, match=r"the adapter's LoRA dropout is 0\.5, the bank's 0\.25"):
         lj.bank_set(b, 0, other)
+
+
+def test_a_bank_export_replaces_the_earlier_one_whole(setup, tmp_path):
+    """Slots an earlier export had and the bank no longer has do not linger; a failure midway
+    leaves the earlier export intact; a foreign directory is refused, not replaced."""
+    import os
+
+    model, params, x, trees = setup
+    out = tmp_path / "bank"
+    lj.bank_to_peft(out, lj.bank(trees), names=["a", "b", "c"])
+    assert sorted(p for p in os.listdir(out) if not p.endswith(".json")) == ["a", "b", "c"]
+    lj.bank_to_peft(out, lj.bank(trees[:2]), names=["a", "b"])
+    assert sorted(p for p in os.listdir(out) if not p.endswith(".json")) == ["a", "b"]  # no stale 'c'
+    before = {p: (out / p / "adapter_model.safetensors").read_bytes() for p in ("a", "b")}
+
+    def failing(path):
+        raise ValueError("name_map failed")
+
+    with pytest.raises(ValueError, match="name_map failed"):
+        lj.bank_to_peft(out, lj.bank(trees), names=["a", "b", "c"], name_map=failing)
+    assert {p: (out / p / "adapter_model.safetensors").read_bytes() for p in ("a", "b")} == before
+    assert not (out / "c").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="exists and is not an earlier bank export"):
+        lj.bank_to_peft(foreign, lj.bank(trees))
+    assert (foreign / "notes.txt").read_text() == "keep me"
