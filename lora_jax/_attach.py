@@ -120,12 +120,11 @@ def _held(module: nnx.Module, remove: bool = False) -> dict[str, Any]:
     for attr in [n for n in vars(module) if n.endswith(_SUFFIX)]:
         param = attr[: -len(_SUFFIX)]
         cls, static = getattr(module, attr)
-        names = [f"{param}{_SUFFIX}_{name}" for name in _adapter.field_names(cls, static=False)]
-        arrays = {name[len(param) + len(_SUFFIX) + 1 :]: getattr(module, name)[...] for name in names}
-        out[param] = cls(**arrays, **dict(static))
+        attrs = {field: f"{param}{_SUFFIX}_{field}" for field in _adapter.field_names(cls, static=False)}
+        out[param] = cls(**{field: getattr(module, a)[...] for field, a in attrs.items()}, **dict(static))
         if remove:
-            for name in [attr, *names]:
-                delattr(module, name)
+            for a in [attr, *attrs.values()]:
+                delattr(module, a)
     return out
 
 

@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Atom = tuple[Any, ...]  # (kernel axis, piece), or any hashable label of an axis of another array
 Group = tuple[Atom, ...]  # the atoms one axis holds, in row-major order
@@ -187,6 +186,3 @@ def of_kernel(kernel: jax.Array, view: View, dtype: Any) -> jax.Array:
 def move_axis_first(x: jax.Array, axis: int) -> jax.Array:
     return x if axis == 0 else jnp.moveaxis(x, axis, 0)
 
-
-def shape_of(x: Any) -> tuple[int, ...]:
-    return tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape)
