@@ -52,8 +52,9 @@ def save_params(
       conv: with ``torch_names``: paths of convolution kernels (see :func:`to_peft`).
 
     Raises:
-      ValueError: if adapters do not fit ``params``, a leaf's dtype cannot be stored, or
-        (with ``torch_names``) a kernel's layout is ambiguous or two leaves share a name.
+      ValueError: if adapters do not fit ``params``, a leaf's dtype cannot be stored, a
+        quantized kernel holds codes out of range or non-finite scales, or (with
+        ``torch_names``) a kernel's layout is ambiguous or two leaves share a name.
 
     Example:
       >>> import os, tempfile, jax.numpy as jnp, lora_jax as lj
@@ -70,6 +71,9 @@ def save_params(
     if quantized and (by_path or torch_names):
         _merge.refuse_quantized(params, "lora_jax.save_params (merged or with torch_names)")
     # A quantized kernel is stored as its arrays (``<path>/codes``...), described in the metadata.
+    bad = [f"{path!r}: {p}" for path, q in quantized.items() for p in _quant.value_problems(q)]
+    if bad:
+        raise ValueError("lora_jax.save_params: malformed quantized kernels:" + "".join(f"\n  {p}" for p in bad))
     if quantized:
         leaves = [(k + (name,) if name else k, x) for k, leaf in leaves for name, x in _quant.parts(leaf).items()]
     is_conv = _paths.compile_pattern(conv, "conv", "lora_jax.save_params")

@@ -9,9 +9,11 @@ its absolute maximum and each entry stored as a code:
 
 - ``"nf4"``: the 16 NormalFloat levels of Dettmers et al. 2023 (bitsandbytes' table), the
   nearest level of ``w / absmax``; two codes per byte. With ``double_quant``, the float32
-  absmaxes are themselves stored as int8 (their mean subtracted, symmetric per block of 256),
-  as QLoRA's double quantization (bitsandbytes uses an 8-bit dynamic-exponent code there;
-  lora_jax a linear one).
+  absmaxes are themselves stored in 8 bits as QLoRA's double quantization does in
+  bitsandbytes: their mean (the offset) subtracted, then per group of 256 scaled by its
+  absolute maximum and stored as the nearest of the 256 values of bitsandbytes' dynamic 8-bit
+  code (a sign, a decimal exponent 10⁻⁶…10⁰ and a fraction: relative precision at every
+  magnitude, so one outlier block does not wipe out the small scales of its group).
 - ``"int8"`` / ``"int4"``: symmetric, ``round(w / absmax · 127)`` (``· 7``; two per byte).
 
 The codes keep the kernel's shape (axis 0 halved for 4 bits) and the absmaxes are
@@ -46,6 +48,21 @@ NF4 = np.array([
 DOUBLE_BLOCK = 256
 
 
+def _dynamic_code() -> np.ndarray:
+    """bitsandbytes' signed dynamic 8-bit code (``create_dynamic_map(signed=True)``, from
+    Dettmers 2016): for exponent ``e`` in 0..6, the ``2^e`` midpoints of ``linspace(0.1, 1, 2^e + 1)``
+    times ``10^(e - 6)``, both signs, plus 0 and 1; sorted (computed in float64)."""
+    values = [0.0, 1.0]
+    for e in range(7):
+        edges = np.linspace(0.1, 1.0, 2**e + 1)
+        mids = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (e - 6)
+        values += [*mids, *-mids]
+    return np.sort(np.asarray(values)).astype(np.float32)
+
+
+DYNAMIC8 = _dynamic_code()  # 256 values in [-1, 1]: the codes of double-quantized absmaxes
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)
 class Quantized:
@@ -54,10 +71,16 @@ class Quantized:
 
     Attributes:
       codes: ``uint8`` (``int8`` for ``"int8"``), the kernel's shape with axis 0 halved for 4 bits.
-      absmax: the absolute maximum of each block, ``(d0 / block, d1, ...)`` float32, or its int8
-        codes with double quantization.
-      absmax_scale, absmax_offset: double quantization's per-256 scales and mean (else ``None``).
+      absmax: the absolute maximum of each block, ``(d0 / block, d1, ...)`` float32, or with
+        double quantization its ``uint8`` codes (indices into :data:`DYNAMIC8`).
+      absmax_scale, absmax_offset: double quantization's float32 scale per 256 absmaxes
+        (flattened in row-major order) and their mean, a float32 scalar (else both ``None``).
       shape, dtype, method, block: the kernel's shape and dtype name, the method, the block size.
+
+    Construction checks the static fields, and the arrays' shapes and dtypes wherever they are
+    arrays (not while a pytree transformation rebuilds it around other leaves: ``float0``
+    gradients, shardings); files are checked further when read and written (code ranges,
+    finite scales).
     """
 
     codes: Any
@@ -70,6 +93,18 @@ class Quantized:
     block: int = dataclasses.field(metadata=dict(static=True))
 
     is_path_leaf = True  # one leaf of the parameter tree for lora_jax's path functions
+
+    def __post_init__(self) -> None:
+        shape = self.shape
+        if isinstance(shape, (list, tuple)) and all(_is_int(n) for n in shape):
+            object.__setattr__(self, "shape", tuple(int(n) for n in shape))  # a JSON list, NumPy ints
+        problems = _static_problems(self)
+        if not problems and _holds_arrays(self):
+            problems = _array_problems(self)
+        if problems:
+            raise (TypeError if problems[0].startswith("type:") else ValueError)(
+                f"lora_jax.Quantized: {'; '.join(p.removeprefix('type: ') for p in problems)}."
+            )
 
     @property
     def ndim(self) -> int:
@@ -90,13 +125,100 @@ def is_quantized(x: Any) -> bool:
     return isinstance(x, Quantized)
 
 
+def _is_int(n: Any) -> bool:
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool)
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(getattr(x, "shape", None), tuple) and hasattr(x, "dtype")
+
+
+def _holds_arrays(q: Quantized) -> bool:
+    """Whether ``q`` holds a kernel's arrays: not while a transformation rebuilds it around other
+    leaves (``float0`` gradients, shardings, ``None`` placeholders, per-leaf results)."""
+    arrays = [x for x in _fields(q).values() if x is not None]
+    return bool(arrays) and all(_is_array(x) and x.dtype != jax.dtypes.float0 for x in arrays)
+
+
+def _fields(q: Quantized) -> dict[str, Any]:
+    return {name: getattr(q, name) for name in ("codes", "absmax", "absmax_scale", "absmax_offset")}
+
+
+def _static_problems(q: Quantized) -> list[str]:
+    """What is wrong with the static fields (a ``"type: "`` prefix where a type is wrong)."""
+    if not isinstance(q.shape, tuple) or not q.shape or not all(map(_is_int, q.shape)):
+        return [f"type: shape must be a non-empty tuple of ints, found {q.shape!r}"]
+    if not isinstance(q.method, str) or q.method not in METHODS:
+        return [f"method must be one of {METHODS}, found {q.method!r}"]
+    if not _is_int(q.block) or q.block < 2 or q.block % 2:
+        return [f"block must be an even int >= 2, found {q.block!r}"]
+    try:
+        floating = isinstance(q.dtype, str) and jnp.issubdtype(jnp.dtype(q.dtype), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        return [f"dtype must name a floating dtype ('float32', 'bfloat16'...), found {q.dtype!r}"]
+    if len(q.shape) < 2 or min(q.shape) < 1:
+        return [f"shape {q.shape} must have at least 2 axes, none of them empty"]
+    try:
+        blocked(q.shape, q.block)
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
+def _array_problems(q: Quantized) -> list[str]:
+    """Shapes and dtypes of the arrays against the static fields (valid ones)."""
+    rows, rest = blocked(q.shape, q.block)
+    double = q.absmax_scale is not None or q.absmax_offset is not None
+    n_absmax = (rows // q.block) * math.prod(rest)
+    want = {
+        "codes": ((rows if q.method == "int8" else rows // 2,) + rest, "int8" if q.method == "int8" else "uint8"),
+        "absmax": ((rows // q.block,) + rest, "uint8" if double else "float32"),
+    }
+    if double:
+        want["absmax_scale"] = ((-(-n_absmax // DOUBLE_BLOCK),), "float32")
+        want["absmax_offset"] = ((), "float32")
+    found = _fields(q)
+    problems = []
+    if double and (q.absmax_scale is None or q.absmax_offset is None):
+        problems.append("double quantization needs both absmax_scale and absmax_offset")
+    for name, (shape, dtype) in want.items():
+        x = found[name]
+        if x is None:
+            problems.append(f"{name} is missing")
+        elif tuple(x.shape) != shape or jnp.dtype(x.dtype) != jnp.dtype(dtype):
+            problems.append(f"{name} is {jnp.dtype(x.dtype).name}{list(x.shape)}, expected {dtype}{list(shape)} "
+                            f"for a {q.method} kernel of shape {q.shape} in blocks of {q.block}")  # fmt: skip
+    return problems
+
+
+def value_problems(q: Quantized) -> list[str]:
+    """What is wrong with a concrete quantized kernel's values: codes outside the method's
+    range (int8's -128, int4's -8), absmaxes, scales or offset that are negative or not finite."""
+    codes = np.asarray(q.codes)
+    problems = []
+    if q.method == "int8" and (codes == -128).any():
+        problems.append("codes hold -128, outside int8's symmetric range [-127, 127]")
+    if q.method == "int4" and (((codes >> 4) == 8) | ((codes & 0xF) == 8)).any():
+        problems.append("codes hold -8, outside int4's symmetric range [-7, 7]")
+    scales = {"absmax": q.absmax} if q.absmax_scale is None else {"absmax_scale": q.absmax_scale}
+    for name, x in scales.items():
+        x = np.asarray(x)
+        if not (np.isfinite(x) & (x >= 0)).all():
+            problems.append(f"{name} holds negative or non-finite values")
+    if q.absmax_offset is not None and not np.isfinite(np.asarray(q.absmax_offset)).all():
+        problems.append("absmax_offset is not finite")
+    return problems
+
+
 def quantize_kernel(w: jax.Array, method: str = "nf4", block: int = 64, double_quant: bool = True) -> Quantized:
     """One kernel quantized (see the module docstring); jit-able."""
     shape, dtype = tuple(w.shape), jnp.dtype(w.dtype).name
     rows, rest = blocked(shape, block)
     x = jnp.asarray(w, jnp.float32).reshape((rows // block, block) + rest)
     absmax = jnp.max(jnp.abs(x), axis=1)
-    scaled = x / jnp.where(absmax == 0, 1.0, absmax)[:, None]
+    scaled = _divide(x, absmax[:, None])
     if method == "nf4":
         thresholds = jnp.asarray((NF4[1:] + NF4[:-1]) / 2)
         codes = jnp.searchsorted(thresholds, scaled, side="left").astype(jnp.uint8)
@@ -169,20 +291,33 @@ def leading_slices(q: Quantized) -> tuple[dict[str, Any], Callable[[dict[str, An
 
 
 def _quantize_absmax(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    offset = jnp.mean(absmax)
+    """Double quantization: ``absmax - offset`` (the mean, taken as ``top · mean(absmax / top)``
+    so that absmaxes near the float32 maximum do not overflow it) in groups of 256, each group
+    scaled by its absolute maximum and coded by the nearest value of :data:`DYNAMIC8`."""
+    top = jnp.max(absmax)
+    offset = jnp.mean(_divide(absmax, top)) * top
     flat = (absmax - offset).reshape(-1)
     pad = (-flat.size) % DOUBLE_BLOCK
-    blocks = jnp.pad(flat, (0, pad)).reshape(-1, DOUBLE_BLOCK)
-    scale = jnp.max(jnp.abs(blocks), axis=1) / 127
-    codes = jnp.round(blocks / jnp.where(scale == 0, 1.0, scale)[:, None]).astype(jnp.int8)
+    groups = jnp.pad(flat, (0, pad)).reshape(-1, DOUBLE_BLOCK)
+    scale = jnp.max(jnp.abs(groups), axis=1)
+    unit = _divide(groups, scale[:, None])
+    thresholds = jnp.asarray((DYNAMIC8[1:] + DYNAMIC8[:-1]) / 2)
+    codes = jnp.searchsorted(thresholds, unit, side="left").astype(jnp.uint8)
     return codes.reshape(-1)[: flat.size].reshape(absmax.shape), scale, offset
 
 
+def _divide(x: jax.Array, d: jax.Array) -> jax.Array:
+    """``x / d`` for ``d >= 0`` (``x`` where ``d == 0``), exact even where ``1 / d`` is subnormal:
+    XLA may compute ``x / d`` as ``x · (1 / d)``, which CPUs flush to zero for ``d > 2^126``."""
+    mantissa, exponent = jnp.frexp(jnp.where(d == 0, 1.0, d))
+    return jnp.ldexp(x, -exponent) / mantissa
+
+
 def _dequantize_absmax(q: Quantized) -> jax.Array:
-    flat = q.absmax.reshape(-1).astype(jnp.float32)
+    flat = jnp.asarray(DYNAMIC8)[q.absmax.reshape(-1).astype(jnp.int32)]
     pad = (-flat.size) % DOUBLE_BLOCK
-    blocks = jnp.pad(flat, (0, pad)).reshape(-1, DOUBLE_BLOCK) * q.absmax_scale[:, None]
-    return blocks.reshape(-1)[: flat.size].reshape(q.absmax.shape) + q.absmax_offset
+    groups = jnp.pad(flat, (0, pad)).reshape(-1, DOUBLE_BLOCK) * q.absmax_scale[:, None]
+    return groups.reshape(-1)[: flat.size].reshape(q.absmax.shape) + q.absmax_offset
 
 
 # ---- trees -----------------------------------------------------------------------------------
@@ -213,8 +348,9 @@ def quantize(
 
     Raises:
       ValueError, TypeError: on an unknown method, a block size that is not a positive even
-        int, targets matching nothing, or kernels that are not floating, have fewer than 2 axes
-        or an axis 0 the block size does not divide (every offending path in one message).
+        int, targets matching nothing, or kernels that are not floating, have fewer than 2 axes,
+        an axis 0 the block size does not divide, or NaN/infinite weights (checked where the
+        kernel is concrete, not under ``jit``; every offending path in one message).
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -247,6 +383,8 @@ def quantize(
                 chosen[path] = leaf
             except ValueError as e:
                 problems.append(f"{path!r}: {e} (pick a block size that divides axis 0, or exclude the kernel)")
+            if not isinstance(leaf, jax.core.Tracer) and not bool(jnp.isfinite(leaf).all()):
+                problems.append(f"{path!r}: holds NaN or infinite weights (a block's scale would be non-finite)")
     if problems:
         raise ValueError(f"{where}: cannot quantize:" + "".join(f"\n  {p}" for p in problems))
     if not chosen:
@@ -276,37 +414,61 @@ def parts(leaf: Any) -> dict[str, Any]:
 
 
 def describe(q: Quantized) -> dict:
-    """The JSON description of a quantized kernel stored with its arrays, codebook included."""
+    """The JSON description of a quantized kernel stored with its arrays, codebooks included."""
     codebook = NF4.tolist() if q.method == "nf4" else None
-    return {"shape": list(q.shape), "dtype": q.dtype, "method": q.method, "block": q.block, "codebook": codebook}
+    described = {"shape": list(q.shape), "dtype": q.dtype, "method": q.method, "block": q.block, "codebook": codebook}
+    if q.absmax_scale is not None:
+        described["absmax_codebook"] = DYNAMIC8.tolist()
+    return described
 
 
 def rebuild(tree: dict, metadata: str, where: str) -> dict:
-    """``tree`` (nested arrays read from a file) with its quantized kernels rebuilt from ``metadata``."""
+    """``tree`` (nested arrays read from a file) with its quantized kernels rebuilt from
+    ``metadata`` and validated: the static fields, each array's shape and dtype, the codebooks,
+    the code ranges and finite, non-negative scales (every problem listed)."""
     try:
         described = json.loads(metadata)
-        entries = {p: (d["shape"], d["dtype"], d["method"], d["block"], d["codebook"]) for p, d in described.items()}
-    except (ValueError, TypeError, KeyError) as e:
+        entries = {p: (d["shape"], d["dtype"], d["method"], d["block"], d["codebook"], d.get("absmax_codebook"))
+                   for p, d in described.items()}  # fmt: skip
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
         raise ValueError(f"{where}: invalid quantization metadata ({e!r}).") from None
     problems, out = [], {}
     flat = _paths.by_path(tree, where)  # {path: (keys, array)}, "<kernel path>/codes" among them
-    for path, (shape, dtype, method, block, codebook) in entries.items():
-        if method not in METHODS:
-            problems.append(f"{path!r}: unknown method {method!r}")
-            continue
-        if method == "nf4" and (codebook is None or not np.array_equal(np.asarray(codebook, np.float32), NF4)):
-            problems.append(f"{path!r}: quantized with another NF4 codebook than lora_jax's (values differ)")
-            continue
+    names = ("codes", "absmax", "absmax_scale", "absmax_offset")
+    for path, (shape, dtype, method, block, codebook, absmax_codebook) in entries.items():
         keys = flat.get(f"{path}/codes", ((),))[0][:-1]  # the kernel's own keys (an NNX State's ints kept)
-        names = ("codes", "absmax", "absmax_scale", "absmax_offset")
         arrays = {name: flat.pop(f"{path}/{name}", (None, None))[1] for name in names}
+        extra = sorted(p for p in flat if p.startswith(f"{path}/"))
+        if extra:
+            problems.append(f"{path!r}: arrays {extra} are not part of a quantized kernel")
+            continue
         if arrays["codes"] is None or arrays["absmax"] is None:
             problems.append(f"{path!r}: codes or absmax missing")
             continue
-        out[path] = (keys, Quantized(**arrays, shape=tuple(shape), dtype=dtype, method=method, block=int(block)))
+        if method == "nf4" and not _same_values(codebook, NF4):
+            problems.append(f"{path!r}: quantized with another NF4 codebook than lora_jax's (values differ)")
+            continue
+        if arrays["absmax_scale"] is not None and not _same_values(absmax_codebook, DYNAMIC8):
+            problems.append(f"{path!r}: its absmaxes are double-quantized with another code than lora_jax's "
+                            "(bitsandbytes' dynamic 8-bit code; files from before it used int8)")  # fmt: skip
+            continue
+        try:
+            q = Quantized(**arrays, shape=shape, dtype=dtype, method=method, block=block)
+        except (TypeError, ValueError) as e:
+            problems.append(f"{path!r}: {str(e).removeprefix('lora_jax.Quantized: ')}")
+            continue
+        problems += [f"{path!r}: {p}" for p in value_problems(q)]
+        out[path] = (keys, q)
     if problems:
         raise ValueError(f"{where}: cannot rebuild the quantized kernels:" + "".join(f"\n  {p}" for p in problems))
     return _paths.nest(list(flat.values()) + list(out.values()), where)
+
+
+def _same_values(codebook: Any, want: np.ndarray) -> bool:
+    try:
+        return np.array_equal(np.asarray(codebook, np.float32), want)
+    except (TypeError, ValueError):
+        return False
 
 
 def quantized_shardings(param_shardings: Any, quantized: Any) -> Any:
