@@ -5,7 +5,7 @@ to one rank ``R`` and their scales in an array, so that putting another adapter 
 slot (another rank ≤ ``R``, another alpha) changes only array values: a compiled step or
 forward does not retrace. With ``S``, ``I``, ``O`` the kernel's stack, in and out axes,
 
-    a: (S..., N, I..., R)      b: (S..., N, R, O...)      scales: (S..., N)
+    a: (S..., N, I..., R)      b: (S..., N, R, O...)      scales, ranks: (S..., N)
 
 (stack axes stay leading, so ``nn.scan``/``nnx.scan`` slice a bank as they slice kernels).
 Padding is self-preserving in training: a zero column of ``a`` and the zero row of ``b``
@@ -18,6 +18,14 @@ per-example adapter index given to the call (``lora_index=`` of a wrapped apply,
 alone. The adapters are gathered per example and the branch is batched over examples
 (BGMV): the same FLOPs as one adapter, gradients reaching each adapter from its own
 examples only.
+
+The scales are data (so other alphas need no recompilation) but must not train. Their gradient
+is stopped and :func:`lora_jax.optimizer` freezes them, but any optax transform given the whole
+tree would still move them (weight decay shrinks every leaf). So each slot's rank is kept
+beside its scale as a float, a whole number: a seal that any such update breaks with the scale
+(decay, noise, an L2 term all make it fractional). A broken seal is a ``ValueError`` where the
+bank is concrete, and NaN outputs for the slot's examples under ``jax.jit`` — never a silently
+rescaled adapter.
 """
 
 from __future__ import annotations
@@ -52,6 +60,8 @@ class Bank:
       scales: ``(stack..., N)``, each adapter's ``alpha / r`` (0 for an empty slot); data, so
         that other alphas need no recompilation, but never trained (its gradient is stopped
         and :func:`lora_jax.optimizer` freezes it).
+      ranks: ``(stack..., N)`` float32, each adapter's rank ``r`` (0 for an empty slot), a
+        whole number: the seal of ``scales`` (see the module docstring), frozen likewise.
       rank: the padded rank ``R`` (the largest rank a slot can hold).
       roles: the role of each kernel axis.
       dropout: the LoRA dropout rate of the bank's adapters (one rate per kernel, applied to
@@ -64,6 +74,7 @@ class Bank:
     a: Any
     b: Any
     scales: Any
+    ranks: Any
     rank: int = dataclasses.field(metadata=dict(static=True))
     roles: Roles = dataclasses.field(default=DEFAULT_ROLES_2D, metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
@@ -76,11 +87,11 @@ class Bank:
         if why:
             raise ValueError(f"lora_jax.Bank: {why}.")
         object.__setattr__(self, "roles", roles)
-        shapes = [getattr(x, "shape", None) for x in (self.a, self.b, self.scales)]
+        shapes = [getattr(x, "shape", None) for x in (self.a, self.b, self.scales, self.ranks)]
         if all(isinstance(s, tuple) for s in shapes):
             self._check_shapes(*shapes)
 
-    def _check_shapes(self, a: tuple, b: tuple, scales: tuple) -> None:
+    def _check_shapes(self, a: tuple, b: tuple, scales: tuple, ranks: tuple) -> None:
         n_stack, n_in = self.roles.count("stack"), self.roles.count("in")
         n_out = len(self.roles) - n_stack - n_in
         sliced = n_stack + 1 - len(scales)  # stack axes a lifted transform has sliced off
@@ -92,10 +103,10 @@ class Bank:
             )
         elif a[-1] != self.rank or b[kept + 1] != self.rank:
             problem = f"rank {self.rank} is not the last axis of a and the rank axis of b"
-        elif not a[: kept + 1] == b[: kept + 1] == scales:
-            problem = "a, b and scales differ in their stack axes or number of adapters"
+        elif not a[: kept + 1] == b[: kept + 1] == scales == ranks:
+            problem = "a, b, scales and ranks differ in their stack axes or number of adapters"
         if problem:
-            raise ValueError(f"lora_jax.Bank: a {a}, b {b}, scales {scales} do not fit: {problem}.")
+            raise ValueError(f"lora_jax.Bank: a {a}, b {b}, scales {scales}, ranks {ranks} do not fit: {problem}.")
 
     @property
     def size(self) -> int:
@@ -115,7 +126,28 @@ def axes(bank: Bank) -> dict[str, tuple[int | None, ...]]:
         "a": of("stack") + (None,) + of("in") + (None,),
         "b": of("stack") + (None, None) + of("out"),
         "scales": of("stack") + (None,),
+        "ranks": of("stack") + (None,),
     }
+
+
+def sealed(bank: Bank) -> jax.Array:
+    """Per slot ``(stack..., N)``: whether its rank is still a whole number in ``0..rank`` (no
+    optimizer has moved the bank's frozen arrays)."""
+    ranks = jax.lax.stop_gradient(bank.ranks)
+    return (ranks == jnp.round(ranks)) & (ranks >= 0) & (ranks <= bank.rank)
+
+
+def check_seal(bank: Bank, where: str) -> None:
+    """A ``ValueError`` where a concrete bank's seal is broken (see the module docstring)."""
+    ok = _concrete(sealed(bank)) if _concrete(bank.ranks) is not None else None
+    if ok is not None and not ok.all():
+        slots = sorted({int(i) for i in np.argwhere(~ok)[:, -1]})
+        raise ValueError(
+            f"{where}: the bank's frozen scales were changed (the ranks kept beside them as whole numbers are now "
+            f"{np.asarray(bank.ranks)[..., slots].reshape(-1)[:4].tolist()} in slots {slots}): an optimizer "
+            "updated the whole bank tree. Train a bank with lj.optimizer(tx, lora), or leave 'scales' and 'ranks' "
+            "out of your optax transform (optax.masked), and rebuild this bank."
+        )
 
 
 # ---- the per-example index ------------------------------------------------------------------
@@ -212,6 +244,7 @@ def output(layer: _specs.Spec, base: jax.Array, kernel: jax.Array, bank: Bank, d
         )
     n = bank.scales.shape[-1]
     check_range(index, n, "lora_jax.wrap: lora_index")
+    check_seal(bank, "lora_jax.wrap")
     if dropout is not None:
         layer = _specs.map_input(layer, dropout)
     inputs, axis, branch = _examples(layer)
@@ -222,7 +255,8 @@ def output(layer: _specs.Spec, base: jax.Array, kernel: jax.Array, bank: Bank, d
         )
     take = jnp.clip(index, 0, n - 1)
     scale = jnp.where(index >= 0, jax.lax.stop_gradient(bank.scales)[take], 0.0)
-    scale = jnp.where((index >= BASE) & (index < n), scale, jnp.nan)  # out of range under jit: NaN, not a clamp
+    valid = (index >= BASE) & (index < n) & ((index < 0) | sealed(bank)[take])
+    scale = jnp.where(valid, scale, jnp.nan)  # out of range or unsealed under jit: NaN, not a clamp
     a = jnp.take(bank.a, take, axis=0)
     b = jnp.take(bank.b, take, axis=0)
     b = b * scale.reshape((-1,) + (1,) * (b.ndim - 1)).astype(b.dtype)
@@ -269,6 +303,6 @@ _adapter.register_kind(
     Bank,
     _adapter.Kind(
         name="bank", axes=axes, merge=_no_merge, unmerge=_no_merge, output=output, as_lora=_no_lora,
-        frozen=("scales",),
+        frozen=("scales", "ranks"),
     ),
 )  # fmt: skip

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import _adapter, _io, _lora, _merge, _paths, _safetensors
-from lora_jax._bank import BASE, Bank
+from lora_jax._bank import BASE, Bank, check_seal
 
 
 def bank(adapters: Sequence[Any], *, rank: int | None = None, params: Any = None) -> dict:
@@ -95,34 +95,32 @@ def bank_get(banks: Any, i: int) -> dict:
     """Adapter ``i`` of a bank, as it was put in: padding removed, the kernels it does not
     adapt left out.
 
-    Its rank is read off the padding (the trailing rank components whose ``a`` column and ``b``
-    row are all zero), so call it on concrete arrays, outside ``jax.jit``; its alpha is the
-    shortest decimal with ``alpha / rank`` equal to the stored scale (an rsLoRA adapter comes
-    back as the plain LoRA adapter with the same scale).
+    Call it on concrete arrays, outside ``jax.jit``. Its rank is the slot's rank; its alpha is
+    the shortest decimal with ``alpha / rank`` equal to the stored scale (an rsLoRA adapter
+    comes back as the plain LoRA adapter with the same scale).
 
     Raises:
       TypeError: if ``banks`` is not a bank tree or its arrays are traced.
       IndexError: if ``i`` is not a slot.
+      ValueError: if an optimizer has changed the bank's frozen scales (see :class:`Bank`).
     """
     where = "lora_jax.bank_get"
     by_path = _banks_by_path(banks, where)
     i = _slot_index(i, by_path, where)
     out = []
-    for keys, b in by_path.values():
+    for path, (keys, b) in by_path.items():
         try:
-            a_i, b_i, scales = (np.asarray(x) for x in _take(b, i))
+            slot = {k: np.asarray(x) for k, x in _take(b, i).items()}
         except jax.errors.TracerArrayConversionError:
             raise TypeError(f"{where}: the bank's arrays are traced; read a slot outside jax.jit.") from None
-        n_stack = b.roles.count("stack")
-        used_a = np.moveaxis(a_i, -1, 0).reshape(b.rank, -1).any(1)
-        used = used_a | np.moveaxis(b_i, n_stack, 0).reshape(b.rank, -1).any(1)
-        r = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 0
-        scale = float(scales.reshape(-1)[0]) if scales.size else 0.0
+        check_seal(b, f"{where}: {path!r}")
+        r = int(slot["ranks"].reshape(-1)[0]) if slot["ranks"].size else 0
+        scale = float(slot["scales"].reshape(-1)[0]) if slot["scales"].size else 0.0
         if r == 0 or scale == 0:
             continue
         ad = _lora.Adapter(
-            jnp.asarray(a_i[..., :r]), jnp.asarray(np.take(b_i, range(r), axis=n_stack)), rank=r,
-            alpha=_alpha(scale, r), roles=b.roles, dropout=b.dropout,
+            jnp.asarray(slot["a"][..., :r]), jnp.asarray(np.take(slot["b"], range(r), axis=b.roles.count("stack"))),
+            rank=r, alpha=_alpha(scale, r), roles=b.roles, dropout=b.dropout,
         )  # fmt: skip
         out.append((keys, ad))
     return _paths.nest(out, where)
@@ -158,10 +156,8 @@ def bank_set(banks: Any, i: Any, adapters: Any) -> dict:
     slots = _fitted(adapters, by_path, where)
     out = []
     for path, (keys, b) in by_path.items():
-        a_i, b_i, scale = slots.get(path, _empty_of(b))
-        n = b.roles.count("stack")
-        out.append((keys, _adapter.replace(b, a=_put(b.a, n, i, a_i), b=_put(b.b, n, i, b_i),
-                                           scales=_put(b.scales, n, i, scale))))  # fmt: skip
+        new, n = slots.get(path, _empty_of(b)), b.roles.count("stack")
+        out.append((keys, _adapter.replace(b, **{k: _put(getattr(b, k), n, i, new[k]) for k in _ARRAYS})))
     return _paths.nest(out, where)
 
 
@@ -177,13 +173,12 @@ def bank_add(banks: Any, adapters: Any) -> dict:
     slots = _fitted(adapters, by_path, where)
     out = []
     for path, (keys, b) in by_path.items():
-        a_i, b_i, scale = slots.get(path, _empty_of(b))
-        n = b.roles.count("stack")
-        a, bb, scales = (
-            jnp.concatenate([x, jnp.expand_dims(jnp.asarray(new, x.dtype), n)], axis=n)
-            for x, new in ((b.a, a_i), (b.b, b_i), (b.scales, scale))
-        )
-        out.append((keys, _adapter.replace(b, a=a, b=bb, scales=scales)))
+        new, n = slots.get(path, _empty_of(b)), b.roles.count("stack")
+        grown = {
+            k: jnp.concatenate([getattr(b, k), jnp.expand_dims(jnp.asarray(new[k], getattr(b, k).dtype), n)], axis=n)
+            for k in _ARRAYS
+        }
+        out.append((keys, _adapter.replace(b, **grown)))
     return _paths.nest(out, where)
 
 
@@ -204,8 +199,7 @@ def bank_remove(banks: Any, i: int) -> dict:
     out = []
     for keys, b in by_path.values():
         n = b.roles.count("stack")
-        a, bb, scales = (jnp.delete(x, i, axis=n) for x in (b.a, b.b, b.scales))
-        out.append((keys, _adapter.replace(b, a=a, b=bb, scales=scales)))
+        out.append((keys, _adapter.replace(b, **{k: jnp.delete(getattr(b, k), i, axis=n) for k in _ARRAYS})))
     return _paths.nest(out, where)
 
 
@@ -299,30 +293,37 @@ def _entry(tree: Any, where: str) -> dict[str, tuple[tuple, _lora.Adapter]]:
     return out
 
 
-def _slot(ad: _lora.Adapter, rank: int) -> tuple:
+_ARRAYS = ("a", "b", "scales", "ranks")  # a Bank's arrays, each with the slot axis after the stack axes
+
+
+def _slot(ad: _lora.Adapter, rank: int) -> dict[str, jax.Array]:
     n = ad.roles.count("stack")
     a = jnp.pad(jnp.asarray(ad.a), [(0, 0)] * (ad.a.ndim - 1) + [(0, rank - ad.rank)])
     b = jnp.pad(jnp.asarray(ad.b), [(0, rank - ad.rank) if k == n else (0, 0) for k in range(ad.b.ndim)])
-    return a, b, jnp.full(ad.a.shape[:n], ad.scale, jnp.float32)
+    stack = ad.a.shape[:n]
+    return {"a": a, "b": b, "scales": jnp.full(stack, ad.scale, jnp.float32),
+            "ranks": jnp.full(stack, ad.rank, jnp.float32)}  # fmt: skip
 
 
-def _empty(ad: _lora.Adapter, rank: int) -> tuple:
+def _empty(ad: _lora.Adapter, rank: int) -> dict[str, jax.Array]:
     n = ad.roles.count("stack")
     a_shape, b_shape = _adapter.factor_shapes(ad.kernel_shape, ad.roles, rank)
-    dtype = jnp.result_type(ad.a, ad.b)
-    return jnp.zeros(a_shape, dtype), jnp.zeros(b_shape, dtype), jnp.zeros(ad.a.shape[:n], jnp.float32)
+    dtype, stack = jnp.result_type(ad.a, ad.b), ad.a.shape[:n]
+    return {"a": jnp.zeros(a_shape, dtype), "b": jnp.zeros(b_shape, dtype), "scales": jnp.zeros(stack, jnp.float32),
+            "ranks": jnp.zeros(stack, jnp.float32)}  # fmt: skip
 
 
-def _empty_of(b: Bank) -> tuple:
+def _empty_of(b: Bank) -> dict[str, jax.Array]:
     n = b.roles.count("stack")
-    return tuple(jnp.zeros(x.shape[:n] + x.shape[n + 1 :], x.dtype) for x in (b.a, b.b, b.scales))
+    return {k: jnp.zeros(x.shape[:n] + x.shape[n + 1 :], x.dtype) for k in _ARRAYS for x in [getattr(b, k)]}
 
 
-def _stack(slots: list[tuple], roles: tuple, rank: int, dropout: float) -> Bank:
+def _stack(slots: list[dict], roles: tuple, rank: int, dropout: float) -> Bank:
     n = roles.count("stack")
-    dtype = jnp.result_type(*(x for s in slots for x in s[:2]))
-    a, b, scales = (jnp.stack([s[k].astype(dtype if k < 2 else jnp.float32) for s in slots], axis=n) for k in range(3))
-    return Bank(a, b, scales, rank=rank, roles=roles, dropout=dropout)
+    dtype = jnp.result_type(*(s[k] for s in slots for k in ("a", "b")))
+    arrays = {k: jnp.stack([s[k].astype(dtype if k in ("a", "b") else jnp.float32) for s in slots], axis=n)
+              for k in _ARRAYS}  # fmt: skip
+    return Bank(**arrays, rank=rank, roles=roles, dropout=dropout)
 
 
 def _banks_by_path(banks: Any, where: str) -> dict[str, tuple[tuple, Bank]]:
@@ -348,9 +349,9 @@ def _slot_index(i: Any, by_path: dict, where: str) -> Any:
     return i
 
 
-def _take(b: Bank, i: int) -> tuple:
+def _take(b: Bank, i: int) -> dict[str, jax.Array]:
     n = b.roles.count("stack")
-    return tuple(jnp.take(x, i, axis=n) for x in (b.a, b.b, b.scales))
+    return {k: jnp.take(getattr(b, k), i, axis=n) for k in _ARRAYS}
 
 
 def _put(x: jax.Array, axis: int, i: Any, value: Any) -> jax.Array:
@@ -364,7 +365,7 @@ def _put(x: jax.Array, axis: int, i: Any, value: Any) -> jax.Array:
 
 
 def _fitted(adapters: Any, by_path: dict[str, tuple[tuple, Bank]], where: str) -> dict[str, tuple]:
-    """``{path: (a, b, scales)}`` of one slot's worth of ``adapters``, checked against the bank."""
+    """``{path: {array name: value}}`` of one slot's worth of ``adapters``, checked against the bank."""
     if adapters is None:
         return {}
     entry = _entry(adapters, where)

@@ -83,15 +83,19 @@ def _slots_kept(tx: optax.GradientTransformation) -> optax.GradientTransformatio
             """A bank node of the new updates/state with its unused slots from ``old`` (or zero)."""
             if not isinstance(new, _bank.Bank):
                 return new
+            # Arrays another group of a multi_transform owns (the frozen scales; LoRA+'s other
+            # factor) are optax.MaskedNode here, without a shape.
+            arrays = {name: x for name, x in _adapter.arrays(new).items() if hasattr(x, "shape")}
+            if not arrays:
+                return new
             n = new.roles.count("stack")
-            size = new.a.shape[n]
+            size = next(iter(arrays.values())).shape[n]
             _bank.check_range(index, size, "lora_jax.optimizer: lora_index")
             used = jnp.zeros(size, bool).at[jnp.where(index >= 0, index, size)].set(True, mode="drop")
             changes = {}
-            for name, x in _adapter.arrays(new).items():
-                if hasattr(x, "shape"):  # not an optax.MaskedNode (the frozen scales)
-                    y = jnp.zeros_like(x) if old is None else getattr(old, name)
-                    changes[name] = jnp.where(used.reshape((1,) * n + (size,) + (1,) * (x.ndim - n - 1)), x, y)
+            for name, x in arrays.items():
+                y = jnp.zeros_like(x) if old is None else getattr(old, name)
+                changes[name] = jnp.where(used.reshape((1,) * n + (size,) + (1,) * (x.ndim - n - 1)), x, y)
             return _adapter.replace(new, **changes)
 
         is_bank = lambda x: isinstance(x, _bank.Bank)  # noqa: E731
@@ -135,7 +139,8 @@ def loraplus(
     ``learning_rate``; ``b`` and every other 1-D trained vector (a DoRA magnitude per layer, a
     bias trained fully) at ``ratio × learning_rate``; both factors of an embedding's adapter (a
     kernel named ``embedding``) at ``embedding_learning_rate``; other fully trained parameters at
-    ``learning_rate``. Each group gets its own ``make(its learning rate)``.
+    ``learning_rate``. Each group gets its own ``make(its learning rate)``; arrays a kind keeps
+    frozen (a bank's scales) get no update.
 
     Args:
       make: ``learning_rate -> optax transformation``, e.g. ``optax.adamw`` or
@@ -172,7 +177,8 @@ def loraplus(
     if not callable(embedding_learning_rate):
         embedding_learning_rate = _positive(embedding_learning_rate, "embedding_learning_rate")
     scaled = (lambda step: ratio * learning_rate(step)) if callable(learning_rate) else ratio * learning_rate
-    transforms = {"a": make(learning_rate), "b": make(scaled), "embedding": make(embedding_learning_rate)}
+    transforms = {"a": make(learning_rate), "b": make(scaled), "embedding": make(embedding_learning_rate),
+                  _FREEZE: optax.set_to_zero()}  # fmt: skip
     return optax.multi_transform(transforms, _loraplus_labels)
 
 
@@ -183,8 +189,11 @@ def _loraplus_labels(tree: Any) -> Any:
         embedding = _paths.keys_of(keypath)[-1:] == ("embedding",)
         roles = _adapter.static(leaf).get("roles")
         n_stack = roles.count("stack") if roles else 0
+        frozen = _adapter.kind_of(leaf).frozen
 
         def group(name: str, x: Any) -> str:
+            if name in frozen:
+                return _FREEZE
             if embedding and roles is not None:
                 return "embedding"
             if name == "b" or (name != "a" and getattr(x, "ndim", 0) - n_stack == 1):

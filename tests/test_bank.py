@@ -377,3 +377,54 @@ def test_a_bank_export_replaces_the_earlier_one_whole(setup, tmp_path):
     with pytest.raises(ValueError, match="exists and is not an earlier bank export"):
         lj.bank_to_peft(foreign, lj.bank(trees))
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_a_bank_trained_by_any_optax_transform_is_never_silently_rescaled(setup, tmp_path):
+    """A bank's scales are data but frozen: lj.optimizer and lj.loraplus leave them exactly; a plain
+    optax transform that moves them (weight decay) breaks the seal kept beside them, so the
+    forward gives NaN for those slots under jit and every concrete use raises."""
+    model, params, x, trees = setup
+    b = lj.bank(trees, rank=5)
+    loss = _loss(model)
+    index = jnp.array([0, 0, -1, 2, 2, 1])
+
+    def trained(tx, steps=2, whole=False):
+        v = {"params": params, "lora": b}
+        state = tx.init(v if whole else b)
+
+        @jax.jit
+        def step(v, state):
+            grads = jax.grad(loss)(v, x, index)
+            if whole:
+                updates, state = tx.update(grads, state, v, lora_index=index)
+                return optax.apply_updates(v, updates), state
+            updates, state = tx.update(grads["lora"], state, v["lora"])
+            return {"params": params, "lora": optax.apply_updates(v["lora"], updates)}, state
+
+        for _ in range(steps):
+            v, state = step(v, state)
+        return v["lora"]
+
+    frozen = lambda t: [np.asarray(getattr(t[k]["kernel"], n)) for k in ("fc1", "fc2") for n in ("scales", "ranks")]  # noqa: E731
+    # LoRA+ alone, LoRA+ inside lj.optimizer with lora_index (its state holds optax.MaskedNode), Adam without decay.
+    for tx, whole in ((lj.loraplus(optax.adamw, learning_rate=1e-2, ratio=4), False),
+                      (lj.optimizer(lj.loraplus(lambda lr: optax.adamw(lr, weight_decay=0.1), learning_rate=1e-2, ratio=4)), True),
+                      (optax.adam(1e-2), False)):  # fmt: skip
+        new = trained(tx, whole=whole)
+        for got, want in zip(frozen(new), frozen(b)):
+            np.testing.assert_array_equal(got, want)
+        assert not np.array_equal(new["fc1"]["kernel"].a, b["fc1"]["kernel"].a)
+        assert lj.bank_get(new, 0)["fc1"]["kernel"].rank == trees[0]["fc1"]["kernel"].rank
+    # Plain AdamW over the bank tree: its weight decay shrinks the scales with everything else.
+    decayed = trained(optax.adamw(1e-2, weight_decay=0.1), steps=1)
+    apply = lj.wrap(model.apply)
+    y = jax.jit(lambda lora: apply({"params": params, "lora": lora}, x, lora_index=index))(decayed)
+    assert np.isnan(np.asarray(y)[[0, 1, 3, 4, 5]]).all() and np.isfinite(np.asarray(y)[2]).all()  # BASE row finite
+    match = r"the bank's frozen scales were changed .* an optimizer updated the whole bank tree"
+    with pytest.raises(ValueError, match="lora_jax.wrap: " + match):
+        apply({"params": params, "lora": decayed}, x, lora_index=index)
+    with pytest.raises(ValueError, match=r"lora_jax.bank_get: 'fc1/kernel': " + match):
+        lj.bank_get(decayed, 0)
+    with pytest.raises(ValueError, match=match):
+        lj.bank_to_peft(tmp_path / "out", decayed)
+    assert not (tmp_path / "out").exists()
