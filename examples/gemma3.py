@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from pathlib import Path
 from typing import Any
@@ -215,14 +216,30 @@ def _tokenizer_meta(fields: dict[str, Any]) -> dict[str, Any]:
     return {k.removeprefix("tokenizer.ggml."): v for k, v in fields.items() if k.startswith("tokenizer.ggml.")}
 
 
+def _whole(value: Any) -> int | None:
+    """``value`` as an int if it is a whole number (not a bool, NaN or infinite), else ``None``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
+    return int(value) if math.isfinite(value) and value == int(value) else None
+
+
 def tokenizer_of(meta: dict[str, Any], path: str | Path) -> Tokenizer:
-    """The tokenizer of a GGUF's ``tokenizer.ggml.*`` metadata, checked: pieces, scores and types
-    of one length, known piece types with normal pieces among them, byte pieces spelled
-    ``<0xHH>``, a BOS id inside the vocabulary."""
+    """The tokenizer of a GGUF's ``tokenizer.ggml.*`` metadata, checked: pieces (strings), scores
+    (finite numbers) and types of one length, known piece types with normal pieces among them,
+    byte pieces spelled ``<0xHH>``, special token ids inside the vocabulary."""
     missing = [k for k in ("tokens", "scores", "token_type") if meta.get(k) is None]
     if missing:
         raise GGUFError(f"{path}: the tokenizer metadata lacks {', '.join('tokenizer.ggml.' + k for k in missing)}")
-    pieces, scores, types = meta["tokens"], meta["scores"], np.asarray(meta["token_type"])
+    pieces, scores, types = meta["tokens"], meta["scores"], meta["token_type"]
+    for name, value, ok in [
+        ("tokens", pieces, lambda p: isinstance(p, str)),
+        ("scores", scores, lambda x: _whole(x) is not None or (isinstance(x, float) and math.isfinite(x))),
+        ("token_type", types, lambda t: _whole(t) is not None and abs(t) < 2**31),
+    ]:
+        if not isinstance(value, (list, tuple, np.ndarray)) or not all(map(ok, value)):
+            raise GGUFError(f"{path}: tokenizer.ggml.{name} must be a list of "
+                            f"{'strings' if name == 'tokens' else 'finite numbers' if name == 'scores' else 'ints'}")
+    types = np.asarray(types, np.int64)
     if not len(pieces) == len(scores) == len(types):
         raise GGUFError(f"{path}: {len(pieces)} tokens, {len(scores)} scores and {len(types)} token types differ")
     unknown = sorted({int(t) for t in types if not NORMAL <= t <= BYTE})
@@ -232,30 +249,34 @@ def tokenizer_of(meta: dict[str, Any], path: str | Path) -> Tokenizer:
     bad_bytes = [p for p, t in zip(pieces, types) if t == BYTE and not re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", str(p))]
     if bad_bytes:
         raise GGUFError(f"{path}: byte pieces must be spelled <0xHH>, found {bad_bytes[:3]}")
-    bos = meta.get("bos_token_id")
-    if bos is not None and not 0 <= int(bos) < len(pieces):
-        raise GGUFError(f"{path}: bos_token_id {bos} is outside the vocabulary of {len(pieces)} pieces")
+    for key in ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id"):
+        if key in meta and not (_whole(meta[key]) is not None and 0 <= _whole(meta[key]) < len(pieces)):
+            raise GGUFError(f"{path}: {key} {meta[key]!r} is outside the vocabulary of {len(pieces)} pieces")
+    for key in ("add_bos_token", "add_space_prefix"):
+        if key in meta and not isinstance(meta[key], (bool, np.bool_)):
+            raise GGUFError(f"{path}: tokenizer.ggml.{key} is {meta[key]!r}, expected a bool")
     return Tokenizer(pieces, scores, types, meta)
 
 
 def config_of(fields: dict[str, Any], path: str | Path) -> Gemma3Config:
-    """The model config of a GGUF's ``gemma3.*`` metadata, checked: each field present, a number, > 0."""
+    """The model config of a GGUF's ``gemma3.*`` metadata, checked: each field present, a finite
+    number > 0 (a whole one where it counts something)."""
 
-    def number(key: str, kind: Any = int, default: Any = None) -> Any:
+    def number(key: str, whole: bool = True, default: Any = None) -> Any:
         value = fields.get(f"gemma3.{key}", default)
         if value is None:
             raise GGUFError(f"{path}: the metadata lacks gemma3.{key}")
-        try:
-            number = kind(value)
-        except (TypeError, ValueError):
-            raise GGUFError(f"{path}: gemma3.{key} is {value!r}, expected a number") from None
-        if not number > 0:
+        real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+        if not real or (whole and _whole(value) is None):
+            raise GGUFError(f"{path}: gemma3.{key} is {value!r}, expected a {'whole ' if whole else ''}number")
+        if not value > 0:
             raise GGUFError(f"{path}: gemma3.{key} is {value!r}, expected a number > 0")
-        return number
+        return int(value) if whole else float(value)
 
     tokens = fields.get("tokenizer.ggml.tokens")
-    if tokens is None:
-        raise GGUFError(f"{path}: the metadata lacks tokenizer.ggml.tokens")
+    if not isinstance(tokens, (list, tuple)) or not tokens:
+        raise GGUFError(f"{path}: the metadata lacks tokenizer.ggml.tokens" if tokens is None else
+                        f"{path}: tokenizer.ggml.tokens must be a non-empty list of strings")  # fmt: skip
     return Gemma3Config(
         width=number("embedding_length"),
         layers=number("block_count"),
@@ -263,12 +284,12 @@ def config_of(fields: dict[str, Any], path: str | Path) -> Gemma3Config:
         kv_heads=number("attention.head_count_kv"),
         head_dim=number("attention.key_length"),
         mlp=number("feed_forward_length"),
-        eps=number("attention.layer_norm_rms_epsilon", float),
+        eps=number("attention.layer_norm_rms_epsilon", whole=False),
         sliding_window=number("attention.sliding_window"),
-        rope_global=number("rope.freq_base", float, 1_000_000.0),
+        rope_global=number("rope.freq_base", whole=False, default=1_000_000.0),
         context=number("context_length"),
         vocab=len(tokens),
-        query_pre_attn_scalar=number("attention.key_length", float),
+        query_pre_attn_scalar=number("attention.key_length", whole=False),
     )
 
 

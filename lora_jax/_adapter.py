@@ -91,6 +91,9 @@ def register_kind(cls: type, kind: Kind) -> type:
     """
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"lora_jax.register_kind: cls must be a dataclass type, found {cls!r}.")
+    if not _is_pytree_node(cls):
+        raise TypeError(f"lora_jax.register_kind: {cls.__qualname__} is not a pytree node; decorate it with "
+                        "@jax.tree_util.register_dataclass (its arrays data fields, its hyper-parameters static).")
     if not isinstance(kind, Kind):
         raise TypeError(f"lora_jax.register_kind: kind must be a lora_jax.Kind, found {type(kind).__name__}.")
     if not isinstance(kind.name, str) or not kind.name:
@@ -101,6 +104,15 @@ def register_kind(cls: type, kind: Kind) -> type:
         raise ValueError(f"lora_jax.register_kind: the name {kind.name!r} is taken by {taken[0].__qualname__}.")
     _KINDS[cls] = kind
     return cls
+
+
+def _is_pytree_node(cls: type) -> bool:
+    """Whether JAX flattens instances of ``cls`` (a dataclass) into children, checked on a bare
+    instance (no ``__init__``) whose fields are all ``None``."""
+    bare: Any = object.__new__(cls)
+    for field in dataclasses.fields(cls):
+        object.__setattr__(bare, field.name, None)
+    return jax.tree_util.tree_leaves(bare) != [bare]
 
 
 def kind_of(adapter_or_cls: Any) -> Kind:
@@ -149,14 +161,32 @@ def replace(adapter: Any, **changes: Any) -> Any:
     return dataclasses.replace(adapter, **changes)
 
 
-def kernel_shape(adapter: Any) -> tuple[int, ...]:
-    """The shape of the kernel an adapter belongs to, read off its arrays' shapes."""
+def kernel_shape(adapter: Any) -> tuple[int | None, ...]:
+    """The shape of the kernel an adapter belongs to, read off its arrays' shapes: ``None`` for
+    an axis no array follows (a kind with a gain per output feature knows only that axis),
+    up to the last axis some array follows."""
     sizes: dict[int, int] = {}
     for name, axes in kind_of(adapter).axes(adapter).items():
         for size, k in zip(_shape(getattr(adapter, name)), axes):
             if k is not None:
                 sizes[k] = size
-    return tuple(sizes[k] for k in range(len(sizes)))
+    return tuple(sizes.get(k) for k in range(max(sizes, default=-1) + 1))
+
+
+def full_shape(adapter: Any) -> tuple[int, ...]:
+    """:func:`kernel_shape` of a kind whose arrays follow every kernel axis (one with roles)."""
+    shape = kernel_shape(adapter)
+    if any(n is None for n in shape):
+        raise ValueError(f"lora_jax: the arrays of a {type(adapter).__name__} do not tell its kernel's shape {shape}.")
+    return tuple(int(n) for n in shape if n is not None)
+
+
+def fits(shape: Sequence[int], adapter: Any) -> bool:
+    """Whether a kernel of ``shape`` is one the adapter's arrays fit."""
+    known = kernel_shape(adapter)
+    if any(n is None for n in known):  # a kind whose arrays do not follow every axis
+        return len(shape) >= len(known) and all(k is None or k == n for k, n in zip(known, shape))
+    return tuple(shape) == known
 
 
 def array_specs(adapter: Any, kernel_spec: Sequence[Any]) -> dict[str, tuple]:

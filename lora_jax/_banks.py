@@ -364,7 +364,7 @@ def _put(x: jax.Array, axis: int, i: Any, value: Any) -> jax.Array:
     return out
 
 
-def _fitted(adapters: Any, by_path: dict[str, tuple[tuple, Bank]], where: str) -> dict[str, tuple]:
+def _fitted(adapters: Any, by_path: dict[str, tuple[tuple, Bank]], where: str) -> dict[str, dict[str, Any]]:
     """``{path: {array name: value}}`` of one slot's worth of ``adapters``, checked against the bank."""
     if adapters is None:
         return {}

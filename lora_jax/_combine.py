@@ -110,6 +110,10 @@ def combine(
         roles = {ad.roles for ad, _ in present}
         if len(roles) > 1:
             raise ValueError(f"{_WHERE}: the adapters of {path!r} disagree on its axis roles: {sorted(roles)}.")
+        shapes = {ad.kernel_shape for ad, _ in present}
+        if len(shapes) > 1:
+            raise ValueError(f"{_WHERE}: the adapters of {path!r} fit kernels of different shapes {sorted(shapes)}; "
+                             "they adapt different models.")  # fmt: skip
         rule = method.removesuffix("_svd")
         if method == "cat":
             combined = _cat(present)

@@ -109,7 +109,7 @@ def mergeable(adapter: Any) -> bool:
     roles = _adapter.static(adapter).get("roles")
     if roles is None:
         return False
-    shape = _adapter.kernel_shape(adapter)
+    shape = _adapter.full_shape(adapter)
     fan_in, fan_out = _adapter.fan_in_out(shape, roles)
     stack = math.prod(n for n, r in zip(shape, roles) if r == "stack")
     cost = costs(adapter, [Usage(2**50, fan_in, fan_out, stack)])

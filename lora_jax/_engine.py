@@ -236,7 +236,10 @@ def _check_use(run: Run, k: Kernel, use_roles: tuple[str, ...]) -> bool:
     """Whether ``k``'s adapter computes a use whose roles are ``use_roles``: as they are, or
     transposed (in and out swapped: a tied head ``h @ E.T`` computes ``(h⋅bᵀ)⋅aᵀ``). A
     contradiction is noted (reported with the others when the run ends)."""
-    roles = k.adapter.roles
+    roles = _roles(k.adapter)
+    if roles is None:  # a kind without roles (a gain per output feature): its output reads the use
+        run.forward.add(k.path)
+        return True
     # An adapter's stack axis may be a free axis of the use: one branch per entry of it.
     if len(use_roles) == len(roles) and all(r == u or (r, u) == ("stack", "out") for r, u in zip(roles, use_roles)):
         run.forward.add(k.path)
@@ -247,6 +250,11 @@ def _check_use(run: Run, k: Kernel, use_roles: tuple[str, ...]) -> bool:
         return True
     _contradiction(run, k, use_roles)
     return False
+
+
+def _roles(adapter: Any) -> tuple[str, ...] | None:
+    """An adapter's axis roles; ``None`` for a kind that has none."""
+    return getattr(adapter, "roles", None)
 
 
 def _mismatch(k: Kernel, use_roles: tuple[str, ...]) -> str:
@@ -328,7 +336,7 @@ def _dot_general(run: Run, eqn: Any, invals: list) -> list:
     letter |= {g[0]: _LETTERS[len(view.pieces) + j] for j, g in enumerate(x_free)}
     spell = lambda layout: "".join(letter[g[0][0]] if g[0][0] != "x" else letter[g[0]] for g in layout)  # noqa: E731
     equation = f"{spell(x_layout)},{''.join(letter[a] for a in range(len(view.pieces)))}->{spell(y_layout)}"
-    spec = _specs.Einsum(equation, _views.regroup(x, x_groups, x_layout, sizes), roles=k.adapter.roles)
+    spec = _specs.Einsum(equation, _views.regroup(x, x_groups, x_layout, sizes), roles=_roles(k.adapter) or use_roles)
     y = _output(run, k, spec, _views.regroup(base, out_layout, y_layout, sizes), "dot_general")
     return [_views.regroup(y, y_layout, out_layout, sizes)]
 
@@ -355,7 +363,7 @@ def _conv(run: Run, eqn: Any, invals: list) -> list:
         return [base]
     if k.adapter is None:
         return [base]
-    if k.adapter.roles != roles:
+    if _roles(k.adapter) not in (roles, None):
         _contradiction(run, k, roles)
         return _merged_use(run, eqn, invals)
     run.forward.add(k.path)
@@ -392,7 +400,7 @@ def _gather(run: Run, eqn: Any, invals: list) -> list:
         return [base]
     if k.adapter is None:
         return [base]
-    if k.adapter.roles != ("in", "out"):
+    if _roles(k.adapter) not in (("in", "out"), None):
         _contradiction(run, k, ("in", "out"))
         return _merged_use(run, eqn, invals)
     run.forward.add(k.path)
@@ -487,7 +495,7 @@ def _slice_plan(k: Kernel) -> tuple[Any, Callable, int] | None:
         kernel_arrays, unstack = stacked
     arrays: dict[str, Any] = {}
     if adapter is not None:
-        if adapter.roles[axis] != "stack":
+        if _roles(adapter) is not None and adapter.roles[axis] != "stack":
             return None
         for name, follows in _adapter.kind_of(adapter).axes(adapter).items():
             if axis not in follows:
@@ -500,8 +508,9 @@ def _slice_plan(k: Kernel) -> tuple[Any, Callable, int] | None:
     def rebuild(s: dict) -> Kernel:
         local = None
         if adapter is not None:
-            roles = adapter.roles[:axis] + adapter.roles[axis + 1 :]
-            local = _adapter.replace(adapter, roles=roles, **s["arrays"])
+            roles = _roles(adapter)
+            local = _adapter.replace(adapter, **s["arrays"], **({} if roles is None else
+                                                                 {"roles": roles[:axis] + roles[axis + 1 :]}))
         return Kernel(unstack(s["kernel"]), local, value if value is not None else s["value"], k.path, view, axes,
                       k.ndim)  # fmt: skip
 

@@ -108,7 +108,7 @@ class Adapter:
     @property
     def kernel_shape(self) -> tuple[int, ...]:
         """The shape of the kernel this adapter belongs to, from ``a``, ``b`` and roles."""
-        return _adapter.kernel_shape(self)
+        return _adapter.full_shape(self)
 
     def __repr__(self) -> str:
         shape = lambda x: getattr(x, "shape", x)  # noqa: E731

@@ -114,7 +114,7 @@ def check_fit(params: Any, by_path: dict[str, Any], where: str) -> None:
             problems.append(f"{path!r}: no such parameter")
         elif dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             problems.append(f"{path!r}: the parameter has dtype {dtype}; only floating-point kernels can be adapted")
-        elif shapes[path] != _adapter.kernel_shape(adapter):
+        elif not _adapter.fits(shapes[path], adapter):
             problems.append(
                 f"{path!r}: the kernel has shape {shapes[path]}, the adapter ({describe(adapter)}) fits shape "
                 f"{_adapter.kernel_shape(adapter)}"

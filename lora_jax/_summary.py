@@ -17,7 +17,7 @@ class TargetSummary(NamedTuple):
     a kind without them, such as :class:`FullWeight`), size and kind."""
 
     path: str
-    kernel_shape: tuple[int, ...]
+    kernel_shape: tuple[int | None, ...]  # None: an axis the adapter's arrays do not follow
     rank: int | None
     scale: float | None
     params: int

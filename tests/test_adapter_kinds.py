@@ -130,3 +130,48 @@ def test_register_kind_bad_input():
         lj.register_kind(GainLoRA, lj.kind_of(lj.Adapter))
     with pytest.raises(TypeError, match=r"str is not an adapter kind"):
         lj.kind_of("a")
+    with pytest.raises(TypeError, match=r"register_kind: .*NotAPytree is not a pytree node; decorate it with "
+                                        r"@jax.tree_util.register_dataclass"):  # fmt: skip
+
+        @dataclasses.dataclass(frozen=True)
+        class NotAPytree:
+            g: Any
+
+        lj.register_kind(NotAPytree, lj.Kind(name="test_not_a_pytree", axes=lambda ad: {"g": (1,)},
+                                             merge=lambda w, ad: w, unmerge=None))  # fmt: skip
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class Gain:
+    """IA³-like: a trained gain per output feature, ``W' = W·diag(g)``; its one array follows
+    the kernel's out axis only, so the kernel's in size is not known from the adapter."""
+
+    g: Any
+
+
+lj.register_kind(
+    Gain,
+    lj.Kind(
+        name="test_gain",
+        axes=lambda ad: {"g": (1,)},
+        merge=lambda w, ad: w * ad.g,
+        unmerge=lambda w, ad: w / ad.g,
+        output=lambda layer, base, kernel, ad, dropout: base * ad.g.astype(base.dtype),
+    ),
+)
+
+
+def test_a_kind_whose_arrays_follow_some_kernel_axes_only(tmp_path):
+    gains = {name: {"kernel": Gain(1.0 + 0.1 * jnp.arange(n, dtype=jnp.float32))} for name, n in (("fc1", 16), ("fc2", 3))}
+    merged = lj.apply_lora(PARAMS, gains)
+    np.testing.assert_allclose(merged["fc2"]["kernel"], np.asarray(PARAMS["fc2"]["kernel"]) * np.asarray(gains["fc2"]["kernel"].g))
+    y = lj.wrap(MODEL.apply, compute="factored")({"params": PARAMS, "lora": gains}, X)
+    np.testing.assert_allclose(y, MODEL.apply({"params": merged}, X), rtol=1e-5, atol=1e-6)
+    lj.save(tmp_path / "gain.safetensors", gains)
+    back = lj.load(tmp_path / "gain.safetensors")
+    np.testing.assert_array_equal(back["fc1"]["kernel"].g, gains["fc1"]["kernel"].g)
+    assert lj.summary(PARAMS, gains).trainable_params == 16 + 3
+    wrong = {"fc2": {"kernel": Gain(jnp.ones(4))}}
+    with pytest.raises(ValueError, match=r"'fc2/kernel': the kernel has shape \(16, 3\), the adapter .* fits shape \(None, 4\)"):
+        lj.apply_lora(PARAMS, wrong)

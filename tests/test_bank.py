@@ -11,6 +11,8 @@ import optax
 import pytest
 from conftest import MLP, randomize, torch_mlp
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lora_jax as lj
 
@@ -428,3 +430,38 @@ def test_a_bank_trained_by_any_optax_transform_is_never_silently_rescaled(setup,
     with pytest.raises(ValueError, match=match):
         lj.bank_to_peft(tmp_path / "out", decayed)
     assert not (tmp_path / "out").exists()
+
+
+_FUZZ_MODEL = MLP(out=6)
+_FUZZ_X = jax.random.normal(jax.random.key(1), (6, 3, 8))
+_FUZZ_PARAMS = _FUZZ_MODEL.init(jax.random.key(0), _FUZZ_X)["params"]
+_FUZZ_TREES = _adapters(_FUZZ_PARAMS)
+_FUZZ_BANK = lj.bank(_FUZZ_TREES, rank=5)
+_FUZZ_APPLY = lj.wrap(_FUZZ_MODEL.apply)
+_FUZZ_JIT = jax.jit(lambda lora, index: _FUZZ_APPLY({"params": _FUZZ_PARAMS, "lora": lora}, _FUZZ_X, lora_index=index))
+# Each slot (and the base, -1) over the whole batch, merged: row e of the reference is row e of its slot's.
+_FUZZ_WANT = {i: np.asarray(_FUZZ_MODEL.apply({"params": lj.apply_lora(_FUZZ_PARAMS, t) if i >= 0 else _FUZZ_PARAMS},
+                                              _FUZZ_X)) for i, t in [(-1, None), *enumerate(_FUZZ_TREES)]}  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.integers(-4, 6), max_size=8), jit=st.booleans())
+def test_fuzzed_bank_indices_give_each_example_its_adapter_or_a_clear_error(values, jit):
+    """Any index: one entry per example inside -1..2 gives each example its own slot's output;
+    a wrong length is a ValueError; values outside the slots are a ValueError eagerly and NaN
+    rows (only theirs) under jit."""
+    index = jnp.asarray(values, jnp.int32)
+    if len(values) != 6:
+        with pytest.raises(ValueError, match="entries but the layer's input has 6 examples|outside the bank's slots"):
+            (_FUZZ_JIT if jit else lambda b, i: _FUZZ_APPLY({"params": _FUZZ_PARAMS, "lora": b}, _FUZZ_X, lora_index=i))(_FUZZ_BANK, index)
+        return
+    inside = np.array([-1 <= v <= 2 for v in values])
+    if not jit and not inside.all():
+        with pytest.raises(ValueError, match=r"the adapter index holds \[.*\], outside the bank's slots 0\.\.2"):
+            _FUZZ_APPLY({"params": _FUZZ_PARAMS, "lora": _FUZZ_BANK}, _FUZZ_X, lora_index=index)
+        return
+    got = np.asarray(_FUZZ_JIT(_FUZZ_BANK, index) if jit else
+                     _FUZZ_APPLY({"params": _FUZZ_PARAMS, "lora": _FUZZ_BANK}, _FUZZ_X, lora_index=index))  # fmt: skip
+    assert np.isnan(got[~inside]).all()
+    want = np.stack([_FUZZ_WANT[v][e] for e, v in enumerate(values) if -1 <= v <= 2])
+    np.testing.assert_allclose(got[inside], want.reshape(got[inside].shape), rtol=1e-5, atol=1e-6)

@@ -162,3 +162,12 @@ def test_weights_that_overflow_float32_are_refused():
     with pytest.raises(ValueError, match=r"make the combined adapters of \['d/kernel'\] overflow"):
         lj.combine(trees, [1e300, 1.0], "linear")
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(lj.combine(trees, [1e3, 1.0], "linear")))
+
+
+@pytest.mark.parametrize("method", ["cat", "svd", "linear"])
+def test_adapters_of_kernels_of_other_shapes_are_refused(method):
+    """Two trees with one path but kernels of other shapes (adapters of two different models)."""
+    one = lj.init(jax.random.key(0), {"d": {"kernel": jnp.ones((8, 4))}}, lj.LoraConfig(rank=2))
+    other = lj.init(jax.random.key(1), {"d": {"kernel": jnp.ones((6, 4))}}, lj.LoraConfig(rank=2))
+    with pytest.raises(ValueError, match=r"the adapters of 'd/kernel' fit kernels of different shapes \[\(6, 4\), \(8, 4\)\]"):
+        lj.combine([one, other], [1.0, 1.0], method)

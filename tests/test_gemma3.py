@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
 import gemma3 as g  # noqa: E402
@@ -207,7 +209,7 @@ def test_gguf_metadata_is_checked_before_the_model_is_built(tiny, tmp_path):
     for key, value, message in [
         ("gemma3.embedding_length", None, "lacks gemma3.embedding_length"),
         ("gemma3.attention.head_count", 0, r"head_count is 0, expected a number > 0"),
-        ("gemma3.block_count", "seven", r"block_count is 'seven', expected a number"),
+        ("gemma3.block_count", "seven", r"block_count is 'seven', expected a whole number"),
         ("tokenizer.ggml.tokens", None, "lacks tokenizer.ggml.tokens"),
     ]:
         with pytest.raises(g.GGUFError, match=message):
@@ -245,3 +247,31 @@ def test_gguf_metadata_is_checked_before_the_model_is_built(tiny, tmp_path):
     writer.close()
     with pytest.raises(g.GGUFError, match=r"'blk\.1\.attn_q\.weight' is not in blocks 0\.\.0 \(block_count 1\)"):
         g.read_gguf(out)
+
+
+_VALUES = st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=True) | st.text(max_size=6) | st.lists(
+    st.integers(-3, 300) | st.text(max_size=6) | st.floats(allow_nan=True), max_size=4
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_gguf_metadata_gives_a_model_config_or_a_gguf_error(tiny, data):
+    """Any metadata field replaced by any value: the loader's checks give a config and tokenizer
+    or a GGUFError, never another exception (a traceback in finetune.py)."""
+    path = tiny[0]
+    fields = dict(_meta(path))
+    keys = sorted(k for k in fields if k.startswith(("gemma3.", "tokenizer.ggml.")))
+    for key in data.draw(st.lists(st.sampled_from(keys), min_size=1, max_size=3, unique=True)):
+        value = data.draw(_VALUES)
+        if isinstance(fields[key], list) and data.draw(st.booleans()):  # a list of the same length, one entry changed
+            value = list(fields[key])
+            value[data.draw(st.integers(0, len(value) - 1))] = data.draw(_VALUES)
+        fields[key] = value
+    try:
+        cfg = g.config_of(fields, path)
+        tokenizer = g.tokenizer_of(g._tokenizer_meta(fields), path)
+    except g.GGUFError:
+        return
+    assert cfg.layers > 0 and cfg.heads > 0 and cfg.width > 0
+    tokenizer.encode("hi there")
