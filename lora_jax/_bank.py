@@ -273,6 +273,9 @@ def _examples(layer: _specs.Spec):
         return jnp.asarray(layer.ids), 0, lambda ids, a, b: low(_specs.Lookup(ids[None]), a, b)[0]
     if isinstance(layer, _specs.Conv):
         return layer.x, 0, lambda x, a, b: low(layer._replace(x=x[None]), a, b)[0]
+    if isinstance(layer, _specs.Grouped):
+        raise ValueError("a Bank needs the layer's input to have its examples along its leading axis, but this layer "
+                         "is a ragged_dot over tokens sorted by expert (a mixture-of-experts layer's experts).")
     xs, ks, ys = _specs._parse(layer.equation, jnp.ndim(layer.x))
     first = xs[0] if xs else ""
     if not first or first in ks or first not in ys or xs.count(first) > 1:

@@ -9,7 +9,9 @@ in-axis size ``I``, out-axis size ``O``, stack size ``S``, rank ``r``, used on `
     merged:    6·S·I·O·r + 2·S·N·I·O     a⋅b and its two gradients, once; the weight gradient
                                           xᵀ⋅g of the merged kernel, per call
 
-(an embedding lookup has no ``x⋅a``: ``4·S·N·r·O`` factored, ``S·N·O`` per call merged). The
+(an embedding lookup has no ``x⋅a``: ``4·S·N·r·O`` factored, ``S·N·O`` per call merged; a
+grouped product — mixture-of-experts experts, ``ragged_dot`` — over ``G`` groups counts each
+token once, through its own group, and merges all ``G``: ``6·G·I·O·r`` once). The
 base's own forward and input gradient are the same in both and cancel. Merging wins for large
 ranks relative to the kernel, and only when ``r > I·O / (3·(I + O))``: below that bound the
 factored form is cheaper for any number of tokens, and the kernel is factored without looking
@@ -40,6 +42,8 @@ class Usage(NamedTuple):
       stack: the product of the stack-axis sizes the call itself sees (1 for a plain layer).
       lookup: whether the call indexes the kernel (an embedding lookup) instead of
         multiplying by it.
+      groups: the groups a grouped product (``ragged_dot``) routes each token to one of (1
+        for other calls): merging forms all of them.
     """
 
     tokens: int
@@ -47,6 +51,7 @@ class Usage(NamedTuple):
     fan_out: int
     stack: int = 1
     lookup: bool = False
+    groups: int = 1
 
 
 def lowrank_costs(usages: Sequence[Usage], rank: int) -> tuple[float, float]:
@@ -69,7 +74,7 @@ def lowrank_costs(usages: Sequence[Usage], rank: int) -> tuple[float, float]:
             merged += 2.0 * u.stack * u.tokens * u.fan_in * u.fan_out
     if usages:
         u = usages[0]
-        merged += 6.0 * u.stack * u.fan_in * u.fan_out * rank
+        merged += 6.0 * u.stack * u.groups * u.fan_in * u.fan_out * rank
     return factored, merged
 
 
@@ -79,6 +84,9 @@ def usage(spec: _specs.Spec, kernel_shape: tuple[int, ...]) -> Usage:
     size = lambda role: math.prod(n for n, r in zip(kernel_shape, roles) if r == role)  # noqa: E731
     if isinstance(spec, _specs.Lookup):
         return Usage(math.prod(jnp.shape(spec.ids)), kernel_shape[0], math.prod(kernel_shape[1:]), lookup=True)
+    if isinstance(spec, _specs.Grouped):
+        (tokens, fan_in), groups = jnp.shape(spec.x), jnp.shape(spec.group_sizes)[0]  # any kernel layout
+        return Usage(tokens, fan_in, math.prod(kernel_shape) // (groups * fan_in), groups=groups)
     if isinstance(spec, _specs.Conv):
         x = jax.ShapeDtypeStruct(jnp.shape(spec.x), jnp.float32)
         k = jax.ShapeDtypeStruct(kernel_shape, jnp.float32)

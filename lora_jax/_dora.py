@@ -156,6 +156,8 @@ def _output_axes(layer: _specs.Spec, roles: Roles):
     output's layout (size-1 axes elsewhere); a ``ValueError`` for layers DoRA does not adapt."""
     if isinstance(layer, _specs.Conv):
         return lambda f: f  # channels last: (out,) broadcasts
+    if isinstance(layer, _specs.Grouped):  # (experts, out): each row takes its expert's
+        return lambda f: f[jnp.minimum(layer.group_ids(), f.shape[0] - 1)]
     if isinstance(layer, _specs.Einsum):
         xs, ks, ys = _specs._parse(layer.equation, jnp.ndim(layer.x))
         ins = {c for c, r in zip(ks, roles) if r == "in"}

@@ -410,6 +410,36 @@ def _gather(run: Run, eqn: Any, invals: list) -> list:
     return [_output(run, k, _specs.Lookup(ids), base, "gather")]
 
 
+def _ragged_dot(run: Run, eqn: Any, invals: list) -> list:
+    """``ragged_dot(x, kernel, group_sizes)``: a mixture-of-experts layer's experts, the kernel's
+    group axis a ``stack`` axis (one adapter per expert), each row through its expert's adapter."""
+    x, k, group_sizes = invals[:3]
+    if not isinstance(k, Kernel) or isinstance(x, Kernel) or isinstance(group_sizes, Kernel):
+        return _merged_use(run, eqn, invals)
+    dn = eqn.params["ragged_dot_dimension_numbers"]
+    (x_contracted, k_contracted), batch = dn.dot_dimension_numbers
+    canonical = (
+        len(invals) == 3 and eqn.params.get("group_offset") is None and batch == ((), ()) and jnp.ndim(x) == 2
+        and tuple(dn.lhs_ragged_dimensions) == (0,) and tuple(x_contracted) == (1,) and len(k_contracted) == 1
+        and len(dn.rhs_group_dimensions) == 1 and len(k.view.groups) == 3 and k.view.is_permutation()
+    )  # fmt: skip
+    if not canonical:
+        return _unfactorable(run, eqn, invals, "a grouped product other than x (tokens, in) by (groups, in, out)")
+    group, contracted = dn.rhs_group_dimensions[0], k_contracted[0]
+    axis = lambda d: k.view.groups[d][0][0]  # noqa: E731 (the kernel axis of a value axis)
+    roles = ["out"] * 3
+    roles[axis(group)], roles[axis(contracted)] = "stack", "in"
+    base = _base(eqn, invals, k)
+    if run.find_roles:
+        run.record_roles(k, tuple(roles))
+        return [base]
+    if k.adapter is None:
+        return [base]
+    if not _check_use(run, k, tuple(roles)):
+        return _merged_use(run, eqn, invals)
+    return [_output(run, k, _specs.Grouped(x, group_sizes), base, "ragged_dot")]
+
+
 # ---- higher-order primitives ----------------------------------------------------------------
 
 
@@ -542,6 +572,7 @@ _RULES: dict[str, Callable[[Run, Any, list], list]] = {
     "dot_general": _dot_general,
     "conv_general_dilated": _conv,
     "gather": _gather,
+    "ragged_dot_general": _ragged_dot,
     **{name: _inline for name in _INLINED},
     **{name: _remat for name in _REMAT},
     "scan": _scan,

@@ -25,7 +25,10 @@ Atom = tuple[Any, ...]  # (kernel axis, piece), or any hashable label of an axis
 Group = tuple[Atom, ...]  # the atoms one axis holds, in row-major order
 
 # Operations that change neither values nor layout (a dtype cast rounds, as the program does).
-_ELEMENTWISE_LAYOUT = {"convert_element_type", "copy", "copy_p", "sharding_constraint", "reduce_precision"}
+# ``stop_gradient`` too: it stops the base kernel (frozen anyway), not the adapter, which trains
+# through it — as when an attached model, which freezes its base so, runs inside a wrapped call.
+_ELEMENTWISE_LAYOUT = {"convert_element_type", "copy", "copy_p", "sharding_constraint", "reduce_precision",
+                       "stop_gradient"}  # fmt: skip
 
 
 class View(NamedTuple):

@@ -3,6 +3,7 @@
 import re
 import warnings
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -371,3 +372,27 @@ def test_init_reads_roles_off_an_nnx_models_layers():
     lora = lj.init(jax.random.key(1), scanned, lj.LoraConfig(rank=2))
     assert lora["blocks"]["lin"]["kernel"].roles == ("stack", "in", "out")
     assert lj.axis_roles(scanned, jnp.ones((2, 4)))["blocks/lin/kernel"] == ("stack", "in", "out")
+
+
+def test_an_attached_model_under_wrap_with_another_adapter_tree():
+    """An attached model (its base frozen by stop_gradient inside) called through a wrap of
+    its graphdef with a second adapter tree: both adapters apply, the second factored, and
+    its gradients equal those of the model merged with both (issue 22: was a KeyError, then
+    zero gradients)."""
+    model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    plain_graph, plain_state = nnx.split(model)
+    base = nnx.state(model, nnx.Param)
+    first = randomize(lj.init(jax.random.key(0), base, lj.LoraConfig(rank=2)), jax.random.key(1))
+    second = randomize(lj.init(jax.random.key(5), base, lj.LoraConfig(rank=3)), jax.random.key(6))
+    x = jax.random.normal(jax.random.key(3), (2, 8))
+
+    def want(second):
+        return jnp.sum(nnx.merge(plain_graph, lj.apply_lora(lj.apply_lora(plain_state, first), second))(x) ** 2)
+
+    lj.attach(model, first)
+    graph, state = nnx.split(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # factored: no merged use
+        got = jax.value_and_grad(lambda second: jnp.sum(lj.wrap(graph)(state, second, x) ** 2))(second)
+    np.testing.assert_allclose(got[0], want(second), rtol=1e-5)
+    chex.assert_trees_all_close(got[1], jax.grad(want)(second), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,180 @@
+"""Mixture-of-experts LoRA: one adapter per expert on ``(experts, in, out)`` kernels used by
+``jax.lax.ragged_dot`` (tokens sorted by expert) or by an einsum with an expert axis, against
+an independent per-expert reference; gradients per expert; FLOPs proportional to routed
+tokens; scan over layers; DoRA, QLoRA and the cost model on expert kernels."""
+
+import sys
+import warnings
+from pathlib import Path
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import randomize
+
+import lora_jax as lj
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
+from moe import GptOssMoE  # noqa: E402
+
+E, D, F, T = 4, 8, 6, 20
+GROUPS = jnp.array([5, 0, 9, 6], jnp.int32)  # expert 1 gets no token
+X = jax.random.normal(jax.random.key(1), (T, D))
+PARAMS = {"experts": {"kernel": jax.random.normal(jax.random.key(0), (E, D, F))}}
+
+
+def ragged(params, x, group_sizes):
+    return jax.lax.ragged_dot(x, params["experts"]["kernel"], group_sizes)
+
+
+def _reference(kernel, lora, x, group_sizes):
+    """Each token through its own expert's merged kernel W_e + s·a_e⋅b_e, in float64 NumPy."""
+    ad = lora["experts"]["kernel"]
+    w = np.asarray(kernel, np.float64) + ad.scale * np.einsum("eir,ero->eio", np.asarray(ad.a, np.float64),
+                                                              np.asarray(ad.b, np.float64))  # fmt: skip
+    ids = np.repeat(np.arange(E), np.asarray(group_sizes))
+    return np.stack([np.asarray(x[t], np.float64) @ w[ids[t]] for t in range(len(ids))])
+
+
+def _lora(roles=None, seed=2, **config):
+    roles = roles or lj.axis_roles(ragged, PARAMS, X, GROUPS)
+    return randomize(lj.init(jax.random.key(seed), PARAMS, lj.LoraConfig(rank=2, **config), roles=roles),
+                     jax.random.key(seed + 1))  # fmt: skip
+
+
+def test_the_expert_axis_is_a_stack_role_found_from_use():
+    assert lj.axis_roles(ragged, PARAMS, X, GROUPS) == {"experts/kernel": ("stack", "in", "out")}
+    ad = _lora()["experts"]["kernel"]
+    assert ad.a.shape == (E, D, 2) and ad.b.shape == (E, 2, F)  # one adapter per expert
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_ragged_dot_factored_equals_each_expert_merged(jit):
+    lora = _lora()
+    apply = lj.wrap(ragged, compute="factored")
+    run = jax.jit(apply) if jit else apply
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # factored: no merged use
+        got = run(PARAMS, lora, X, GROUPS)
+    np.testing.assert_allclose(got, _reference(PARAMS["experts"]["kernel"], lora, X, GROUPS), rtol=1e-5, atol=1e-5)
+    merged = ragged(lj.apply_lora(PARAMS, lora), X, GROUPS)
+    np.testing.assert_allclose(got, merged, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_each_expert_through_its_tokens_only():
+    lora = _lora()
+    apply = lj.wrap(ragged, compute="factored")
+    loss = lambda lora, p: jnp.sum(jnp.sin(apply(p, lora, X, GROUPS)))  # noqa: E731
+    merged_loss = lambda lora: jnp.sum(jnp.sin(ragged(lj.apply_lora(PARAMS, lora), X, GROUPS)))  # noqa: E731
+    got = jax.jit(jax.grad(loss))(lora, PARAMS)
+    chex.assert_trees_all_close(got, jax.grad(merged_loss)(lora), rtol=1e-4, atol=1e-5)
+    g = got["experts"]["kernel"]
+    assert not np.asarray(g.a[1]).any() and not np.asarray(g.b[1]).any()  # expert 1 has no token: exactly zero
+    assert np.asarray(g.a[0]).any() and np.asarray(g.b[2]).any()
+    # The base experts get no weight gradient: no product of the step yields a kernel-shaped array.
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(lora, PARAMS).jaxpr
+    shapes = [v.aval.shape for e in jaxpr.eqns if "dot" in e.primitive.name for v in e.outvars]
+    assert (E, D, F) not in shapes
+
+
+def program_flops(fn, *args):
+    """The multiply-add FLOPs of the products in ``fn``'s program: ``2·m·k·n`` for a
+    ``ragged_dot`` of ``(m, k)`` rows by ``(groups, k, n)`` (what a grouped GEMM computes, on
+    GPU and TPU; XLA:CPU lowers it densely, every row by every group), ``2·|out|·|contracted|``
+    for a ``dot_general``; inside jit calls, custom_vjp calls and scans too."""
+    def count(jaxpr):
+        total = 0
+        for e in jaxpr.eqns:
+            if e.primitive.name == "ragged_dot_general":
+                (m, k), n = e.invars[0].aval.shape, e.outvars[0].aval.shape[-1]
+                total += 2 * m * k * n
+            elif e.primitive.name == "dot_general":
+                (contracted, _), _ = e.params["dimension_numbers"]
+                total += 2 * np.prod(e.outvars[0].aval.shape) * np.prod([e.invars[0].aval.shape[d] for d in contracted])
+            for p in e.params.values():
+                for sub in p if isinstance(p, (tuple, list)) else [p]:
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        total += count(inner) * (e.params.get("length", 1) if e.primitive.name == "scan" else 1)
+        return total
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def test_the_branch_costs_grow_with_routed_tokens_not_experts():
+    """The program's FLOPs of the factored forward: the branch adds 2·r·(in + out) per routed
+    token, whatever the number of experts."""
+    def flops(experts):
+        params = {"experts": {"kernel": jnp.zeros((experts, 64, 64))}}
+        gs = jnp.full((experts,), 256 // experts, jnp.int32)
+        lora = lj.init(jax.random.key(0), params, lj.LoraConfig(rank=4), roles={"experts/kernel": ("stack", "in", "out")})
+        x = jnp.ones((256, 64))
+        return program_flops(lj.wrap(ragged, compute="factored"), params, lora, x, gs) - program_flops(ragged, params, x, gs)
+
+    branch = {experts: flops(experts) for experts in (4, 16, 64)}
+    want = 2 * 256 * 4 * (64 + 64)
+    assert branch == {4: want, 16: want, 64: want}
+
+
+def test_expert_einsum_dense_dispatch():
+    """The dense form: tokens dispatched to every expert's capacity slots, 'ecd,edf->ecf'."""
+    def dense(params, x):
+        return jnp.einsum("ecd,edf->ecf", x, params["experts"]["kernel"])
+
+    x = jax.random.normal(jax.random.key(4), (E, 3, D))
+    roles = lj.axis_roles(dense, PARAMS, x)
+    assert roles == {"experts/kernel": ("stack", "in", "out")}
+    lora = _lora(roles)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = lj.wrap(dense, compute="factored")(PARAMS, lora, x)
+    np.testing.assert_allclose(got, dense(lj.apply_lora(PARAMS, lora), x), rtol=1e-5, atol=1e-5)
+
+
+class _Layers(nn.Module):
+    """Three MoE blocks stacked by nn.scan: expert kernels (layers, experts, in, out)."""
+
+    @nn.compact
+    def __call__(self, x):
+        block = nn.scan(lambda m, x, _: (x + m(x), None), variable_axes={"params": 0}, split_rngs={"params": True},
+                        length=3)  # fmt: skip
+        return block(GptOssMoE(experts=4, top_k=2, hidden=D, ffn=F), x, None)[0]
+
+
+def test_moe_blocks_under_scan_dora_qlora_and_auto():
+    model, x = _Layers(), jax.random.normal(jax.random.key(5), (2, 5, D))
+    params = model.init(jax.random.key(0), x)["params"]
+    roles = lj.axis_roles(model, x)
+    assert roles["GptOssMoE_0/gate_up_proj"] == ("stack", "stack", "in", "out")
+    assert roles["GptOssMoE_0/router/kernel"] == ("stack", "in", "out")
+    targets = r".*(gate_up_proj|down_proj)"
+    for config in (lj.LoraConfig(rank=2, targets=targets), lj.LoraConfig(rank=2, targets=targets, use_dora=True)):
+        lora = randomize(lj.init(jax.random.key(1), params, config, roles=roles), jax.random.key(2), std=0.1)
+        loss = lambda lora, p: jnp.sum(jnp.sin(model.apply({"params": p}, x)))  # noqa: E731
+        wrapped = lambda lora, p: jnp.sum(jnp.sin(lj.wrap(model.apply, compute="factored")({"params": p, "lora": lora}, x)))  # noqa: E731
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = jax.jit(jax.value_and_grad(wrapped))(lora, params)
+        want = jax.value_and_grad(lambda lora: loss(lora, lj.apply_lora(params, lora)))(lora)
+        chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
+    # QLoRA: the expert kernels quantized (blocks along each expert's in axis), dequantized at use.
+    quantized = lj.quantize(params, targets=targets, block_size=4)
+    lora = randomize(lj.init(jax.random.key(1), quantized, lj.LoraConfig(rank=2, targets=targets), roles=roles),
+                     jax.random.key(2), std=0.1)  # fmt: skip
+    got = lj.wrap(model.apply)({"params": quantized, "lora": lora}, x)
+    want = model.apply({"params": lj.apply_lora(lj.dequantize(quantized), lora)}, x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # compute="auto" keeps low-rank expert adapters factored (cheaper for any token count).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lj.wrap(model.apply, compute="auto")({"params": quantized, "lora": lora}, x)
+
+
+def test_a_bank_on_a_ragged_use_is_refused_clearly():
+    lora = _lora()
+    b = lj.bank([lora, _lora(seed=7)])
+    with pytest.raises(ValueError, match="a Bank needs .* examples along .* leading axis"):
+        lj.wrap(ragged)(PARAMS, b, X, GROUPS, lora_index=jnp.zeros(T, jnp.int32))
