@@ -151,10 +151,10 @@ def test_moe_blocks_under_scan_dora_qlora_and_auto():
     assert roles["GptOssMoE_0/gate_up_proj"] == ("stack", "stack", "in", "out")
     assert roles["GptOssMoE_0/router/kernel"] == ("stack", "in", "out")
     targets = r".*(gate_up_proj|down_proj)"
+    loss = lambda lora, p: jnp.sum(jnp.sin(model.apply({"params": p}, x)))  # noqa: E731
+    wrapped = lambda lora, p: jnp.sum(jnp.sin(lj.wrap(model.apply, compute="factored")({"params": p, "lora": lora}, x)))  # noqa: E731
     for config in (lj.LoraConfig(rank=2, targets=targets), lj.LoraConfig(rank=2, targets=targets, use_dora=True)):
         lora = randomize(lj.init(jax.random.key(1), params, config, roles=roles), jax.random.key(2), std=0.1)
-        loss = lambda lora, p: jnp.sum(jnp.sin(model.apply({"params": p}, x)))  # noqa: E731
-        wrapped = lambda lora, p: jnp.sum(jnp.sin(lj.wrap(model.apply, compute="factored")({"params": p, "lora": lora}, x)))  # noqa: E731
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             got = jax.jit(jax.value_and_grad(wrapped))(lora, params)
