@@ -14,13 +14,13 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _adapter, _paths, _safetensors, _torch
+from lora_jax import _adapter, _paths, _peft, _safetensors, _torch
 from lora_jax._dora import DoraAdapter
 from lora_jax._full import FullWeight
 from lora_jax._lora import Adapter
@@ -34,6 +34,7 @@ def from_peft(
     name_map: Callable[[str], str] | None = None,
     roles: Mapping[str, tuple[str, ...]] | None = None,
     dtype: Any = jnp.float32,
+    parameters: Sequence[str] = (),
 ) -> dict:
     """Read a PEFT LoRA adapter directory (written by PEFT or :func:`to_peft`) as adapters for ``params``.
 
@@ -53,6 +54,11 @@ def from_peft(
         leading axes are taken as ``in`` when that split of its shape is the only one that
         matches the PyTorch ``(in, out)``.
       dtype: the adapters' dtype (float32 by default; ``None`` keeps the file's).
+      parameters: for an adapter with ``target_parameters`` (mixture-of-experts weights), the
+        PyTorch parameter names in the order their module registers them, as for
+        :func:`to_peft`; needed only where one module has several adapted parameters whose
+        shapes do not tell them apart. A ``(experts, d1, d2)`` parameter is read as used
+        ``x ⋅ W[e]`` (roles ``("stack", "in", "out")``) unless ``roles`` says otherwise.
 
     Returns:
       An adapter tree for ``params``.
@@ -101,7 +107,14 @@ def from_peft(
             parts[module][part] = f.get(key)
         whole = {name: f.get(key) for key, name in whole_keys}
     kernels = _kernels_by_module(params, name_of)
-    problems, leaves = [], []
+    problems: list[str] = []
+    leaves: list[tuple[str, Any]] = []
+    experts = _parameter_targets(parts, kernels, config.get("target_parameters") or [], parameters, problems)
+    for name, part in sorted(experts.items()):
+        try:
+            leaves.append((name, _expert_from_torch(name, part, kernels[name], config, roles, dtype)))
+        except _Mismatch as e:
+            problems.append(f"parameter {name!r} -> {kernels[name][0]!r}: {e}")
     for module, part in sorted(parts.items()):
         if module not in kernels:
             near = difflib.get_close_matches(module, list(kernels), n=3, cutoff=0.3)
@@ -321,6 +334,72 @@ def _from_torch(module: str, part: dict, kernel: tuple, config: dict, roles: Map
         raise _Mismatch(f"its DoRA lora_magnitude_vector is {found}, expected a float vector of shape {want} "
                         "(one magnitude per output feature)")  # fmt: skip
     return DoraAdapter(**_adapter.arrays(adapter), m=cast(magnitude.reshape(out)), **_adapter.static(adapter))
+
+
+def _parameter_targets(parts: dict, kernels: dict, targets: list, order: Sequence[str], problems: list) -> dict:
+    """The entries of ``parts`` that are PEFT ``target_parameters`` wrappers, removed from it and
+    keyed by the full parameter name they adapt (``<module>.<param>``): a module's wrappers nest
+    in its parameters' registration order, the last one outermost (no ``.base_layer``)."""
+    by_module: dict[str, dict[int, dict]] = collections.defaultdict(dict)
+    for name in list(parts):
+        base = name
+        while base.endswith(".base_layer"):
+            base = base.removesuffix(".base_layer")
+        adapted = [n for n in kernels if n.rpartition(".")[0] == base
+                   and any(n == t or n.endswith("." + t) for t in targets)]  # fmt: skip
+        if adapted:
+            by_module[base][(len(name) - len(base)) // len(".base_layer")] = parts.pop(name)
+    out = {}
+    for module, wrappers in by_module.items():
+        names = [n for n in kernels if n.rpartition(".")[0] == module and any(n == t or n.endswith("." + t)
+                                                                              for t in targets)]  # fmt: skip
+        given = [f"{module}.{p}" for p in order if f"{module}.{p}" in names]
+        if len(names) != len(wrappers) or sorted(wrappers) != list(range(len(names))):
+            problems.append(f"module {module!r} has {len(wrappers)} parameter adapters; the config's target_parameters "
+                            f"match {len(names)} parameters of params there: {sorted(names)}")  # fmt: skip
+            continue
+        if len(given) == len(names):
+            assignment = {d: given[len(given) - 1 - d] for d in wrappers}
+        else:  # the registration order told by the shapes: each wrapper's factors fit one parameter only
+            fits = {d: [n for n in names if _fits_expert(wrappers[d], kernels[n][1])] for d in wrappers}
+            if any(len(f) != 1 for f in fits.values()) or len({f[0] for f in fits.values()}) != len(names):
+                problems.append(f"module {module!r}: cannot tell which of {sorted(names)} each of its "
+                                f"{len(names)} parameter adapters adapts; pass parameters=[...] in the order the "
+                                "PyTorch module registers them")  # fmt: skip
+                continue
+            assignment = {d: f[0] for d, f in fits.items()}
+        out.update({assignment[d]: wrappers[d] for d in wrappers})
+    return out
+
+
+def _fits_expert(part: dict, shape: tuple) -> bool:
+    lora_a, lora_b = part.get("lora_A.weight"), part.get("lora_B.weight")
+    if lora_a is None or lora_b is None or len(shape) != 3 or lora_a.ndim != 2 or lora_b.ndim != 2:
+        return False
+    experts, d1, d2 = shape
+    return lora_a.shape[1] == d2 and lora_b.shape[0] == d1 and lora_a.shape[0] == lora_b.shape[1] and \
+        lora_a.shape[0] % experts == 0  # fmt: skip
+
+
+def _expert_from_torch(name: str, part: dict, kernel: tuple, config: dict, roles: Mapping | None, dtype) -> Adapter:
+    path, shape, _, _ = kernel
+    if not _fits_expert(part, shape):
+        found = {k: tuple(v.shape) for k, v in part.items()}
+        raise _Mismatch(f"its factors {found} do not fit a (experts, d1, d2) parameter of shape {shape} (A (r·experts, "
+                        "d2), B (d1, r·experts))")  # fmt: skip
+    lora_a, lora_b = part["lora_A.weight"], part["lora_B.weight"]
+    r = lora_a.shape[0] // shape[0]
+    if r != config["r"]:
+        raise _Mismatch(f"its rank per expert is {r}, the config's r is {config['r']}")
+    given = _adapter.roles_for(path, (0,) * (len(shape) + 1), roles, "lora_jax.from_peft") if roles else None
+    kernel_roles = tuple(given[-3:]) if given else ("stack", "in", "out")
+    if kernel_roles not in (("stack", "in", "out"), ("stack", "out", "in")):
+        raise _Mismatch(f"roles {kernel_roles}; a parameter target is (experts, in, out) or (experts, out, in)")
+    a, b = _peft.expert_adapter(lora_a, lora_b, shape[0], kernel_roles)
+    cast = (lambda x: jnp.asarray(x, dtype)) if dtype is not None else jnp.asarray
+    return Adapter(cast(a), cast(b), rank=r, alpha=float(config["lora_alpha"]), roles=kernel_roles,
+                   rslora=config.get("use_rslora") is True,
+                   dropout=float(config.get("lora_dropout") or 0.0))  # fmt: skip
 
 
 def _linear_roles(path: str, shape: tuple, fan_in: int, fan_out: int, roles: Mapping | None) -> tuple[str, ...]:

@@ -14,6 +14,14 @@ so ``A = aᵀ`` and ``B = bᵀ`` (a Flax N-D kernel flattened to its ``(in, out)
 from ``rank_pattern``/``alpha_pattern``. A Flax path maps to a module name by dropping the
 final ``kernel``/``embedding`` and joining with ``.``; ``name_map`` overrides that.
 
+Parameters adapted directly (PEFT's ``target_parameters``: the ``(experts, d1, d2)`` expert
+weights of a mixture-of-experts block such as GPT-OSS's ``mlp.experts.gate_up_proj``) hold one
+rank-``r`` adapter per expert, stacked: ``<m>.lora_A.weight`` ``(r·E, d2)`` with expert ``e``'s
+rows at ``e·r + j``, ``<m>.lora_B.weight`` ``(d1, r·E)`` with its columns at ``j·E + e``, and
+``ΔW[e] = scale · B_e ⋅ A_e``. Several parameters of one module are nested wrappers, in the
+order the module registers them: the last one's keys are ``<m>.lora_A.weight``, the one before
+``<m>.base_layer.lora_A.weight``, and so on.
+
 Parameters trained fully (:class:`FullWeight`, PEFT's ``modules_to_save``) are stored whole
 as ``base_model.model.<m>.weight``/``.bias`` in PyTorch's layout, their modules listed under
 ``modules_to_save``. The weights file records the config fields that change the math, so a
@@ -23,10 +31,11 @@ config and weights from different writes are never read as a pair.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -48,7 +57,7 @@ WHOLE_KEY = re.compile(r"base_model\.model\.(?P<name>(?P<module>.+)\.[^.]+)")
 # and weights from different writes are never read as a pair.
 PAIRED = "lora_jax_config"
 MATH_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules", "modules_to_save",
-               "use_dora", "ensure_weight_tying")  # fmt: skip
+               "use_dora", "ensure_weight_tying", "target_parameters")  # fmt: skip
 # Keys PEFT writes that do not change how saved LoRA weights are applied.
 KNOWN_KEYS = {
     "peft_type", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout",
@@ -56,12 +65,12 @@ KNOWN_KEYS = {
     "revision", "layers_pattern", "layers_to_transform", "exclude_modules", "auto_mapping", "peft_version",
     "loftq_config", "eva_config", "corda_config", "kasa_config", "lora_ga_config", "monteclora_config",
     "megatron_config", "megatron_core", "qalora_group_size", "ensure_weight_tying", "velora_config",
-    "modules_to_save", "use_dora",
+    "modules_to_save", "use_dora", "target_parameters",
 }  # fmt: skip
 # Keys naming PEFT features that change the math; lora_jax imports them only at their neutral value.
 NEUTRAL_KEYS = {
     "lora_bias": False, "trainable_token_indices": None,
-    "layer_replication": None, "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None,
+    "layer_replication": None, "use_qalora": False, "alora_invocation_tokens": None,
     "use_bdlora": None, "arrow_config": None,
 }  # fmt: skip
 
@@ -75,6 +84,7 @@ def to_peft(
     task_type: str | None = None,
     conv: _paths.Pattern | None = None,
     ensure_weight_tying: bool = False,
+    parameters: Sequence[str] = (),
 ) -> None:
     """Write ``adapters`` as a PEFT LoRA adapter directory, loadable by ``PeftModel.from_pretrained``.
 
@@ -94,6 +104,12 @@ def to_peft(
         whose output head is tied to its input embedding (``tie_word_embeddings``, as Gemma's),
         PEFT then applies the embedding's adapter to the head too, transposed, as ``lj.wrap``
         does with one adapter on a tied table. Needs an adapted embedding.
+      parameters: names of PyTorch parameters adapted directly, PEFT's ``target_parameters``
+        (mixture-of-experts weights: ``["gate_up_proj", "down_proj"]`` for GPT-OSS), in the
+        order their module registers them (PEFT nests the wrappers of one module's parameters
+        in that order). A kernel whose name (``name_map``) ends in one of them is written as a
+        parameter target: ``(experts, d1, d2)`` with one adapter per expert, its leading stack
+        axis (``nn.scan``'s layers, ``{}`` in the name) before the expert axis.
 
     Raises:
       ValueError: if adapters disagree on ``use_rslora`` (PEFT has one flag), a stacked
@@ -117,8 +133,22 @@ def to_peft(
     modules: dict[str, tuple[str, Any]] = {}  # module -> (path, Adapter or DoraAdapter)
     whole: dict[str, str] = {}  # module of each FullWeight -> its path
     problems = []
+    params_of: dict[str, dict[str, tuple[str, Any]]] = collections.defaultdict(dict)  # module -> param -> (path, ad)
     for path, adapter in by_path.items():
         kind = _adapter.kind_of(adapter)
+        name = name_of(path)
+        if isinstance(name, str) and name.rpartition(".")[2] in parameters and not isinstance(adapter, FullWeight):
+            why = _parameter_problem(path, adapter, name, kind)
+            if why:
+                problems.append(f"{path!r}: {why}")
+                continue
+            assert kind.as_lora is not None  # checked by _parameter_problem
+            ad = kind.as_lora(adapter)
+            module, _, param = name.rpartition(".")
+            for i in range(ad.a.shape[0]) if ad.roles.count("stack") == 2 else [None]:
+                layer = ad if i is None else _adapter.replace(ad, a=ad.a[i], b=ad.b[i], roles=ad.roles[1:])
+                params_of[module.format(i) if i is not None else module][param] = (path, layer)
+            continue
         if isinstance(adapter, FullWeight):
             try:
                 name, layout, _ = _torch.param_layout(tuple(path.split("/")), tuple(adapter.value.shape), name_of,
@@ -169,6 +199,15 @@ def to_peft(
                 tensors.append(_safetensors.Tensor(f"{PREFIX}{module}.lora_magnitude_vector", shape,
                                                    np.dtype(m.dtype), produce_m))  # fmt: skip
             modules[module] = (path, adapter if dora else ad)
+    for module, adapted in params_of.items():
+        order = [p for p in parameters if p in adapted]
+        for depth, param in enumerate(reversed(order)):  # the last registered is the outermost wrapper
+            path, ad = adapted[param]
+            prefix = f"{PREFIX}{module}{'.base_layer' * depth}"
+            for suffix, array in zip(("lora_A.weight", "lora_B.weight"), expert_factors(ad)):
+                tensors.append(_safetensors.Tensor(f"{prefix}.{suffix}", tuple(array.shape), np.dtype(array.dtype),
+                                                   functools.partial(_safetensors.to_host, array)))  # fmt: skip
+            modules[f"{module}.{param}"] = (path, ad)
     clash = sorted(set(whole) & set(modules))
     problems += [f"module {m!r} is both LoRA-adapted and trained fully ({whole[m]!r})" for m in clash]
     if ensure_weight_tying and not any(_torch.layer_kind(path, ad.roles, is_conv) == "embedding"
@@ -176,7 +215,7 @@ def to_peft(
         problems.append("ensure_weight_tying=True ties a head to an adapted input embedding, but none is adapted")
     if problems:
         raise ValueError("lora_jax.to_peft: cannot export:" + "".join(f"\n  {p}" for p in problems))
-    config = _config(modules, sorted(whole), base_model_name_or_path, task_type)
+    config = _config(modules, sorted(whole), base_model_name_or_path, task_type, targeted=set(params_of))
     config["ensure_weight_tying"] = bool(ensure_weight_tying)
     try:
         config_bytes = json.dumps(config, indent=2, sort_keys=True, allow_nan=False).encode()
@@ -195,6 +234,37 @@ def to_peft(
     _safetensors.write(os.path.join(directory, WEIGHTS), tensors, meta, "lora_jax.to_peft")
     if jax.process_index() == 0:
         _safetensors.atomic_write(os.path.join(directory, CONFIG), lambda f: f.write(config_bytes), "lora_jax.to_peft")
+
+
+def _parameter_problem(path: str, adapter: Any, name: str, kind: Any) -> str | None:
+    """Why an adapter cannot be written as a PEFT ``target_parameters`` entry (``None``: it can)."""
+    if isinstance(adapter, DoraAdapter) or kind.as_lora is None:
+        return f"a {type(adapter).__name__} on a parameter target; PEFT's target_parameters take plain LoRA only"
+    roles = kind.as_lora(adapter).roles
+    n_stack = roles.count("stack")
+    if n_stack not in (1, 2) or roles[n_stack - 1] != "stack" or sorted(roles[n_stack:]) != ["in", "out"]:
+        return (f"roles {roles}; a parameter target is (experts, in, out) or (experts, out, in), after at most one "
+                "leading stack axis of layers")
+    return _name_problem(name, n_stack - 1)
+
+
+def expert_factors(ad: Adapter) -> tuple[Any, Any]:
+    """PEFT's ``(lora_A, lora_B)`` of an expert adapter on a ``(experts, d1, d2)`` parameter
+    (roles ``("stack", "in", "out")`` or ``("stack", "out", "in")``): ``ΔW[e] = s·B_e⋅A_e``."""
+    a, b = ad.a, ad.b  # (E, in, r), (E, r, out)
+    experts, r = a.shape[0], ad.rank
+    if ad.roles[1] == "in":  # d1 = in: B_e = a_e, A_e = b_e
+        return b.reshape(experts * r, -1), a.transpose(1, 2, 0).reshape(a.shape[1], r * experts)
+    return a.transpose(0, 2, 1).reshape(experts * r, -1), b.transpose(2, 1, 0).reshape(b.shape[2], r * experts)
+
+
+def expert_adapter(lora_a: Any, lora_b: Any, experts: int, roles: tuple[str, ...]) -> tuple[Any, Any]:
+    """``(a, b)`` of PEFT's expert factors (the inverse of :func:`expert_factors`)."""
+    r = lora_a.shape[0] // experts
+    d1, d2 = lora_b.shape[0], lora_a.shape[1]
+    if roles[1] == "in":
+        return lora_b.reshape(d1, r, experts).transpose(2, 0, 1), lora_a.reshape(experts, r, d2)
+    return lora_a.reshape(experts, r, d2).transpose(0, 2, 1), lora_b.reshape(d1, r, experts).transpose(2, 1, 0)
 
 
 def _name_problem(name: Any, n_stack: int) -> str | None:
@@ -221,10 +291,10 @@ def pattern_key(module: str) -> str:
 
 
 def _config(modules: dict[str, tuple[str, Any]], whole: list[str], base_model: str | None,
-            task_type: str | None) -> dict:  # fmt: skip
+            task_type: str | None, targeted: set[str]) -> dict:  # fmt: skip
     ads = [ad for _, ad in modules.values()] or [Adapter(np.zeros((1, 1)), np.zeros((1, 1)), rank=1, alpha=1.0)]
-    linear = [ad for path, ad in modules.values() if len(ad.roles) - ad.roles.count("stack") == 2
-              and not path.endswith("embedding")]  # fmt: skip
+    linear = [ad for m, (path, ad) in modules.items() if len(ad.roles) - ad.roles.count("stack") == 2
+              and not path.endswith("embedding") and m.rpartition(".")[0] not in targeted]  # fmt: skip
     rslora = {ad.rslora for ad in ads}
     if len(rslora) > 1:
         raise ValueError("lora_jax.to_peft: adapters mix rsLoRA and plain LoRA scaling; PEFT has one use_rslora flag.")
@@ -233,11 +303,19 @@ def _config(modules: dict[str, tuple[str, Any]], whole: list[str], base_model: s
         raise ValueError("lora_jax.to_peft: adapters mix DoRA and plain LoRA; PEFT has one use_dora flag.")
     common: Callable[[Any], Any] = lambda values: collections.Counter(values).most_common(1)[0][0]  # noqa: E731
     r, alpha = common(ad.rank for ad in ads), common(ad.alpha for ad in ads)
+    is_param = lambda name: name.rpartition(".")[0] in targeted  # noqa: E731
+    odd = sorted(m for m, (_, ad) in modules.items() if is_param(m) and (ad.rank, ad.alpha) != (r, alpha))
+    if odd:
+        raise ValueError(f"lora_jax.to_peft: the adapted parameters {odd} differ from the common rank {r} / alpha "
+                         f"{alpha}; lora_jax writes PEFT's target_parameters with one rank and alpha.")  # fmt: skip
     return {
         "peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": rslora.pop(),
-        "target_modules": sorted(modules),
-        "rank_pattern": {pattern_key(m): ad.rank for m, (_, ad) in sorted(modules.items()) if ad.rank != r},
-        "alpha_pattern": {pattern_key(m): ad.alpha for m, (_, ad) in sorted(modules.items()) if ad.alpha != alpha},
+        "target_modules": sorted(m for m in modules if not is_param(m)),
+        "target_parameters": sorted(m for m in modules if is_param(m)) or None,
+        "rank_pattern": {pattern_key(m): ad.rank for m, (_, ad) in sorted(modules.items())
+                         if ad.rank != r and not is_param(m)},
+        "alpha_pattern": {pattern_key(m): ad.alpha for m, (_, ad) in sorted(modules.items())
+                          if ad.alpha != alpha and not is_param(m)},
         "lora_dropout": common(ad.dropout for ad in ads), "bias": "none",
         "fan_in_fan_out": bool(linear) and all(ad.roles[ad.roles.count("stack") :] == ("out", "in") for ad in linear),
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": whole or None, "use_dora": dora.pop(),

@@ -178,3 +178,95 @@ def test_a_bank_on_a_ragged_use_is_refused_clearly():
     b = lj.bank([lora, _lora(seed=7)])
     with pytest.raises(ValueError, match="a Bank needs .* examples along .* leading axis"):
         lj.wrap(ragged)(PARAMS, b, X, GROUPS, lora_index=jnp.zeros(T, jnp.int32))
+
+
+# ---- PEFT's target_parameters on transformers' GPT-OSS ---------------------------------------
+
+HIDDEN, FFN, EXPERTS, TOP_K = 16, 8, 4, 2
+
+
+def _gpt_oss(torch, transformers):
+    cfg = transformers.GptOssConfig(
+        vocab_size=64, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K,
+        max_position_embeddings=64, layer_types=["full_attention", "full_attention"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():  # weights on the scale of a trained model's, so the adapters matter
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def _flax_blocks(model):
+    """The Flax twin's parameters of each GPT-OSS MLP block, and PEFT's name of each."""
+    blocks = {}
+    for i, layer in enumerate(model.model.layers):
+        mlp = layer.mlp
+        t = lambda x: jnp.asarray(x.detach().numpy())  # noqa: E731
+        blocks[f"layers_{i}"] = {
+            "router": {"kernel": t(mlp.router.weight).T, "bias": t(mlp.router.bias)},
+            **{n: t(getattr(mlp.experts, n)) for n in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")},
+        }  # fmt: skip
+    return blocks
+
+
+def _name(path):
+    keys = path.split("/")
+    i = keys[0].removeprefix("layers_")
+    return f"model.layers.{i}.mlp.router" if keys[1] == "router" else f"model.layers.{i}.mlp.experts.{keys[1]}"
+
+
+def test_gpt_oss_expert_adapters_both_ways_with_peft(tmp_path):
+    """A PEFT adapter on GPT-OSS's experts (target_parameters) read by from_peft gives PEFT's
+    MoE block outputs and gradients on the Flax twin; to_peft writes it back as PEFT wrote it."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    model = _gpt_oss(torch, transformers)
+    blocks = _flax_blocks(model)
+    config = peft.LoraConfig(r=2, lora_alpha=5, target_modules=[], init_lora_weights=False,
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])  # fmt: skip
+    torch.manual_seed(1)
+    peft_model = peft.get_peft_model(model, config)
+    peft_model.save_pretrained(tmp_path / "theirs")
+    h = np.random.default_rng(0).normal(size=(1, 12, HIDDEN)).astype(np.float32)
+    th = torch.tensor(h, requires_grad=False)
+    mlp = peft_model.base_model.model.model.layers[0].mlp
+    out = mlp(th)[0]
+    torch.sin(out).sum().backward()
+    theirs = out.detach().numpy()
+
+    lora = lj.from_peft(tmp_path / "theirs", blocks, name_map=_name)
+    ad = lora["layers_0"]["gate_up_proj"]
+    assert (ad.a.shape, ad.b.shape, ad.roles) == ((EXPERTS, HIDDEN, 2), (EXPERTS, 2, 2 * FFN), ("stack", "in", "out"))
+    block = GptOssMoE(experts=EXPERTS, top_k=TOP_K, hidden=HIDDEN, ffn=FFN)
+    apply = lj.wrap(block.apply, compute="factored")
+    run = lambda lora: apply({"params": blocks["layers_0"], "lora": lora}, jnp.asarray(h))  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = run(lora["layers_0"])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    # Gradients: ours in PEFT's layout against torch autograd through PEFT's wrappers.
+    grads = jax.grad(lambda lora: jnp.sum(jnp.sin(run(lora))))(lora["layers_0"])
+    experts = peft_model.base_model.model.model.layers[0].mlp.experts
+    for param, wrapper in (("gate_up_proj", experts.base_layer), ("down_proj", experts)):
+        g_a, g_b = lj._peft.expert_factors(grads[param])
+        np.testing.assert_allclose(g_a, wrapper.lora_A["default"].weight.grad.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(g_b, wrapper.lora_B["default"].weight.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+    # Back to PEFT: the same tensors under the same keys, and PEFT computes the same block.
+    lj.to_peft(tmp_path / "ours", lora, name_map=_name, parameters=["gate_up_proj", "down_proj"])
+    from safetensors.numpy import load_file
+
+    want, got = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("theirs", "ours"))
+    assert sorted(got) == sorted(k.replace(".default", "") for k in want)
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key.replace(".default", "")], value)
+    again = peft.PeftModel.from_pretrained(_gpt_oss(torch, transformers), tmp_path / "ours").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(again.base_model.model.model.layers[0].mlp(th)[0].numpy(), theirs, rtol=1e-5,
+                                   atol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match=r"stacked over 1 axes; name_map must return a name with one '\{\}'"):
+        lj.to_peft(tmp_path / "unnamed", lora, name_map=_name)  # without parameters=, a 3-D kernel is no module
