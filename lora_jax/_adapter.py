@@ -7,7 +7,10 @@ hyper-parameters. What it *does* is its :class:`Kind`, registered for its class 
 code (merge, files, sharding, summaries, the factored forward) only calls the kind.
 
 Each kernel axis has a role: ``"stack"`` (a leading layer axis added by ``nn.scan``, or any
-axis that indexes independent matrices), ``"in"`` (contracted with the input) or ``"out"``.
+axis that indexes independent matrices, such as a mixture-of-experts kernel's experts: one
+adapter per entry), ``"in"`` (contracted with the input), ``"out"``, or ``"shared"``: an axis
+that indexes independent matrices which all get the same adapter (one adapter shared by
+every expert; the adapter's arrays have no such axis).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import jax
 from lora_jax import _paths
 
 Roles = tuple[str, ...]
-ROLE_NAMES = ("stack", "in", "out")
+ROLE_NAMES = ("stack", "in", "out", "shared")
 DEFAULT_ROLES_2D: Roles = ("in", "out")
 Dropout = Callable[[jax.Array], jax.Array]
 

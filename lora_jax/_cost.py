@@ -115,7 +115,7 @@ def mergeable(adapter: Any) -> bool:
     """Whether merging can be the cheaper computation for ``adapter`` at any number of tokens:
     compared at a token count so large that the one-off cost of the merge does not count."""
     roles = _adapter.static(adapter).get("roles")
-    if roles is None:
+    if roles is None or "shared" in roles:  # one adapter for many matrices: merging copies it into each
         return False
     shape = _adapter.full_shape(adapter)
     fan_in, fan_out = _adapter.fan_in_out(shape, roles)

@@ -241,7 +241,9 @@ def _check_use(run: Run, k: Kernel, use_roles: tuple[str, ...]) -> bool:
         run.forward.add(k.path)
         return True
     # An adapter's stack axis may be a free axis of the use: one branch per entry of it.
-    if len(use_roles) == len(roles) and all(r == u or (r, u) == ("stack", "out") for r, u in zip(roles, use_roles)):
+    # A shared axis is one the use indexes (a stack axis of the use): one adapter for each entry.
+    fits = lambda r, u: r == u or (r, u) in (("stack", "out"), ("shared", "stack"))  # noqa: E731
+    if len(use_roles) == len(roles) and all(map(fits, roles, use_roles)):
         run.forward.add(k.path)
         return True
     swapped = tuple({"in": "out", "out": "in"}.get(r, r) for r in use_roles)
@@ -524,7 +526,8 @@ def _slice_plan(k: Kernel) -> tuple[Any, Callable, int] | None:
             return _slice_plan(dataclasses.replace(k, kernel=dense(k), value=current(k)))
         kernel_arrays, unstack = stacked
     arrays: dict[str, Any] = {}
-    if adapter is not None:
+    shared = adapter is not None and _roles(adapter) is not None and adapter.roles[axis] == "shared"
+    if adapter is not None and not shared:  # a shared adapter is the same at every step: not sliced
         if _roles(adapter) is not None and adapter.roles[axis] != "stack":
             return None
         for name, follows in _adapter.kind_of(adapter).axes(adapter).items():
@@ -541,6 +544,7 @@ def _slice_plan(k: Kernel) -> tuple[Any, Callable, int] | None:
             roles = _roles(adapter)
             local = _adapter.replace(adapter, **s["arrays"], **({} if roles is None else
                                                                  {"roles": roles[:axis] + roles[axis + 1 :]}))
+            # (a shared adapter's arrays are not in s["arrays"]: the whole arrays, as they are)
         return Kernel(unstack(s["kernel"]), local, value if value is not None else s["value"], k.path, view, axes,
                       k.ndim)  # fmt: skip
 

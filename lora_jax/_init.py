@@ -42,7 +42,9 @@ def init(
         ``nnx.state(model)``.
       config: a :class:`LoraConfig`.
       roles: ``{path: roles}`` giving, for kernels that are not plain 2-D ``(in, out)``
-        matrices, the role of each axis (``"stack"``, ``"in"``, ``"out"``). Keys are exact
+        matrices, the role of each axis (``"stack"``, ``"in"``, ``"out"``, or ``"shared"`` for an
+        axis, such as a mixture-of-experts kernel's experts, along which one adapter is shared
+        instead of one per entry as for ``"stack"``). Keys are exact
         paths or regexes (``re.fullmatch``); ``axis_roles(model, ...)`` produces them.
 
     Returns:

@@ -86,8 +86,7 @@ class Adapter:
         a, b = getattr(self.a, "shape", None), getattr(self.b, "shape", None)
         if not (isinstance(a, tuple) and isinstance(b, tuple)):
             return  # not arrays (shardings, optax placeholders): nothing to check
-        n_stack, n_in = self.roles.count("stack"), self.roles.count("in")
-        n_out = len(self.roles) - n_stack - n_in
+        n_stack, n_in, n_out = (self.roles.count(role) for role in ("stack", "in", "out"))
         sliced_a, sliced_b = n_stack + n_in + 1 - len(a), n_stack + n_out + 1 - len(b)
         problem = None
         if not (0 <= sliced_a <= n_stack and sliced_a == sliced_b) or any(r != "stack" for r in self.roles[:sliced_a]):
@@ -147,17 +146,22 @@ def axes(ad: Adapter) -> dict[str, tuple[int | None, ...]]:
 
 
 def delta_spec(roles: Roles) -> str:
-    """The einsum contracting ``a`` and ``b`` over the rank into the kernel's axis order."""
+    """The einsum contracting ``a`` and ``b`` over the rank into the kernel's axis order (its
+    ``"shared"`` axes left out)."""
     letters = "abcdefghijklmnopqstuvwxyz"  # no 'r': that is the rank
     names = letters[: len(roles)]
     of = lambda role: "".join(c for c, r in zip(names, roles) if r == role)  # noqa: E731
-    return f"{of('stack')}{of('in')}r,{of('stack')}r{of('out')}->{names}"
+    kernel = "".join(c for c, r in zip(names, roles) if r != "shared")
+    return f"{of('stack')}{of('in')}r,{of('stack')}r{of('out')}->{kernel}"
 
 
 def delta(ad: Adapter) -> jax.Array:
-    """``scale · ΔW`` in float32, computed at full precision, in the kernel's axis order."""
+    """``scale · ΔW`` in float32, computed at full precision, in the kernel's axis order (size 1
+    along ``"shared"`` axes: it broadcasts against the kernel)."""
     a, b = ad.a.astype(jnp.float32), ad.b.astype(jnp.float32)
-    return ad.scale * jnp.einsum(delta_spec(ad.roles), a, b, precision=jax.lax.Precision.HIGHEST)
+    d = ad.scale * jnp.einsum(delta_spec(ad.roles), a, b, precision=jax.lax.Precision.HIGHEST)
+    shared = tuple(i for i, r in enumerate(ad.roles) if r == "shared")
+    return jnp.expand_dims(d, shared) if shared else d
 
 
 def output(layer: _specs.Spec, base: jax.Array, kernel: jax.Array, ad: Adapter, dropout) -> jax.Array:

@@ -168,7 +168,9 @@ def to_peft(
             problems.append(f"{path!r}: a {type(adapter).__name__} ({kind.name}) has no plain LoRA form for PEFT")
             continue
         ad = as_lora(adapter)
-        name = name_of(path)
+        if "shared" in ad.roles:
+            problems.append(f"{path!r}: an adapter shared along a kernel axis (roles {ad.roles}) has no PEFT form")
+            continue
         n_stack = ad.roles.count("stack")
         why = _name_problem(name, n_stack)
         if why:

@@ -281,5 +281,7 @@ def _grouped(spec: Grouped, a: jax.Array, b: jax.Array, scale: float) -> jax.Arr
     """``ragged_dot(ragged_dot(x, a), b)`` with the layer's group sizes, ``a (groups, in, r)``,
     ``b (groups, r, out)``: ``2·r·(in + out)`` FLOPs per row, whatever the number of groups."""
     x = spec.x.astype(a.dtype)
+    if a.ndim == 2:  # one adapter shared by every group: a plain low-rank product
+        return _lowrank(x, a, b, scale)
     u = jax.lax.ragged_dot(x, a, spec.group_sizes)
     return jax.lax.ragged_dot(_scaled(u, scale), b, spec.group_sizes)

@@ -44,3 +44,27 @@ def test_many_adapters_example_runs():
     rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["upper"], ["rot13"], ["reverse"])]
     assert [r[0] for r in rows] == ["upper", "rot13", "reverse"]
     assert "one mixed batch of 288 rows" in proc.stdout
+
+
+def test_moe_finetune_example_runs(tmp_path):
+    """The MoE example trains expert LoRA and full fine-tuning and writes the adapter, one
+    adapter per expert, also as a PEFT directory with target_parameters."""
+    proc = _run("moe_finetune.py", "--quick", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "expert LoRA (rank 8)" in proc.stdout and "full fine-tuning" in proc.stdout
+    import json
+
+    import jax
+    import numpy as np
+
+    import lora_jax as lj
+
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == sorted(
+        f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("down_proj", "gate_up_proj")
+    )
+    saved = lj.load(tmp_path / "adapter.safetensors")
+    assert saved["block_0_moe"]["gate_up_proj"].roles == ("stack", "in", "out")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert np.isfinite([metrics["held_out_loss"][k] for k in ("base", "lora", "full")]).all()
+    assert metrics["trainable_params"] == sum(x.size for x in jax.tree.leaves(saved))

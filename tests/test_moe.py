@@ -18,7 +18,9 @@ from conftest import randomize
 import lora_jax as lj
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 from moe import GptOssMoE  # noqa: E402
+from program_flops import program_flops  # noqa: E402
 
 E, D, F, T = 4, 8, 6, 20
 GROUPS = jnp.array([5, 0, 9, 6], jnp.int32)  # expert 1 gets no token
@@ -78,30 +80,6 @@ def test_gradients_reach_each_expert_through_its_tokens_only():
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(lora, PARAMS).jaxpr
     shapes = [v.aval.shape for e in jaxpr.eqns if "dot" in e.primitive.name for v in e.outvars]
     assert (E, D, F) not in shapes
-
-
-def program_flops(fn, *args):
-    """The multiply-add FLOPs of the products in ``fn``'s program: ``2·m·k·n`` for a
-    ``ragged_dot`` of ``(m, k)`` rows by ``(groups, k, n)`` (what a grouped GEMM computes, on
-    GPU and TPU; XLA:CPU lowers it densely, every row by every group), ``2·|out|·|contracted|``
-    for a ``dot_general``; inside jit calls, custom_vjp calls and scans too."""
-    def count(jaxpr):
-        total = 0
-        for e in jaxpr.eqns:
-            if e.primitive.name == "ragged_dot_general":
-                (m, k), n = e.invars[0].aval.shape, e.outvars[0].aval.shape[-1]
-                total += 2 * m * k * n
-            elif e.primitive.name == "dot_general":
-                (contracted, _), _ = e.params["dimension_numbers"]
-                total += 2 * np.prod(e.outvars[0].aval.shape) * np.prod([e.invars[0].aval.shape[d] for d in contracted])
-            for p in e.params.values():
-                for sub in p if isinstance(p, (tuple, list)) else [p]:
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        total += count(inner) * (e.params.get("length", 1) if e.primitive.name == "scan" else 1)
-        return total
-
-    return count(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def test_the_branch_costs_grow_with_routed_tokens_not_experts():
@@ -270,3 +248,42 @@ def test_gpt_oss_expert_adapters_both_ways_with_peft(tmp_path):
                                    atol=1e-6)  # fmt: skip
     with pytest.raises(ValueError, match=r"stacked over 1 axes; name_map must return a name with one '\{\}'"):
         lj.to_peft(tmp_path / "unnamed", lora, name_map=_name)  # without parameters=, a 3-D kernel is no module
+
+
+@pytest.mark.parametrize("form", ["ragged_dot", "einsum", "scan"])
+def test_one_adapter_shared_by_every_expert(form):
+    """The expert axis given the role 'shared': one a (in, r), b (r, out) for all experts,
+    factored as (x⋅a)⋅b whatever the expert; values and gradients equal the merged kernels'
+    (ΔW added to every expert), so the shared adapter's gradient sums over all experts' tokens."""
+    if form == "scan":  # layers stacked by nn.scan, the experts' adapter shared within each layer
+        model, x = _Layers(), jax.random.normal(jax.random.key(5), (2, 5, D))
+        params = model.init(jax.random.key(0), x)["params"]
+        roles = {p: ("stack", "shared", "in", "out") for p in ("GptOssMoE_0/gate_up_proj", "GptOssMoE_0/down_proj")}
+        fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+        wrapped = lambda p, lora, x: lj.wrap(model.apply, compute="factored")({"params": p, "lora": lora}, x)  # noqa: E731
+    else:
+        params, x = PARAMS, X
+        roles = {"experts/kernel": ("shared", "in", "out")}
+        if form == "einsum":
+            x = jax.random.normal(jax.random.key(4), (E, 3, D))
+            fn = lambda p, x: jnp.einsum("ecd,edf->ecf", x, p["experts"]["kernel"])  # noqa: E731
+        else:
+            fn = lambda p, x: ragged(p, x, GROUPS)  # noqa: E731
+        wrapped = lj.wrap(fn, compute="factored")
+    config = lj.LoraConfig(rank=2, targets=".*(kernel|gate_up_proj|down_proj)" if form != "scan" else ".*_proj")
+    lora = randomize(lj.init(jax.random.key(1), params, config, roles=roles), jax.random.key(2), std=0.1)
+    ad = jax.tree.leaves(lora, is_leaf=lambda t: isinstance(t, lj.Adapter))[0]
+    assert ad.a.ndim == (3 if form == "scan" else 2)  # no expert axis (a layer axis under scan)
+    loss = lambda lora: jnp.sum(jnp.sin(wrapped(params, lora, x)))  # noqa: E731
+    merged = lambda lora: jnp.sum(jnp.sin(fn(lj.apply_lora(params, lora), x)))  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = jax.jit(jax.value_and_grad(loss))(lora)
+    chex.assert_trees_all_close(got, jax.value_and_grad(merged)(lora), rtol=1e-4, atol=1e-5)
+    if form == "ragged_dot":  # the merge adds the same ΔW to every expert, checked in float64
+        w = np.asarray(lj.apply_lora(params, lora)["experts"]["kernel"], np.float64)
+        delta = ad.scale * np.asarray(ad.a, np.float64) @ np.asarray(ad.b, np.float64)
+        np.testing.assert_allclose(w - np.asarray(PARAMS["experts"]["kernel"], np.float64), np.broadcast_to(delta, w.shape),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        with pytest.raises(ValueError, match=r"an adapter shared along a kernel axis .* has no PEFT form"):
+            lj.to_peft("unused", lora)

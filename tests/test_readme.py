@@ -10,6 +10,7 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
         blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
     assert blocks
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))  # the README imports examples/ from the repository root
     namespace = {}  # one reader: each block continues from the ones before it
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)

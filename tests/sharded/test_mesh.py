@@ -162,3 +162,36 @@ def test_bad_shardings(mesh, tmp_path):
         lj.load(tmp_path / "ad.safetensors", shardings={"x": NamedSharding(mesh, P())})
     with pytest.raises(ValueError, match=r"shardings must be a tree of NamedSharding"):  # specs need a mesh
         lj.load(tmp_path / "ad.safetensors", shardings=lj.adapter_shardings(param_specs(PARAMS, ROLES), lora))
+
+
+def test_expert_parallel_moe_lora_equals_single_device():
+    """Expert LoRA with the experts sharded over all 8 devices (expert parallelism): the adapters'
+    expert axis follows the kernels', and the step's values and gradients equal one device's."""
+    from moe import GptOssMoE
+
+    block = GptOssMoE(experts=8, top_k=2, hidden=16, ffn=8)
+    x = jax.random.normal(jax.random.key(4), (24, 16))
+    params = block.init(jax.random.key(5), x)["params"]
+    roles = lj.axis_roles(block, x)
+    lora = jax.tree.map(lambda t: t + 0.05, lj.init(jax.random.key(6), params, lj.LoraConfig(
+        rank=2, targets=r"(gate_up_proj|down_proj)"), roles=roles))  # fmt: skip
+    apply = lj.wrap(block.apply, compute="factored")
+
+    def loss(lora, params, x):
+        return jax.numpy.sum(jax.numpy.sin(apply({"params": params, "lora": lora}, x)))
+
+    want = jax.jit(jax.value_and_grad(loss))(lora, params, x)
+    mesh = Mesh(np.array(jax.devices()), ("expert",))
+    specs = jax.tree_util.tree_map_with_path(
+        lambda path, w: P("expert") if path[-1].key in ("gate_up_proj", "down_proj") else P(), params
+    )
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+    lora_shardings = lj.adapter_shardings(shardings, lora)
+    ad = lora_shardings["gate_up_proj"]
+    assert (ad.a.spec, ad.b.spec) == (P("expert", None, None), P("expert", None, None))
+    placed = jax.device_put(lora, lora_shardings), jax.device_put(params, shardings)
+    got = jax.jit(jax.value_and_grad(loss), out_shardings=(None, lora_shardings))(*placed, x)
+    assert got[1]["down_proj"].a.sharding.spec == P("expert", None, None)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
