@@ -150,10 +150,12 @@ def main(argv=None) -> None:
     total = sum(x.size for x in jax.tree.leaves(params))
     print(f"\n{s.model.layers} blocks of {s.experts} experts (top-2), {total:,} parameters; held-out code loss "
           "(nats/byte):")  # fmt: skip
-    print(f"  base (pretrained on prose)  {results['base']:.3f}")
-    print(f"  expert LoRA (rank {args.rank})     {results['lora']:.3f}   {summary.trainable_params:,} trained "
-          f"({summary.trainable_params / total:.1%}), {lora_time * 1e3:.0f} ms/step")  # fmt: skip
-    print(f"  full fine-tuning            {results['full']:.3f}   {total:,} trained, {full_time * 1e3:.0f} ms/step")
+    rows = [("base (pretrained on prose)", results["base"], ""),
+            (f"expert LoRA (rank {args.rank})", results["lora"], f"{summary.trainable_params:,} trained "
+             f"({summary.trainable_params / total:.1%}), {lora_time * 1e3:.0f} ms/step"),
+            ("full fine-tuning", results["full"], f"{total:,} trained, {full_time * 1e3:.0f} ms/step")]  # fmt: skip
+    for label, value, extra in rows:
+        print(f"  {label:<28} {value:.3f}   {extra}")
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump({"held_out_loss": results, "trainable_params": summary.trainable_params, "total_params": total,
                    "step_time_s": {"lora": lora_time, "full": full_time}}, f, indent=1)  # fmt: skip
