@@ -64,3 +64,107 @@ class GptOssMoE(nn.Module):
         out = jax.lax.ragged_dot(act, down, group_sizes) + down_bias[expert]
         out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
         return jnp.zeros_like(x).at[token].add(out).reshape(*lead, d)
+
+
+class GptOss(nn.Module):
+    """GPT-OSS in Flax (``transformers``' ``GptOssForCausalLM``, full attention): token embedding,
+    blocks of RMSNorm, grouped-query attention with RoPE and per-head attention sinks, RMSNorm
+    and :class:`GptOssMoE`, a final RMSNorm and the LM head. Parameter names follow PyTorch's
+    (``layers_{i}/self_attn/q_proj/kernel`` for ``layers.{i}.self_attn.q_proj.weight``, kernels
+    ``(in, out)``). The rotary frequencies are given (``rope_inv_freq``, ``rope_scale``: those of
+    the PyTorch model's ``rotary_emb``), so any of its RoPE variants (GPT-OSS's YaRN) is exact.
+    Sliding-window layers are not modelled.
+
+    ``GptOss(...)(tokens (batch, time))`` gives logits ``(batch, time, vocab)``.
+    """
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    experts: int
+    top_k: int
+    ffn: int
+    rope_inv_freq: tuple[float, ...]
+    rope_scale: float = 1.0
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        x = nn.Embed(self.vocab, self.hidden, name="embed_tokens")(tokens)
+        t = tokens.shape[1]
+        angles = jnp.arange(t, dtype=jnp.float32)[:, None] * jnp.asarray(self.rope_inv_freq, jnp.float32)
+        cos, sin = jnp.cos(angles) * self.rope_scale, jnp.sin(angles) * self.rope_scale  # (time, head_dim / 2)
+        for i in range(self.layers):
+            layer = f"layers_{i}"
+            h = _RMSNorm(self.eps, name=f"{layer}_input_layernorm")(x)
+            x = x + _Attention(self.heads, self.kv_heads, self.head_dim, self.hidden, name=f"{layer}_self_attn")(
+                h, cos, sin
+            )
+            h = _RMSNorm(self.eps, name=f"{layer}_post_attention_layernorm")(x)
+            x = x + GptOssMoE(self.experts, self.top_k, self.hidden, self.ffn, name=f"{layer}_mlp")(h)
+        x = _RMSNorm(self.eps, name="norm")(x)
+        return nn.Dense(self.vocab, use_bias=False, name="lm_head")(x)
+
+
+class _RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        return weight * (x32 * jax.lax.rsqrt(jnp.mean(x32**2, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
+
+
+class _Attention(nn.Module):
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        b, t, _ = x.shape
+        q = nn.Dense(self.heads * self.head_dim, name="q_proj")(x).reshape(b, t, self.heads, self.head_dim)
+        k = nn.Dense(self.kv_heads * self.head_dim, name="k_proj")(x).reshape(b, t, self.kv_heads, self.head_dim)
+        v = nn.Dense(self.kv_heads * self.head_dim, name="v_proj")(x).reshape(b, t, self.kv_heads, self.head_dim)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        groups = self.heads // self.kv_heads
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * self.head_dim**-0.5
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
+        sinks = self.param("sinks", nn.initializers.zeros, (self.heads,))
+        sink = jnp.broadcast_to(sinks[None, :, None, None], (b, self.heads, t, 1)).astype(logits.dtype)
+        probs = jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :-1]  # the sink dropped
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, self.heads * self.head_dim)
+        return nn.Dense(self.hidden, name="o_proj")(out)
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """GPT-OSS's RoPE: the two halves of each head rotated by ``(cos, sin)`` ``(time, head_dim / 2)``."""
+    first, second = jnp.split(x, 2, axis=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1).astype(x.dtype)
+
+
+def torch_name(path: str) -> str:
+    """A :class:`GptOss` parameter path -> the PyTorch module (or, for the experts' weights, the
+    parameter) name: ``layers_0_self_attn/q_proj/kernel`` -> ``model.layers.0.self_attn.q_proj``,
+    ``layers_0_mlp/gate_up_proj`` -> ``model.layers.0.mlp.experts.gate_up_proj``. The
+    ``name_map`` of :func:`lora_jax.to_peft` / :func:`lora_jax.from_peft` for this model."""
+    keys = path.split("/")
+    if keys[-1] in ("kernel", "embedding", "weight"):
+        keys = keys[:-1]
+    if keys[0] == "lm_head":
+        return "lm_head"
+    head, rest = keys[0], keys[1:]
+    if head.startswith("layers_"):
+        index, _, part = head.removeprefix("layers_").partition("_")
+        head = f"layers.{index}.{part}"
+        if part == "mlp" and rest and rest[0] != "router":
+            rest = ["experts", *rest]
+    return ".".join(["model", head, *rest])

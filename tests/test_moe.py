@@ -287,3 +287,64 @@ def test_one_adapter_shared_by_every_expert(form):
                                    rtol=1e-5, atol=1e-6)  # fmt: skip
         with pytest.raises(ValueError, match=r"an adapter shared along a kernel axis .* has no PEFT form"):
             lj.to_peft("unused", lora)
+
+
+def _flax_gpt_oss(model):
+    """The Flax twin of a PyTorch GptOssForCausalLM with its weights (kernels transposed to (in, out))."""
+    from moe import GptOss, torch_name
+
+    cfg = model.config
+    rotary = model.model.rotary_emb
+    twin = GptOss(vocab=cfg.vocab_size, hidden=cfg.hidden_size, layers=cfg.num_hidden_layers,
+                  heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                  experts=cfg.num_local_experts, top_k=cfg.num_experts_per_tok, ffn=cfg.intermediate_size,
+                  rope_inv_freq=tuple(rotary.inv_freq.tolist()), rope_scale=float(rotary.attention_scaling),
+                  eps=cfg.rms_norm_eps)  # fmt: skip
+    shapes = jax.eval_shape(lambda: twin.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+    def load(path, like):
+        keys = [k.key for k in path]
+        name = torch_name("/".join(keys))
+        last = keys[-1]
+        if last in ("kernel", "embedding", "weight"):  # a module's weight
+            value = state[f"{name}.weight"]
+            value = value.T if last == "kernel" else value
+        else:  # a bias, the sinks, the experts' parameters: named as they are
+            value = state[name]
+        assert value.shape == like.shape, (name, value.shape, like.shape)
+        return jnp.asarray(value)
+
+    return twin, jax.tree_util.tree_map_with_path(load, shapes)
+
+
+def test_gpt_oss_logits_with_a_peft_adapter_both_ways(tmp_path):
+    """The whole GPT-OSS: a PEFT adapter on the experts (target_parameters) and on the attention
+    projections, read by from_peft into the Flax twin, gives PEFT's logits; to_peft writes it
+    back and PEFT, loading it, gives the same logits again."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from moe import torch_name
+
+    model = _gpt_oss(torch, transformers)
+    twin, params = _flax_gpt_oss(model)
+    ids = np.random.default_rng(1).integers(0, 64, size=(2, 10))
+    with torch.no_grad():
+        base_logits = model(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(twin.apply({"params": params}, jnp.asarray(ids)), base_logits, rtol=1e-5, atol=1e-5)
+    config = peft.LoraConfig(r=2, lora_alpha=5, init_lora_weights=False, target_modules=["q_proj", "v_proj", "o_proj"],
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])  # fmt: skip
+    torch.manual_seed(3)
+    peft_model = peft.get_peft_model(model, config).eval()
+    peft_model.save_pretrained(tmp_path / "theirs")
+    with torch.no_grad():
+        theirs = peft_model(torch.tensor(ids)).logits.numpy()
+    lora = lj.from_peft(tmp_path / "theirs", params, name_map=torch_name, parameters=["gate_up_proj", "down_proj"])
+    ours = lj.wrap(twin.apply)({"params": params, "lora": lora}, jnp.asarray(ids))
+    assert not np.allclose(theirs, base_logits, atol=1e-3)  # the adapter changes the model
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    lj.to_peft(tmp_path / "ours", lora, name_map=torch_name, parameters=["gate_up_proj", "down_proj"])
+    again = peft.PeftModel.from_pretrained(_gpt_oss(torch, transformers), tmp_path / "ours").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(again(torch.tensor(ids)).logits.numpy(), theirs, rtol=1e-5, atol=1e-5)
