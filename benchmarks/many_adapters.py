@@ -115,12 +115,12 @@ def _swaps(model, base, bank, tokens, index, roles) -> None:
     tx = lj.optimizer(optax.adam(1e-3))
 
     @jax.jit
-    def forward(lora, i):
+    def forward(lora, i, base, tokens):
         traces["forward"] += 1
         return apply({"params": base, "lora": lora}, tokens, lora_index=i)
 
     @jax.jit
-    def step(variables, state, i):
+    def step(variables, state, i, tokens):
         traces["step"] += 1
         grads = jax.grad(lambda v: next_token_loss(apply(v, tokens, lora_index=i), tokens))(variables)
         updates, state = tx.update(grads, state, variables, lora_index=i)
@@ -132,8 +132,8 @@ def _swaps(model, base, bank, tokens, index, roles) -> None:
         config = lj.LoraConfig(rank=rank, alpha=float(swap + 1), targets=TARGETS)
         new = lj.init(jax.random.key(200 + swap), base, config, roles=roles)
         bank = lj.bank_set(bank, 3, new)
-        jax.block_until_ready(forward(bank, index))
-        (variables, state) = step({"params": base, "lora": bank}, state, index)
+        jax.block_until_ready(forward(bank, index, base, tokens))
+        (variables, state) = step({"params": base, "lora": bank}, state, index, tokens)
         bank = variables["lora"]
     print(f"\nswaps: 10 adapters of ranks 4-13 and alphas 1-10 put into slot 3: {traces['forward']} trace of the "
           f"forward, {traces['step']} of the train step")  # fmt: skip

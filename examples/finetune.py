@@ -125,16 +125,19 @@ def run(args: argparse.Namespace) -> None:
     apply = lj.wrap(model)
     empty = jax.tree.map(jnp.zeros_like, lora)  # b = 0: exactly the base model
 
-    def batch_loss(lora, batch):
+    # The base goes into every jitted function as an argument: closed over, its 1 GB would be
+    # baked into each compiled program as constants (slower to compile, held twice).
+    def batch_loss(lora, state, batch):
         logits = apply(state, lora, batch["ids"], batch["valid"], at=batch["at"])
         return losses(logits, batch)
 
-    evaluate = jax.jit(lambda lora, batch: batch_loss(lora, batch)[1])
+    evaluate_jit = jax.jit(lambda lora, state, batch: batch_loss(lora, state, batch)[1])
+    evaluate = lambda lora, batch: evaluate_jit(lora, state, batch)  # noqa: E731
     base = scores(evaluate, empty, held_set, settings.batch)
     print(f"base model, held-out: exact match {base['exact_match']:.1%}, loss {base['loss']:.3f} per target token")
 
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, settings.lr, max(1, steps // 10), steps))
-    trained, curve, step_time = train(batch_loss, lora, tx, train_set, settings.batch, steps, args.seed)
+    trained, curve, step_time = train(batch_loss, lora, state, tx, train_set, settings.batch, steps, args.seed)
     tuned = scores(evaluate, trained, held_set, settings.batch)
     print(f"\nheld-out ({settings.held_out} examples, names never seen in training), {steps} steps of "
           f"{settings.batch} examples, {step_time:.2f} s per step")  # fmt: skip
@@ -232,10 +235,10 @@ def scores(evaluate, lora, data: dict, size: int) -> dict:
     return {"exact_match": float(cat["exact"].mean()), "loss": float(cat["nll"].sum() / cat["tokens"].sum())}
 
 
-def train(batch_loss, lora, tx, data: dict, size: int, steps: int, seed: int):
+def train(batch_loss, lora, state, tx, data: dict, size: int, steps: int, seed: int):
     @jax.jit
-    def step(lora, opt_state, batch):
-        (loss, _), grads = jax.value_and_grad(batch_loss, has_aux=True)(lora, batch)
+    def step(lora, opt_state, state, batch):
+        (loss, _), grads = jax.value_and_grad(batch_loss, has_aux=True)(lora, state, batch)
         updates, opt_state = tx.update(grads, opt_state, lora)
         return optax.apply_updates(lora, updates), opt_state, loss
 
@@ -246,7 +249,7 @@ def train(batch_loss, lora, tx, data: dict, size: int, steps: int, seed: int):
         pick = rng.choice(len(data["ids"]), size, replace=False)
         batch = {k: jnp.asarray(v[pick]) for k, v in data.items()}
         start = time.perf_counter()
-        lora, opt_state, loss = step(lora, opt_state, batch)
+        lora, opt_state, loss = step(lora, opt_state, state, batch)
         curve.append(float(loss))
         times.append(time.perf_counter() - start)
         bar.set_postfix(loss=f"{curve[-1]:.3f}")

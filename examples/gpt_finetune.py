@@ -141,8 +141,9 @@ def run(args: argparse.Namespace) -> None:
     code_train = data.batches(texts["code_train"], settings.batch, length, args.seed + 2)
     with_base = lambda ad: {"params": frozen, "lora": ad}  # noqa: E731
     lora_run = train(
-        "LoRA", lora, tx, lambda ad, t: next_token_loss(apply(with_base(ad), t), t),
+        "LoRA", lora, tx, lambda ad, t, base: next_token_loss(apply({"params": base, "lora": ad}, t), t),
         code_train, args.steps, lambda ad: _mean(evaluate, with_base(ad), code_eval), settings.eval_every,
+        frozen=frozen,
     )  # fmt: skip
     lora = lora_run["state"]
     code_train = data.batches(texts["code_train"], settings.batch, length, args.seed + 2)  # the same batches
@@ -216,12 +217,15 @@ def pretrained_base(model: GPT, settings: Settings, texts: dict, args) -> dict:
     return params
 
 
-def train(name, state, tx, loss_fn, batches, steps, evaluate=None, eval_every=0) -> dict:
-    """Adam-style training with a tqdm bar; returns the state, losses, evals and step time."""
+def train(name, state, tx, loss_fn, batches, steps, evaluate=None, eval_every=0, frozen=None) -> dict:
+    """Adam-style training with a tqdm bar; returns the state, losses, evals and step time.
+    ``loss_fn(state, tokens)``, or ``loss_fn(state, tokens, frozen)`` with ``frozen`` given: the
+    frozen base goes into the jitted step as an argument, not baked into it as constants."""
 
     @jax.jit
-    def step(state, opt_state, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(state, tokens)
+    def step(state, opt_state, tokens, frozen):
+        args = (state, tokens) if frozen is None else (state, tokens, frozen)
+        loss, grads = jax.value_and_grad(loss_fn)(*args)
         updates, opt_state = tx.update(grads, opt_state, state)
         return optax.apply_updates(state, updates), opt_state, loss
 
@@ -231,7 +235,7 @@ def train(name, state, tx, loss_fn, batches, steps, evaluate=None, eval_every=0)
     for i in bar:
         tokens = next(batches)
         start = time.perf_counter()
-        state, opt_state, loss = step(state, opt_state, tokens)
+        state, opt_state, loss = step(state, opt_state, tokens, frozen)
         losses.append(float(loss))  # waits for the step
         times.append(time.perf_counter() - start)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens.size / times[-1]:,.0f}")

@@ -130,7 +130,8 @@ def main(argv=None) -> int:
     print(f"3 adapters trained together: loss {float(loss):.3f}")
 
     # 3. One mixed batch: every held-out word for every tenant, with its adapter and with the base.
-    forward = jax.jit(lambda rows, index: apply(variables, rows, lora_index=index))
+    forward_jit = jax.jit(lambda variables, rows, index: apply(variables, rows, lora_index=index))
+    forward = lambda rows, index: forward_jit(variables, rows, index)  # noqa: E731 (weights as an argument)
     prompts = [w for _ in names for w in test_words] * 2
     index = jnp.asarray([k for k in range(len(names)) for _ in test_words] + [lj.BASE] * len(names) * len(test_words))
     answers = generate(forward, prompts, index)

@@ -72,13 +72,13 @@ def main() -> None:
     opt_state = tx.init(lora)
 
     @jax.jit
-    def step(lora, opt_state):
+    def step(lora, opt_state, params):  # the frozen weights as an argument, not compiled-in constants
         grads = jax.grad(lambda ad: jnp.mean((apply({"params": params, "lora": ad}, x) - y) ** 2))(lora)
         updates, opt_state = tx.update(grads, opt_state, lora)
         return optax.apply_updates(lora, updates), opt_state
 
     for _ in range(50):
-        lora, opt_state = step(lora, opt_state)
+        lora, opt_state = step(lora, opt_state, params)
     with tempfile.TemporaryDirectory() as directory:
         lj.to_peft(directory, lora)
         model = peft.PeftModel.from_pretrained(copy.deepcopy(base_net), directory)
