@@ -289,7 +289,11 @@ def _entry(tree: Any, where: str) -> dict[str, tuple[tuple, _lora.Adapter]]:
         as_lora = _adapter.kind_of(adapter).as_lora
         if as_lora is None or isinstance(adapter, Bank):
             raise TypeError(f"{where}: {path!r} is a {type(adapter).__name__}, which has no LoRA form for a bank.")
-        out[path] = (keys[path], as_lora(adapter))
+        lora = as_lora(adapter)
+        if "shared" in lora.roles:
+            raise ValueError(f"{where}: {path!r} is an adapter shared along a kernel axis (roles {lora.roles}); a "
+                             "bank holds adapters with one entry per kernel matrix (give that axis the role 'stack').")
+        out[path] = (keys[path], lora)
     return out
 
 

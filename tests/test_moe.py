@@ -287,6 +287,8 @@ def test_one_adapter_shared_by_every_expert(form):
                                    rtol=1e-5, atol=1e-6)  # fmt: skip
         with pytest.raises(ValueError, match=r"an adapter shared along a kernel axis .* has no PEFT form"):
             lj.to_peft("unused", lora)
+        with pytest.raises(ValueError, match=r"lora_jax.bank: adapters\[0\]: 'experts/kernel' is an adapter shared along a kernel axis"):
+            lj.bank([lora, lora])
 
 
 def _flax_gpt_oss(model):
