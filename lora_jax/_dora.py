@@ -135,20 +135,23 @@ def _no_unmerge(w: jax.Array, ad: DoraAdapter) -> jax.Array:
 
 
 def output(layer: _specs.Spec, base: jax.Array, kernel: jax.Array, ad: DoraAdapter, dropout) -> jax.Array:
-    """``bias + (m/‖V‖) · (x⋅W + scale · drop(x)⋅a⋅b)``, ``‖V‖`` without gradient, computed as
-    PEFT does: ``base + (m/‖V‖ - 1) · (base - bias) + (m/‖V‖) · branch`` (exactly the base
-    output for a fresh adapter)."""
-    factor_axes = _output_axes(layer, ad.roles)
+    """``bias + f · (x⋅W + scale · drop(x)⋅a⋅b)`` with ``f = m/‖V‖`` per output feature (``‖V‖``
+    without gradient), computed as ``f·base + (1 - f)·bias + scale · drop(x)⋅a⋅(b·f)``: the
+    factor folded into ``b``'s columns, so the branch is LoRA's own fused product, and exactly
+    the base output for a fresh adapter (``f = 1``)."""
     lora = ad.lora
     v = kernel.astype(jnp.float32) + jax.lax.stop_gradient(_lora.delta(lora))
     n, nonzero = guarded_norm(v, ad.roles)
     factor = jnp.where(nonzero.reshape(ad.m.shape), ad.m.astype(jnp.float32) / n.reshape(ad.m.shape), 0.0)
-    factor = factor_axes(factor)  # float32: a bf16 factor would round every output by 2^-8
+    rank_axis = lora.b.ndim - ad.roles.count("out") - 1  # b: (stack..., r, out...), factor: (stack..., out...)
+    b = (lora.b.astype(jnp.float32) * jnp.expand_dims(factor, rank_axis)).astype(lora.b.dtype)
+    placed = _output_axes(layer, ad.roles)(factor)  # float32: a bf16 factor would round every output by 2^-8
+    out = placed * base.astype(jnp.float32)
     bias = getattr(layer, "bias", None)
-    bias = jnp.zeros((), base.dtype) if bias is None else jnp.asarray(bias, base.dtype)
-    branch = _specs.lowrank(layer, lora.a, lora.b, lora.scale, dropout=dropout)
-    out = base + (factor - 1) * (base - bias).astype(jnp.float32) + factor * branch.astype(jnp.float32)
-    return out.astype(base.dtype)
+    if bias is not None:
+        out = out + (1 - placed) * jnp.asarray(bias, jnp.float32)
+    branch = _specs.lowrank(layer, lora.a, b, lora.scale, dropout=dropout)
+    return (out + branch.astype(jnp.float32)).astype(base.dtype)
 
 
 def _output_axes(layer: _specs.Spec, roles: Roles):
