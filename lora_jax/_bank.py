@@ -139,7 +139,8 @@ def sealed(bank: Bank) -> jax.Array:
 
 def check_seal(bank: Bank, where: str) -> None:
     """A ``ValueError`` where a concrete bank's seal is broken (see the module docstring)."""
-    ok = _concrete(sealed(bank)) if _concrete(bank.ranks) is not None else None
+    # Under jax.jit (traced ranks, or a trace around concrete ones) the forward gives NaN instead.
+    ok = None if isinstance(bank.ranks, jax.core.Tracer) else _concrete(sealed(bank))
     if ok is not None and not ok.all():
         slots = sorted({int(i) for i in np.argwhere(~ok)[:, -1]})
         raise ValueError(

@@ -354,7 +354,7 @@ def _conv(run: Run, eqn: Any, invals: list) -> list:
     lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
     if not k.view.is_permutation():
         return _unfactorable(run, eqn, invals, "a reshaped kernel")
-    axis = lambda d: k.view.groups[d][0][0]  # noqa: E731
+    axis = k.view.kernel_axis
     n = len(rhs_spec) - 2
     if [axis(d) for d in rhs_spec[2:]] + [axis(rhs_spec[1]), axis(rhs_spec[0])] != list(range(n + 2)):
         return _unfactorable(run, eqn, invals, "a kernel not laid out (spatial..., in, out)")
@@ -428,7 +428,7 @@ def _ragged_dot(run: Run, eqn: Any, invals: list) -> list:
     if not canonical:
         return _unfactorable(run, eqn, invals, "a grouped product other than x (tokens, in) by (groups, in, out)")
     group, contracted = dn.rhs_group_dimensions[0], k_contracted[0]
-    axis = lambda d: k.view.groups[d][0][0]  # noqa: E731 (the kernel axis of a value axis)
+    axis = k.view.kernel_axis
     roles = ["out"] * 3
     roles[axis(group)], roles[axis(contracted)] = "stack", "in"
     base = _base(eqn, invals, k)
@@ -526,10 +526,10 @@ def _slice_plan(k: Kernel) -> tuple[Any, Callable, int] | None:
             return _slice_plan(dataclasses.replace(k, kernel=dense(k), value=current(k)))
         kernel_arrays, unstack = stacked
     arrays: dict[str, Any] = {}
-    shared = adapter is not None and _roles(adapter) is not None and adapter.roles[axis] == "shared"
-    if adapter is not None and not shared:  # a shared adapter is the same at every step: not sliced
-        if _roles(adapter) is not None and adapter.roles[axis] != "stack":
-            return None
+    role = None if _roles(adapter) is None else adapter.roles[axis]
+    if role not in (None, "stack", "shared"):
+        return None
+    if adapter is not None and role != "shared":  # a shared adapter is the same at every step: not sliced
         for name, follows in _adapter.kind_of(adapter).axes(adapter).items():
             if axis not in follows:
                 return None

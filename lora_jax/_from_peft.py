@@ -340,19 +340,20 @@ def _parameter_targets(parts: dict, kernels: dict, targets: list, order: Sequenc
     """The entries of ``parts`` that are PEFT ``target_parameters`` wrappers, removed from it and
     keyed by the full parameter name they adapt (``<module>.<param>``): a module's wrappers nest
     in its parameters' registration order, the last one outermost (no ``.base_layer``)."""
+    targeted: dict[str, list[str]] = collections.defaultdict(list)  # module -> its targeted parameters
+    for n in kernels:
+        if any(n == t or n.endswith("." + t) for t in targets):
+            targeted[n.rpartition(".")[0]].append(n)
     by_module: dict[str, dict[int, dict]] = collections.defaultdict(dict)
     for name in list(parts):
         base = name
         while base.endswith(".base_layer"):
             base = base.removesuffix(".base_layer")
-        adapted = [n for n in kernels if n.rpartition(".")[0] == base
-                   and any(n == t or n.endswith("." + t) for t in targets)]  # fmt: skip
-        if adapted:
+        if base in targeted:
             by_module[base][(len(name) - len(base)) // len(".base_layer")] = parts.pop(name)
     out = {}
     for module, wrappers in by_module.items():
-        names = [n for n in kernels if n.rpartition(".")[0] == module and any(n == t or n.endswith("." + t)
-                                                                              for t in targets)]  # fmt: skip
+        names = targeted[module]
         given = [f"{module}.{p}" for p in order if f"{module}.{p}" in names]
         if len(names) != len(wrappers) or sorted(wrappers) != list(range(len(names))):
             problems.append(f"module {module!r} has {len(wrappers)} parameter adapters; the config's target_parameters "

@@ -49,6 +49,10 @@ class View(NamedTuple):
         """Whether each axis is one whole kernel axis (a transpose of the kernel, maybe cast)."""
         return all(len(g) == 1 for g in self.groups) and all(len(p) == 1 for p in self.pieces)
 
+    def kernel_axis(self, d: int) -> int:
+        """The kernel axis that axis ``d`` is (of a view that :meth:`is_permutation`)."""
+        return self.groups[d][0][0]
+
     def kernel_groups(self) -> tuple[Group, ...]:
         """The kernel's own layout: axis ``k`` holds its pieces in order."""
         return tuple(tuple((k, j) for j in range(len(p))) for k, p in enumerate(self.pieces))
