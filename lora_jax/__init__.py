@@ -19,6 +19,7 @@ from lora_jax._dora import DoraAdapter
 from lora_jax._export import load_params, save_params
 from lora_jax._from_peft import from_peft
 from lora_jax._full import FullWeight
+from lora_jax._gguf import to_gguf, to_gguf_lora
 from lora_jax._init import init
 from lora_jax._io import load, save
 from lora_jax._lora import Adapter
@@ -81,6 +82,8 @@ __all__ = [
     "save",
     "save_params",
     "summary",
+    "to_gguf",
+    "to_gguf_lora",
     "to_peft",
     "unmerge",
     "wrap",
