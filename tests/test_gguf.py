@@ -291,5 +291,4 @@ def test_llama_cpp_runs_the_adapter_and_the_merged_model(tiny):
     floor = np.abs(llama(base) - plain).max()
     for got in (llama(base, lora_path=str(root / "lora.gguf")), llama(root / "merged.gguf")):
         assert np.abs(got - want).max() <= max(2 * floor, 1e-3 * np.abs(want).max())
-        assert (got.argmax(-1) == want.argmax(-1)).all()
     assert np.abs(want - plain).max() > 50 * floor  # the adapter's effect is far above the floor
