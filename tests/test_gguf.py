@@ -41,6 +41,11 @@ def tiny(tmp_path_factory):
     return root, base, model, lora
 
 
+def _scalar(base) -> int:
+    """The attention scale's divisor as the GGUF gives it (transformers' GGUF loader does not read it)."""
+    return int(gemma3.load(base)[0].query_pre_attn_scalar)
+
+
 def _tensors(path) -> dict[str, np.ndarray]:
     reader = gguf.GGUFReader(path)
     return {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
@@ -69,7 +74,7 @@ def _peft_model(root, base, lora, name="peft"):
     torch = pytest.importorskip("torch")
     lj.to_peft(root / name, lora)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        root, gguf_file=os.path.basename(base), dtype=torch.float32, query_pre_attn_scalar=int(TINY.query_pre_attn_scalar)
+        root, gguf_file=os.path.basename(base), dtype=torch.float32, query_pre_attn_scalar=_scalar(base)
     )  # fmt: skip
     return peft.PeftModel.from_pretrained(hf, root / name).eval()
 
@@ -122,7 +127,7 @@ def test_merged_gguf_gives_peft_logits_and_keeps_the_base(tiny):
     lj.to_gguf(root / "merged.gguf", base, lora)
     model = _peft_model(root, base, lora)
     merged = transformers.AutoModelForCausalLM.from_pretrained(
-        root, gguf_file="merged.gguf", dtype=torch.float32, query_pre_attn_scalar=int(TINY.query_pre_attn_scalar)
+        root, gguf_file="merged.gguf", dtype=torch.float32, query_pre_attn_scalar=_scalar(base)
     ).eval()  # fmt: skip
     ids = torch.tensor(np.random.default_rng(0).integers(3, TINY.vocab, (2, 12)))
     with torch.no_grad():
@@ -194,7 +199,7 @@ def test_dora_merges_into_the_gguf_but_has_no_adapter_file(tiny, tmp_path):
     peft_model = _peft_model(root, base, dora, name="peft-dora")
     merged = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, gguf_file="dora-merged.gguf", dtype=torch.float32,
-        query_pre_attn_scalar=int(TINY.query_pre_attn_scalar),
+        query_pre_attn_scalar=_scalar(base),
     ).eval()  # fmt: skip
     ids = torch.tensor(np.random.default_rng(1).integers(3, TINY.vocab, (2, 10)))
     with torch.no_grad():
