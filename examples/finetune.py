@@ -8,8 +8,9 @@
 3. Train a rank-8 LoRA adapter on q/k/v/o and the MLP of every layer (lora_jax: ``init`` on
    the NNX model, ``wrap`` for the factored forward, logits at the target positions only).
 4. Measure again, show a few generations side by side, and write the run directory: the
-   adapter (lora_jax's and PEFT's format), the merged weights (PyTorch names, loadable into
-   transformers' ``Gemma3ForCausalLM``), ``metrics.json``, ``loss.png``, ``samples.txt``.
+   adapter (lora_jax's, PEFT's and llama.cpp's GGUF format), the merged model (safetensors
+   with PyTorch names, loadable into transformers' ``Gemma3ForCausalLM``, and one GGUF for
+   llama.cpp/Ollama), ``metrics.json``, ``loss.png``, ``samples.txt``.
 
     python examples/finetune.py                 # Gemma 3 270M on 2 CPU cores
     python examples/finetune.py --check-peft    # and load the PEFT adapter in transformers + PEFT
@@ -55,7 +56,7 @@ class Settings:
     samples: int  # generations shown side by side
 
 
-DEFAULT = Settings(steps=60, batch=8, lr=2e-3, train=640, held_out=64, samples=3)
+DEFAULT = Settings(steps=60, batch=8, lr=2e-3, train=640, held_out=64, samples=2)
 QUICK = Settings(steps=12, batch=4, lr=1e-2, train=48, held_out=8, samples=2)
 SPLITS = ("held-out", "unseen")  # records.py's held-out sets, both measured before and after training
 TINY = gemma3.Gemma3Config(vocab=512, width=64, layers=2, heads=2, kv_heads=1, head_dim=32, mlp=128)
@@ -158,7 +159,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"re-quantizing the merged kernels to {args.quantize}: RMS error {np.mean(list(errors.values())):.2%} "
               f"of the kernels' RMS on average (at most {max(errors.values()):.2%})")  # fmt: skip
     shown = generations(tok, model, merged, held_pairs["unseen"][: settings.samples], length)
-    outputs = write_outputs(args, float_state, trained, shown)
+    outputs = write_outputs(args, path, float_state, trained, shown)
     metrics = {
         "settings": {**vars(args), **dataclasses.asdict(settings), "steps": steps, "gguf": str(path)},
         "model": {k: str(v) for k, v in dataclasses.asdict(cfg).items()},
@@ -222,8 +223,10 @@ def losses(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
     """Mean cross-entropy over the target tokens, and per example: its summed loss, its token
     count and whether greedy decoding reproduces its target exactly (every target token is the
     argmax given the ones before it)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["labels"][..., None], -1)[..., 0] * batch["weight"]
+    # optax's form (log-normalizer minus the label's logit) makes one fewer pass over the
+    # (batch, targets, 262k) logits and their gradient than log_softmax then take_along_axis.
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"])
+    nll = nll * batch["weight"]
     right = (jnp.argmax(logits, -1) == batch["labels"]) | (batch["weight"] == 0)
     per_example = {"nll": nll.sum(-1), "tokens": batch["weight"].sum(-1), "exact": right.all(-1)}
     return nll.sum() / batch["weight"].sum(), per_example
@@ -292,14 +295,20 @@ def generations(tok, base_model, tuned_model, pairs, length: int) -> list[dict]:
     return shown
 
 
-def write_outputs(args, state, lora, shown) -> dict:
+def write_outputs(args, path: Path, state, lora, shown) -> dict:
+    """The adapter for JAX (lora_jax's file), PyTorch (PEFT) and llama.cpp/Ollama (GGUF), and the
+    merged model for transformers (safetensors, PyTorch names) and llama.cpp/Ollama (GGUF, the
+    base file's tokenizer and metadata kept, the adapted tensors q8_0)."""
     out = Path(args.out)
     lj.save(out / "adapter.safetensors", lora)
     lj.to_peft(out / "peft", lora, task_type="CAUSAL_LM")
+    lj.to_gguf_lora(out / "adapter.gguf", lora, path)
     lj.save_params(out / "merged.safetensors", state, lora, torch_names=True)
+    lj.to_gguf(out / "merged.gguf", path, lora, dtype="q8_0")
     lines = (f"{s['prompt']}\n  base: {s['base']!r}\n  LoRA: {s['lora']!r}\n  want: {s['target']!r}\n\n" for s in shown)
     (out / "samples.txt").write_text("".join(lines))
-    return {name: str(out / name) for name in ("adapter.safetensors", "peft", "merged.safetensors", "samples.txt")}
+    names = ("adapter.safetensors", "peft", "adapter.gguf", "merged.safetensors", "merged.gguf", "samples.txt")
+    return {name: str(out / name) for name in names}
 
 
 def check_peft(path: Path, cfg, merged, data: dict, peft_dir: str) -> float:

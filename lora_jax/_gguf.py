@@ -77,6 +77,16 @@ class Base:
         name = self.names.get_name(f"{module}.weight", try_suffixes=(".weight",))
         return name if name in self.tensors else None
 
+    def modules(self) -> dict[str, str]:
+        """``{llama.cpp tensor name: PyTorch module name}`` for the base's weights, in transformers'
+        naming (``model.layers.N...``) where the table knows several."""
+        out: dict[str, str] = {}
+        for key, (_, name) in self.names.mapping.items():
+            name = f"{name}.weight"
+            if name in self.tensors and (name not in out or key.startswith("model.") > out[name].startswith("model.")):
+                out[name] = key
+        return out
+
     def shape(self, name: str) -> tuple[int, ...]:
         """The tensor's shape in NumPy's row-major order: ``(out, in)`` for a projection."""
         return tuple(int(n) for n in reversed(self.tensors[name].shape))

@@ -34,8 +34,8 @@ def quick_run(tmp_path_factory):
 def test_outputs_metrics_and_peft_equivalence(quick_run):
     out, proc = quick_run
     assert sorted(os.listdir(out)) == [
-        "adapter.safetensors", "loss.png", "merged.safetensors", "metrics.json", "peft", "samples.txt",
-        "tiny-gemma3.gguf",
+        "adapter.gguf", "adapter.safetensors", "loss.png", "merged.gguf", "merged.safetensors", "metrics.json", "peft",
+        "samples.txt", "tiny-gemma3.gguf",
     ]  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     held = metrics["held_out"]
