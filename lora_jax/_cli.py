@@ -164,8 +164,8 @@ def _inspect(args: argparse.Namespace) -> None:
     print(", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in header.items()))
     print(f"{'target':60s} {'kind':6s} {'rank':>5s} {'alpha':>8s} {'scale':>8s} {'parameters':>11s}")
     for r in rows:
-        rank, alpha, scale = (f"{r[k]:g}" if k in r else "-" for k in ("rank", "alpha", "scale"))
-        print(f"{r['target']:60s} {r['kind']:6s} {rank:>5s} {alpha:>8s} {scale:>8s} {r['parameters']:11,d}")
+        cells = [f"{r[k]:g}" if k in r else "-" for k in ("rank", "alpha", "scale")]
+        print(f"{r['target']:60s} {r['kind']:6s} {cells[0]:>5s} {cells[1]:>8s} {cells[2]:>8s} {r['parameters']:11,d}")
 
 
 def _convert(args: argparse.Namespace) -> None:

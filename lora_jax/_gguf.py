@@ -106,7 +106,9 @@ def targets(adapters: Any, base: Base, name_map: Callable[[str], str] | None, wh
     if not by_path:
         raise ValueError(f"{where}: the adapter tree is empty; there is nothing to export.")
     name_of = name_map or _torch.default_name
-    found, problems, taken = [], [], {}
+    found: list[tuple[str, str, Any, int | None]] = []
+    problems: list[str] = []
+    taken: dict[str, str] = {}
     for path, adapter in by_path.items():
         kind = _adapter.kind_of(adapter)
         if plain and (isinstance(adapter, FullWeight) or kind.as_lora is None or kind.name != "lora"):
@@ -148,7 +150,9 @@ def targets(adapters: Any, base: Base, name_map: Callable[[str], str] | None, wh
 
 def factors(path: str, adapter: Any, index: int | None) -> tuple[np.ndarray, np.ndarray, float, bool]:
     """``(A (r, in), B (out, r), scale, is_embedding)`` of one plain LoRA adapter, PEFT's layout."""
-    ad = _adapter.kind_of(adapter).as_lora(adapter)
+    as_lora = _adapter.kind_of(adapter).as_lora
+    assert as_lora is not None  # targets(plain=True) admits only kinds with a plain LoRA form
+    ad = as_lora(adapter)
     a, b = _safetensors.to_host(ad.a), _safetensors.to_host(ad.b)
     if index is not None:
         a, b = a[index], b[index]

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import randomize
-from flax import nnx
 
 import lora_jax as lj
 
