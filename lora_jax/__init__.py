@@ -26,6 +26,7 @@ from lora_jax._lora import Adapter
 from lora_jax._merge import apply_lora, unmerge
 from lora_jax._optim import loraplus, optimizer
 from lora_jax._peft import to_peft
+from lora_jax._peft_portable import check_portable
 from lora_jax._quant import Quantized, dequantize, merge_quantized, quantize, quantized_shardings
 from lora_jax._residual import convert_to_lora, init_residual
 from lora_jax._sharding import adapter_shardings
@@ -61,6 +62,7 @@ __all__ = [
     "bank_remove",
     "bank_set",
     "bank_to_peft",
+    "check_portable",
     "combine",
     "convert_to_lora",
     "dequantize",

@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   lora-jax inspect runs/finetune/peft
   lora-jax convert runs/finetune/peft adapter.gguf --to gguf --base gemma-3-270m-q4_k_m.gguf
   lora-jax convert adapter.gguf peft_dir --to peft --base gemma-3-270m-q4_k_m.gguf
+  lora-jax convert runs/finetune/adapter.safetensors for_vllm --to peft --portable
   lora-jax merge --base gemma-3-270m-q4_k_m.gguf --adapter runs/finetune/peft --out tuned.gguf --dtype q8_0
   lora-jax merge --base model.safetensors --adapter adapter.safetensors --out merged.safetensors
 """
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--to", required=True, choices=["lora_jax", "peft", "gguf"])
     p.add_argument("--base", help="the base model's GGUF (needed to write or read GGUF adapters)")
     p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"], help="GGUF tensor type")
+    p.add_argument("--portable", action="store_true",
+                   help="with --to peft: one rank and alpha, scales folded (what vLLM and llama.cpp read alike)")
     p = commands.add_parser("merge", help="the base model with the adapter merged into it",
                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--base", required=True, help="the base model: a GGUF file or a safetensors state dict")
@@ -155,13 +158,20 @@ def _inspect(args: argparse.Namespace) -> None:
                 row.update(rank=int(adapter.rank), alpha=float(adapter.alpha), scale=float(adapter.scale))
             rows.append(row)
         header = {"format": fmt}
+        if fmt == "peft":
+            import lora_jax as lj
+
+            header["portable"] = lj.check_portable(args.path) or "yes"
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.path) for f in fs) if os.path.isdir(
         args.path) else os.path.getsize(args.path)  # fmt: skip
     header.update(targets=len(rows), parameters=sum(r["parameters"] for r in rows), bytes=size)
     if args.json:
         print(json.dumps({**header, "adapters": rows}, indent=1))
         return
+    problems = header.pop("portable", "yes")
     print(", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in header.items()))
+    if problems != "yes":  # a PEFT directory that some runtime reads differently
+        print("not portable (vLLM, llama.cpp's converter): " + "; ".join(problems))
     print(f"{'target':60s} {'kind':6s} {'rank':>5s} {'alpha':>8s} {'scale':>8s} {'parameters':>11s}")
     for r in rows:
         cells = [f"{r[k]:g}" if k in r else "-" for k in ("rank", "alpha", "scale")]
@@ -175,7 +185,7 @@ def _convert(args: argparse.Namespace) -> None:
     if args.to == "lora_jax":
         lj.save(args.dst, tree)
     elif args.to == "peft":
-        lj.to_peft(args.dst, tree)
+        lj.to_peft(args.dst, tree, portable=args.portable)
     else:
         if args.base is None:
             raise ValueError("--to gguf needs --base BASE.gguf (the model the adapter is for)")

@@ -41,7 +41,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lora_jax import _adapter, _merge, _paths, _safetensors, _torch
+from lora_jax import _adapter, _merge, _paths, _peft_portable, _safetensors, _torch
 from lora_jax._dora import DoraAdapter
 from lora_jax._full import FullWeight
 from lora_jax._lora import Adapter
@@ -85,6 +85,7 @@ def to_peft(
     conv: _paths.Pattern | None = None,
     ensure_weight_tying: bool = False,
     parameters: Sequence[str] = (),
+    portable: bool = False,
 ) -> None:
     """Write ``adapters`` as a PEFT LoRA adapter directory, loadable by ``PeftModel.from_pretrained``.
 
@@ -110,6 +111,11 @@ def to_peft(
         in that order). A kernel whose name (``name_map``) ends in one of them is written as a
         parameter target: ``(experts, d1, d2)`` with one adapter per expert, its leading stack
         axis (``nn.scan``'s layers, ``{}`` in the name) before the expert axis.
+      portable: write what every reader of PEFT's format computes the same way (vLLM, llama.cpp's
+        converter, PEFT): one rank (smaller ones zero-padded), one alpha, each adapter's scale
+        (its alpha, rsLoRA) folded into ``lora_B``; no ``rank_pattern``, ``alpha_pattern`` or
+        ``use_rslora``. DoRA and fully trained parameters are refused. The same ``ΔW``;
+        :func:`check_portable` checks a directory.
 
     Raises:
       ValueError: if adapters disagree on ``use_rslora`` (PEFT has one flag), a stacked
@@ -127,6 +133,8 @@ def to_peft(
     by_path = _merge.adapters_by_path(adapters, "lora_jax.to_peft")
     if not by_path:
         raise ValueError("lora_jax.to_peft: the adapter tree is empty; there is nothing to export.")
+    if portable:
+        by_path = _peft_portable.portable(by_path, "lora_jax.to_peft")
     is_conv = _paths.compile_pattern(conv, "conv", "lora_jax.to_peft")
     name_of = name_map or _torch.default_name
     tensors: list[_safetensors.Tensor] = []

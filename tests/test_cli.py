@@ -96,6 +96,20 @@ def test_convert_round_trips(files, tmp_path):
     _same_adapters(lj.load(tmp_path / "c.safetensors"), lora)
 
 
+def test_portable_conversion_and_its_report(files, tmp_path):
+    root, base, _ = files
+    _, model, _ = gemma3.load(base)
+    config = lj.LoraConfig(rank=4, targets=TARGETS, rank_pattern={r".*down_proj.*": 2})
+    lj.to_peft(tmp_path / "patterned", lj.init(jax.random.key(0), model, config))
+    proc = cli("inspect", tmp_path / "patterned")
+    assert proc.returncode == 0 and "not portable" in proc.stdout and "rank_pattern" in proc.stdout
+    proc = cli("convert", tmp_path / "patterned", tmp_path / "flat", "--to", "peft", "--portable")
+    assert proc.returncode == 0, proc.stderr
+    assert lj.check_portable(tmp_path / "flat") == []
+    info = json.loads(cli("inspect", tmp_path / "flat", "--json").stdout)
+    assert info["portable"] == "yes" and {r["rank"] for r in info["adapters"]} == {4}
+
+
 def test_merge_into_gguf_and_safetensors(files, tmp_path):
     root, base, lora = files
     proc = cli("merge", "--base", base, "--adapter", root / "adapter.safetensors", "--out", tmp_path / "m.gguf")
