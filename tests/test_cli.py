@@ -2,7 +2,6 @@
 PEFT directories and GGUF adapters, on a tiny random Gemma 3 GGUF; and its errors."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,16 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import randomize
+from tiny_gemma import TINY, gemma3
 
 import lora_jax as lj
 
 gguf = pytest.importorskip("gguf")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples"))
-import gemma3  # noqa: E402
 
-TARGETS = r"model/layers/\d+/(self_attn/(q|v)_proj|mlp/down_proj)/kernel"
-TINY = gemma3.Gemma3Config(vocab=512, width=64, layers=2, heads=2, kv_heads=1, head_dim=32, mlp=128)
+SOME = r"model/layers/\d+/(self_attn/(q|v)_proj|mlp/down_proj)/kernel"
 
 
 def cli(*args):
@@ -33,7 +29,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     base = gemma3.write_tiny_gguf(root / "base.gguf", TINY, seed=0)
     _, model, _ = gemma3.load(base)
-    lora = randomize(lj.init(jax.random.key(1), model, lj.LoraConfig(rank=4, alpha=8.0, targets=TARGETS)),
+    lora = randomize(lj.init(jax.random.key(1), model, lj.LoraConfig(rank=4, alpha=8.0, targets=SOME)),
                      jax.random.key(2), std=0.05)  # fmt: skip
     lj.save(root / "adapter.safetensors", lora)
     lj.to_peft(root / "peft", lora)
@@ -99,7 +95,7 @@ def test_convert_round_trips(files, tmp_path):
 def test_portable_conversion_and_its_report(files, tmp_path):
     root, base, _ = files
     _, model, _ = gemma3.load(base)
-    config = lj.LoraConfig(rank=4, targets=TARGETS, rank_pattern={r".*down_proj.*": 2})
+    config = lj.LoraConfig(rank=4, targets=SOME, rank_pattern={r".*down_proj.*": 2})
     lj.to_peft(tmp_path / "patterned", lj.init(jax.random.key(0), model, config))
     proc = cli("inspect", tmp_path / "patterned")
     assert proc.returncode == 0 and "not portable" in proc.stdout and "rank_pattern" in proc.stdout
@@ -149,7 +145,7 @@ def test_bad_input_exits_2_with_a_message(files, tmp_path):
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
     # DoRA has no llama.cpp adapter form
     _, model, _ = gemma3.load(base)
-    dora = lj.init(jax.random.key(3), model, lj.LoraConfig(rank=4, targets=TARGETS, use_dora=True))
+    dora = lj.init(jax.random.key(3), model, lj.LoraConfig(rank=4, targets=SOME, use_dora=True))
     lj.to_peft(tmp_path / "dora", dora)
     proc = cli("convert", tmp_path / "dora", tmp_path / "x.gguf", "--to", "gguf", "--base", base)
     assert proc.returncode == 2 and "DoraAdapter" in proc.stderr and "no llama.cpp LoRA form" in proc.stderr

@@ -8,26 +8,17 @@ is loaded by transformers (`gguf_file=`) and compared with the PEFT model's logi
 llama.cpp, where `llama_cpp` is importable, runs both (marked slow)."""
 
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import randomize
+from tiny_gemma import MIXED, TINY, gemma3, scalar
 
 import lora_jax as lj
 
 gguf = pytest.importorskip("gguf")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples"))
-import gemma3  # noqa: E402
-
-TARGETS = r"model/layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
-TINY = gemma3.Gemma3Config(vocab=512, width=64, layers=2, heads=2, kv_heads=1, head_dim=32, mlp=128)
-# Per-kernel ranks and alphas and rsLoRA: the file's one alpha cannot express them without folding.
-CONFIG = lj.LoraConfig(rank=4, alpha=8.0, targets=TARGETS, use_rslora=True, rank_pattern={r".*mlp/down_proj.*": 2},
-                       alpha_pattern={r".*self_attn/q_proj.*": 3.0})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +27,8 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
     base = gemma3.write_tiny_gguf(root / "base.gguf", TINY, seed=0)
     _, model, _ = gemma3.load(base)
-    lora = randomize(lj.init(jax.random.key(1), model, CONFIG), jax.random.key(2), std=0.05)
+    lora = randomize(lj.init(jax.random.key(1), model, MIXED), jax.random.key(2), std=0.05)
     return root, base, model, lora
-
-
-def _scalar(base) -> int:
-    """The attention scale's divisor as the GGUF gives it (transformers' GGUF loader does not read it)."""
-    return int(gemma3.load(base)[0].query_pre_attn_scalar)
 
 
 def _tensors(path) -> dict[str, np.ndarray]:
@@ -73,7 +59,7 @@ def _peft_model(root, base, lora, name="peft"):
     torch = pytest.importorskip("torch")
     lj.to_peft(root / name, lora)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        root, gguf_file=os.path.basename(base), dtype=torch.float32, query_pre_attn_scalar=_scalar(base)
+        root, gguf_file=os.path.basename(base), dtype=torch.float32, query_pre_attn_scalar=scalar(base)
     )  # fmt: skip
     return peft.PeftModel.from_pretrained(hf, root / name).eval()
 
@@ -126,7 +112,7 @@ def test_merged_gguf_gives_peft_logits_and_keeps_the_base(tiny):
     lj.to_gguf(root / "merged.gguf", base, lora)
     model = _peft_model(root, base, lora)
     merged = transformers.AutoModelForCausalLM.from_pretrained(
-        root, gguf_file="merged.gguf", dtype=torch.float32, query_pre_attn_scalar=_scalar(base)
+        root, gguf_file="merged.gguf", dtype=torch.float32, query_pre_attn_scalar=scalar(base)
     ).eval()  # fmt: skip
     ids = torch.tensor(np.random.default_rng(0).integers(3, TINY.vocab, (2, 12)))
     with torch.no_grad():
@@ -198,7 +184,7 @@ def test_dora_merges_into_the_gguf_but_has_no_adapter_file(tiny, tmp_path):
     peft_model = _peft_model(root, base, dora, name="peft-dora")
     merged = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, gguf_file="dora-merged.gguf", dtype=torch.float32,
-        query_pre_attn_scalar=_scalar(base),
+        query_pre_attn_scalar=scalar(base),
     ).eval()  # fmt: skip
     ids = torch.tensor(np.random.default_rng(1).integers(3, TINY.vocab, (2, 10)))
     with torch.no_grad():

@@ -5,12 +5,12 @@ and applied with NumPy as llama.cpp's converter and vLLM read it (one `lora_alph
 
 import json
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 from conftest import randomize
+from tiny_gemma import MIXED, TINY, gemma3, scalar
 
 import lora_jax as lj
 
@@ -18,20 +18,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytest.importorskip("gguf")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples"))
-import gemma3  # noqa: E402
 
-TARGETS = r"model/layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
-TINY = gemma3.Gemma3Config(vocab=512, width=64, layers=2, heads=2, kv_heads=1, head_dim=32, mlp=128)
-CONFIG = lj.LoraConfig(rank=4, alpha=8.0, targets=TARGETS, use_rslora=True, rank_pattern={r".*mlp/down_proj.*": 2},
-                       alpha_pattern={r".*self_attn/q_proj.*": 3.0})  # fmt: skip
 
 
 def _merged(root, base, directory) -> dict[str, np.ndarray]:
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         root, gguf_file=os.path.basename(base), dtype=torch.float32,
-        query_pre_attn_scalar=int(gemma3.load(base)[0].query_pre_attn_scalar),
+        query_pre_attn_scalar=scalar(base),
     )  # fmt: skip
     model = peft.PeftModel.from_pretrained(hf, directory).merge_and_unload()
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}
@@ -40,7 +33,7 @@ def _merged(root, base, directory) -> dict[str, np.ndarray]:
 def test_portable_export_has_one_rank_one_alpha_and_the_same_delta(tmp_path):
     base = gemma3.write_tiny_gguf(tmp_path / "base.gguf", TINY, seed=0)
     _, model, _ = gemma3.load(base)
-    lora = randomize(lj.init(jax.random.key(1), model, CONFIG), jax.random.key(2), std=0.05)
+    lora = randomize(lj.init(jax.random.key(1), model, MIXED), jax.random.key(2), std=0.05)
     lj.to_peft(tmp_path / "regular", lora)
     lj.to_peft(tmp_path / "portable", lora, portable=True)
     problems = lj.check_portable(tmp_path / "regular")
