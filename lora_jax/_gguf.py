@@ -100,8 +100,9 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
 def targets(adapters: Any, base: Base, name_map: Callable[[str], str] | None, where: str,
             plain: bool) -> list[tuple[str, str, Any, int | None]]:  # fmt: skip
     """``[(path, GGUF tensor name, adapter, stack index)]`` for each adapted base tensor, in file
-    order. ``plain``: every adapter must have a plain LoRA form (the adapter file); otherwise any
-    kind that merges (the merged model). Raises one ``ValueError`` listing every problem."""
+    order. ``plain``: every adapter is given in its plain LoRA form (``lj.Adapter``, for the
+    adapter file) and must have one; otherwise as it is, any kind that merges (the merged model).
+    Raises one ``ValueError`` listing every problem."""
     by_path = _merge.adapters_by_path(adapters, where)
     if not by_path:
         raise ValueError(f"{where}: the adapter tree is empty; there is nothing to export.")
@@ -111,12 +112,17 @@ def targets(adapters: Any, base: Base, name_map: Callable[[str], str] | None, wh
     taken: dict[str, str] = {}
     for path, adapter in by_path.items():
         kind = _adapter.kind_of(adapter)
-        if plain and (isinstance(adapter, FullWeight) or kind.as_lora is None or kind.name != "lora"):
-            what = "a fully trained parameter (PEFT's modules_to_save)" if isinstance(adapter, FullWeight) else (
-                f"a {type(adapter).__name__} ({kind.name})")  # fmt: skip
-            problems.append(f"{path!r}: {what} has no llama.cpp LoRA form; export the merged model with "
-                            "lj.to_gguf(path, base_gguf, adapters) instead")  # fmt: skip
-            continue
+        if plain:  # the adapter file holds plain LoRA factors: the kind must have that form
+            try:
+                adapter = None if isinstance(adapter, FullWeight) or kind.as_lora is None else kind.as_lora(adapter)
+            except ValueError:  # a bank: many adapters, no one LoRA
+                adapter = None
+            if adapter is None:
+                what = "a fully trained parameter (PEFT's modules_to_save)" if kind.name == "full" else (
+                    f"a {type(by_path[path]).__name__} ({kind.name})")  # fmt: skip
+                problems.append(f"{path!r}: {what} has no llama.cpp LoRA form; export the merged model with "
+                                "lj.to_gguf(path, base_gguf, adapters) instead")  # fmt: skip
+                continue
         roles = getattr(adapter, "roles", ())
         if "shared" in roles:
             problems.append(f"{path!r}: an adapter shared along a kernel axis (roles {roles}) has no GGUF form")
@@ -149,18 +155,15 @@ def targets(adapters: Any, base: Base, name_map: Callable[[str], str] | None, wh
 
 
 def factors(path: str, adapter: Any, index: int | None) -> tuple[np.ndarray, np.ndarray, float, bool]:
-    """``(A (r, in), B (out, r), scale, is_embedding)`` of one plain LoRA adapter, PEFT's layout."""
-    as_lora = _adapter.kind_of(adapter).as_lora
-    assert as_lora is not None  # targets(plain=True) admits only kinds with a plain LoRA form
-    ad = as_lora(adapter)
-    a, b = _safetensors.to_host(ad.a), _safetensors.to_host(ad.b)
+    """``(A (r, in), B (out, r), scale, is_embedding)`` of one ``lj.Adapter``, PEFT's layout."""
+    a, b = _safetensors.to_host(adapter.a), _safetensors.to_host(adapter.b)
     if index is not None:
         a, b = a[index], b[index]
     embedding = path.split("/")[-1] == "embedding"
     torch = _torch.lora_to_torch("embedding" if embedding else "linear", a, b)
     if embedding:
-        return torch["lora_embedding_A"], torch["lora_embedding_B"], float(ad.scale), True
-    return torch["lora_A.weight"], torch["lora_B.weight"], float(ad.scale), False
+        return torch["lora_embedding_A"], torch["lora_embedding_B"], float(adapter.scale), True
+    return torch["lora_A.weight"], torch["lora_B.weight"], float(adapter.scale), False
 
 
 def encode(gguf: Any, array: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:

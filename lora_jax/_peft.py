@@ -130,7 +130,7 @@ def to_peft(
       >>> sorted(os.listdir(out))
       ['adapter_config.json', 'adapter_model.safetensors']
     """
-    by_path = _merge.adapters_by_path(adapters, "lora_jax.to_peft")
+    by_path: dict[str, Any] = _merge.adapters_by_path(adapters, "lora_jax.to_peft")
     if not by_path:
         raise ValueError("lora_jax.to_peft: the adapter tree is empty; there is nothing to export.")
     if portable:
