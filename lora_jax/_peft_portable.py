@@ -25,7 +25,7 @@ from lora_jax._full import FullWeight
 from lora_jax._lora import Adapter
 
 
-def portable(by_path: dict[str, Any], where: str) -> dict[str, Adapter]:
+def portable(by_path: dict[str, Any], where: str) -> dict[str, Any]:
     """``{path: adapter}`` as plain LoRA adapters of one rank and one alpha with the same ``ΔW``.
 
     Raises:
