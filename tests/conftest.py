@@ -2,11 +2,20 @@
 
 import os
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+
+def leaf_pairs(got, want, *more):
+    """The leaves of trees that must have one structure, paired in order: a difference in
+    structure (a missing leaf, another nesting, other static metadata) fails here, where a plain
+    ``zip`` of the leaves would pass silently."""
+    chex.assert_trees_all_equal_structs(got, want, *more)
+    return zip(jax.tree.leaves(got), jax.tree.leaves(want), *map(jax.tree.leaves, more), strict=True)
 
 
 def reference_delta(a, b, roles, scale):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import MLP, randomize
+from conftest import MLP, leaf_pairs, randomize
 from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
@@ -97,7 +97,7 @@ def test_trains_through_wrap_and_optimizer():
         variables, state = step(variables, state)
     assert loss(variables) < 0.7 * first
     assert not np.allclose(variables["lora"]["fc2"]["kernel"].g, g0)  # the gain trains
-    for got, want in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(PARAMS)):
+    for got, want in leaf_pairs(variables["params"], PARAMS):
         np.testing.assert_array_equal(got, want)
 
 
@@ -106,7 +106,7 @@ def test_save_load_summary_and_shardings(tmp_path):
     lj.save(tmp_path / "gain.safetensors", gain)
     back = lj.load(tmp_path / "gain.safetensors")
     assert isinstance(back["fc1"]["kernel"], GainLoRA)
-    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(gain)):
+    for got, want in leaf_pairs(back, gain):
         np.testing.assert_array_equal(got, want)
     s = lj.summary(PARAMS, gain)
     assert s.trainable_params == sum(2 * i + 2 * o + o for i, o in [(8, 16), (16, 3)])

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import MLP, randomize, torch_mlp
+from conftest import MLP, leaf_pairs, randomize, torch_mlp
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -230,7 +230,7 @@ def test_banks_from_files_save_load_and_summary(setup, tmp_path):
         np.testing.assert_allclose(lj.bank_get(b, k)["fc1"]["kernel"].a, trees[k]["fc1"]["kernel"].a, rtol=1e-6)
     lj.save(tmp_path / "bank.safetensors", b)
     loaded = lj.load(tmp_path / "bank.safetensors")
-    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(b)):
+    for got, want in leaf_pairs(loaded, b):
         np.testing.assert_array_equal(got, want)
     s = lj.summary(params, b)
     assert s.trainable_params == sum(x.size for n, x in _arrays(b) if n != "scales")

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import randomize
+from conftest import leaf_pairs, randomize
 from flax import nnx
 
 import lora_jax as lj
@@ -131,7 +131,7 @@ def test_every_mode_computes_the_merged_model_and_trains_the_adapters_only(compu
     value, (g_lora, g_base) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(lora, params)
     want, want_grads = jax.value_and_grad(merged_loss)(lora)
     np.testing.assert_allclose(value, want, rtol=1e-5)
-    for got, ref in zip(jax.tree.leaves(g_lora), jax.tree.leaves(want_grads)):
+    for got, ref in leaf_pairs(g_lora, want_grads):
         np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
     assert all(not np.any(g) for g in jax.tree.leaves(g_base))  # the base stays frozen, merged or not
 
@@ -254,10 +254,10 @@ def test_nnx_stateful_attach_trains_in_every_mode(compute):
     np.testing.assert_allclose(loss, jnp.mean(merged_ref(x) ** 2), rtol=1e-5)
     assert not np.isclose(loss, want)  # the adapters did change the output
     # the base kernels are untouched after the step, the adapters moved
-    for got, ref in zip(jax.tree.leaves(kernels_after), jax.tree.leaves(nnx.state(reference, base))):
+    for got, ref in leaf_pairs(kernels_after, nnx.state(reference, base)):
         np.testing.assert_array_equal(got, ref)
     trained = lj.detach(model)
-    assert any(not np.array_equal(t, o) for t, o in zip(jax.tree.leaves(trained), jax.tree.leaves(lora)))
+    assert any(not np.array_equal(t, o) for t, o in leaf_pairs(trained, lora))
 
 
 def test_nnx_stateful_auto_compiles_the_cheaper_call():

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import MLP, randomize
+from conftest import MLP, leaf_pairs, randomize
 
 import lora_jax as lj
 from lora_jax._lora import delta_spec
@@ -74,7 +74,7 @@ def test_gradients_treat_the_norm_as_a_constant():
         return jnp.sum(lj.wrap(model.apply, compute=mode)({"params": params, "lora": ad}, x) ** 2)
 
     grads = {mode: jax.grad(loss)(trained, mode) for mode in ("factored", "merged")}
-    for got, want in zip(jax.tree.leaves(grads["factored"]), jax.tree.leaves(grads["merged"])):
+    for got, want in leaf_pairs(grads["factored"], grads["merged"]):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     norms = {k: np.linalg.norm(np.asarray(lj.apply_lora(params, {k: {"kernel": lj.Adapter(
         ad["kernel"].a, ad["kernel"].b, rank=3, alpha=5.0)}})[k]["kernel"]), axis=0) for k, ad in trained.items()}  # fmt: skip
@@ -88,7 +88,7 @@ def test_gradients_treat_the_norm_as_a_constant():
         return jnp.sum(model.apply({"params": p}, x) ** 2)
 
     want = jax.grad(constant_norm)(trained)
-    for got, ref in zip(jax.tree.leaves(grads["factored"]), jax.tree.leaves(want)):
+    for got, ref in leaf_pairs(grads["factored"], want):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -137,7 +137,7 @@ def test_files_summary_and_shardings(tmp_path):
     trained = _trained(params)
     lj.save(tmp_path / "dora.safetensors", trained)
     loaded = lj.load(tmp_path / "dora.safetensors")
-    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(trained)):
+    for got, want in leaf_pairs(loaded, trained):
         np.testing.assert_array_equal(got, want)
     assert lj.summary(params, trained).trainable_params == 8 * 3 + 3 * 4 + 4  # a, b and m
     from jax.sharding import PartitionSpec as P

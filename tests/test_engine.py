@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import randomize
+from conftest import leaf_pairs, randomize
 from flax import nnx
 
 import lora_jax as lj
@@ -99,7 +99,7 @@ def test_custom_layers_train_factored_with_values_and_gradients_of_the_merged_pa
         value, grads = grad(lora)
     want_value, want_grads = jax.value_and_grad(merged)(lora)
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
-    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    for got, want in leaf_pairs(grads, want_grads):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 

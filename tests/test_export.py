@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import safetensors
 import safetensors.numpy
-from conftest import randomize
+from conftest import leaf_pairs, randomize
 from flax import nnx
 
 import lora_jax as lj
@@ -31,7 +31,7 @@ def test_round_trip_and_merged_export_are_bit_exact(tmp_path, dtype):
     lj.save_params(tmp_path / "base.safetensors", params)
     loaded = lj.load_params(tmp_path / "base.safetensors")
     assert jax.tree.structure(loaded) == jax.tree.structure(params)
-    for u, v in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    for u, v in leaf_pairs(loaded, params):
         assert u.dtype == v.dtype
         np.testing.assert_array_equal(_bits(u), _bits(v))
 
@@ -39,7 +39,7 @@ def test_round_trip_and_merged_export_are_bit_exact(tmp_path, dtype):
     lora = randomize(lj.init(jax.random.key(1), params, lj.LoraConfig(rank=2), roles=roles), jax.random.key(2))
     lj.save_params(tmp_path / "merged.safetensors", params, lora)
     merged = lj.load_params(tmp_path / "merged.safetensors")
-    for u, v in zip(jax.tree.leaves(merged), jax.tree.leaves(lj.apply_lora(params, lora))):
+    for u, v in leaf_pairs(merged, lj.apply_lora(params, lora)):
         np.testing.assert_array_equal(_bits(u), _bits(v))
     assert sorted(os.listdir(tmp_path)) == ["base.safetensors", "merged.safetensors"]
 

@@ -7,9 +7,9 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
+from conftest import leaf_pairs
 
 import lora_jax as lj
 
@@ -57,7 +57,7 @@ def test_outputs_metrics_and_peft_equivalence(quick_run):
     adapters = lj.load(out / "adapter.safetensors")
     assert lj.summary(state, adapters).trainable_params == metrics["trainable_params"]
     imported = lj.from_peft(out / "peft", state)
-    for u, v in zip(jax.tree.leaves(imported), jax.tree.leaves(adapters)):
+    for u, v in leaf_pairs(imported, adapters):
         np.testing.assert_array_equal(u, v)
     from safetensors.numpy import load_file
 

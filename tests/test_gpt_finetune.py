@@ -8,6 +8,7 @@ import sys
 
 import jax
 import pytest
+from conftest import leaf_pairs
 
 import lora_jax as lj
 
@@ -50,7 +51,7 @@ def test_outputs_exist_and_load(quick_run):
     adapters = lj.load(out / "adapter.safetensors")
     assert lj.summary(merged, adapters).trainable_params == metrics["trainable_params"]
     from_peft = lj.from_peft(out / "peft", merged)
-    for u, v in zip(jax.tree.leaves(from_peft), jax.tree.leaves(adapters)):
+    for u, v in leaf_pairs(from_peft, adapters):
         assert (u == v).all()
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

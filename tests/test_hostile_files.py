@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import randomize
+from conftest import leaf_pairs, randomize
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,7 +42,7 @@ _ACCEPTED = (ValueError, TypeError, OSError)
 
 def _same_tree(got, want):
     assert jax.tree.structure(got) == jax.tree.structure(want)  # adapters' static fields included
-    for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for u, v in leaf_pairs(got, want):
         assert np.asarray(u).dtype == np.asarray(v).dtype
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 

@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import leaf_pairs
 from flax import nnx
 
 import lora_jax as lj
@@ -90,7 +91,7 @@ def test_jit_equals_eager():
     eager = lj.init(jax.random.key(3), _params(), cfg, roles=STACK_ROLES)
     jitted = jax.jit(lambda k, p: lj.init(k, p, cfg, roles=STACK_ROLES))(jax.random.key(3), _params())
     assert jax.tree.structure(eager) == jax.tree.structure(jitted)
-    for x, y in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+    for x, y in leaf_pairs(eager, jitted):
         np.testing.assert_array_equal(x, y)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import safetensors
 import safetensors.numpy
-from conftest import randomize
+from conftest import leaf_pairs, randomize
 from flax import nnx
 
 import lora_jax as lj
@@ -26,7 +26,7 @@ def _adapters(dtype=jnp.float32):
 
 def _assert_identical(x, y):
     assert jax.tree.structure(x) == jax.tree.structure(y)
-    for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+    for u, v in leaf_pairs(x, y):
         assert u.dtype == v.dtype and u.shape == v.shape
         np.testing.assert_array_equal(np.asarray(u).view(np.uint8), np.asarray(v).view(np.uint8))
 

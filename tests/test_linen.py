@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import randomize
+from conftest import leaf_pairs, randomize
 
 import lora_jax as lj
 
@@ -127,7 +127,7 @@ def test_optimizer_path_trains_and_keeps_base_bit_identical():
     for _ in range(20):
         variables, state = step(variables, state)
     assert loss(variables) < 0.8 * first
-    for u, v in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(PARAMS)):
+    for u, v in leaf_pairs(variables["params"], PARAMS):
         np.testing.assert_array_equal(u, v)
 
 
@@ -203,7 +203,7 @@ def test_remat_and_scan_under_jit_grad():
     assert y.shape == (3, D)
     g = jax.jit(jax.grad(lambda ad: jnp.sum(apply({"params": params, "lora": ad}, x) ** 2)))(lora)
     g_m = jax.grad(lambda ad: jnp.sum(model.apply({"params": lj.apply_lora(params, ad)}, x) ** 2))(lora)
-    for u, v in zip(jax.tree.leaves(g), jax.tree.leaves(g_m)):
+    for u, v in leaf_pairs(g, g_m):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5 * (1 + np.abs(v).max()))
 
 

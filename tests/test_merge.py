@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import randomize, reference_merge
+from conftest import leaf_pairs, randomize, reference_merge
 from flax import nnx
 from hypothesis import given, settings
 
@@ -74,7 +74,7 @@ def test_merge_matches_float64_reference(name, jit):
 def test_jit_and_eager_agree_bitwise():
     params = _params()
     ad = _trained(params, CONFIGS["plain"])
-    for x, y in zip(jax.tree.leaves(lj.apply_lora(params, ad)), jax.tree.leaves(jax.jit(lj.apply_lora)(params, ad))):
+    for x, y in leaf_pairs(lj.apply_lora(params, ad), jax.jit(lj.apply_lora)(params, ad)):
         np.testing.assert_array_equal(x, y)
 
 
@@ -82,7 +82,7 @@ def test_fresh_adapter_is_exact_noop():
     params = _params()
     merged = lj.apply_lora(params, lj.init(jax.random.key(0), params, CONFIGS["plain"], roles=ROLES))
     assert jax.tree.structure(merged) == jax.tree.structure(params)
-    for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
+    for x, y in leaf_pairs(merged, params):
         np.testing.assert_array_equal(x, y)
 
 
@@ -93,7 +93,7 @@ def test_untargeted_leaves_are_passed_through_and_inputs_untouched():
     merged = lj.apply_lora(params, ad)
     assert merged["qkv"]["kernel"] is params["qkv"]["kernel"]
     assert merged["dense"]["kernel"] is not params["dense"]["kernel"]
-    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(before)):
+    for x, y in leaf_pairs(params, before):
         np.testing.assert_array_equal(x, y)
 
 
@@ -103,7 +103,7 @@ def test_unmerge_inverts_apply(jit):
     ad = _trained(params, CONFIGS["patterns"])
     unmerge = jax.jit(lj.unmerge) if jit else lj.unmerge
     back = unmerge(lj.apply_lora(params, ad), ad)
-    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    for x, y in leaf_pairs(back, params):
         np.testing.assert_allclose(x, y, rtol=0, atol=4 * np.finfo(np.float32).eps * (1 + np.abs(y).max()))
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import randomize
+from conftest import leaf_pairs, randomize
 from flax import nnx
 
 import lora_jax as lj
@@ -84,7 +84,7 @@ def test_factored_equals_merged_values_and_gradients(jit):
         value, grads = grad(lora)
     want_value, want_grads = jax.value_and_grad(merged_loss)(lora)
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
-    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    for got, want in leaf_pairs(grads, want_grads):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert type(MODEL.layers[0]) is nnx.Linear  # the caller's model is untouched
 
@@ -196,7 +196,7 @@ def test_layers_stacked_by_vmap_and_called_in_scan_and_remat_are_factored(remat)
         value, grads = jax.jit(jax.value_and_grad(loss))(lora)
     want_value, want_grads = jax.value_and_grad(merged_loss)(lora)
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
-    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    for got, want in leaf_pairs(grads, want_grads):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     hlo = jax.jit(jax.grad(loss)).lower(lora).compile().as_text()
     assert not re.search(r"f32\[3,4,4\]\{[0-9,]*\} (dot|fusion)\(", hlo)  # no stacked kernel gradient
@@ -272,10 +272,10 @@ def test_stateful_style_trains_the_same_adapters_as_the_functional_style():
         lj.attach(model, lora0)
     trained = lj.detach(model)
     assert jax.tree.structure(trained) == jax.tree.structure(lora)
-    for got, want in zip(jax.tree.leaves(trained), jax.tree.leaves(lora)):
+    for got, want in leaf_pairs(trained, lora):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert type(model.layers[0]) is nnx.Linear and not hasattr(model.layers[0], "kernel__lora")
-    for got, want in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(STATE)):  # base untouched
+    for got, want in leaf_pairs(nnx.state(model), STATE):  # base untouched
         np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match=r"the model has no adapters attached"):
         lj.detach(model)
@@ -366,7 +366,7 @@ def test_init_reads_roles_off_an_nnx_models_layers():
     from_model = lj.init(jax.random.key(1), MODEL, CONFIG)
     from_state = lj.init(jax.random.key(1), STATE, CONFIG, roles=ROLES)
     assert jax.tree.structure(from_model) == jax.tree.structure(from_state)
-    for u, v in zip(jax.tree.leaves(from_model), jax.tree.leaves(from_state)):
+    for u, v in leaf_pairs(from_model, from_state):
         np.testing.assert_array_equal(u, v)
     scanned = Scanned(nnx.Rngs(0))
     lora = lj.init(jax.random.key(1), scanned, lj.LoraConfig(rank=2))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
-from conftest import randomize
+from conftest import leaf_pairs, randomize
 
 import lora_jax as lj
 
@@ -141,7 +141,7 @@ def test_round_trip_is_bit_exact(tmp_path):
     lj.to_peft(tmp_path, lora)
     back = lj.from_peft(tmp_path, params)
     assert jax.tree.structure(back) == jax.tree.structure(lora)
-    for u, v in zip(jax.tree.leaves(back), jax.tree.leaves(lora)):
+    for u, v in leaf_pairs(back, lora):
         np.testing.assert_array_equal(u, v)
 
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import MLP
+from conftest import MLP, leaf_pairs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,8 +41,8 @@ def test_round_trip_equals_the_reference(method, block):
     assert q.codes.dtype == (jnp.int8 if method == "int8" else jnp.uint8)
     assert q.codes.shape == ((256, 48) if method == "int8" else (128, 48))
     jitted = jax.jit(lambda w: lj.quantize({"k": {"kernel": w}}, method=method, block_size=block))(w)
-    for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(lj.quantize({"k": {"kernel": w}}, method=method,
-                                                                          block_size=block))):  # fmt: skip
+    for a, b in leaf_pairs(jitted, lj.quantize({"k": {"kernel": w}}, method=method,
+                                                                          block_size=block)):  # fmt: skip
         np.testing.assert_array_equal(a, b)
 
 
@@ -157,7 +157,7 @@ def test_qlora_forward_and_gradients_equal_the_float_model_on_the_dequantized_ba
     got, grads = jax.jit(jax.value_and_grad(loss))(lora, quantized)
     want, want_grads = jax.value_and_grad(loss)(lora, dense)
     np.testing.assert_allclose(got, want, rtol=1e-5)
-    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    for g, w in leaf_pairs(grads, want_grads):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
 
@@ -238,7 +238,7 @@ def test_files_and_shardings(tmp_path, monkeypatch):
         lj.save_params(tmp_path / "q.safetensors", quantized)
         loaded = lj.load_params(tmp_path / "q.safetensors")
         assert jax.tree.structure(loaded) == jax.tree.structure(quantized)
-        for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(quantized)):
+        for a, b in leaf_pairs(loaded, quantized):
             np.testing.assert_array_equal(a, b)
     from jax.sharding import PartitionSpec as P
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+from conftest import leaf_pairs
 
 import lora_jax as lj
 from lora_jax import _safetensors
@@ -124,7 +125,7 @@ def adapter_pair():
 
 def _equal(u, v):
     return jax.tree.structure(u) == jax.tree.structure(v) and all(
-        np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v))
+        np.array_equal(np.asarray(a), np.asarray(b)) for a, b in leaf_pairs(u, v)
     )
 
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import randomize
+from conftest import leaf_pairs, randomize
 
 import lora_jax as lj
 
@@ -126,7 +126,7 @@ def test_factored_equals_merged_values_and_gradients(name):
     np.testing.assert_allclose(y_f, y_m, rtol=1e-5, atol=1e-5)
     g_f = jax.jit(jax.grad(loss_factored))(lora)
     g_m = jax.grad(loss_merged)(lora)
-    for u, v in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_m)):
+    for u, v in leaf_pairs(g_f, g_m):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5 * (1 + np.abs(v).max()))
 
 

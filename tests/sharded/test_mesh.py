@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import leaf_pairs
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -79,7 +80,7 @@ def single():
 def test_sharded_steps_equal_single_device(mesh, single, layout):
     losses, lora, _, _ = _run(mesh, layout)
     np.testing.assert_allclose(losses, single[0], rtol=1e-5)
-    for u, v in zip(jax.tree.leaves(lora), jax.tree.leaves(single[1])):
+    for u, v in leaf_pairs(lora, single[1]):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
 
 
@@ -100,7 +101,7 @@ def test_jitted_init_creates_sharded_adapters(mesh):
     lora_shardings = lj.adapter_shardings(shardings, jax.eval_shape(make, jax.random.key(2)))
     lora = jax.jit(make, out_shardings=lora_shardings)(jax.random.key(2))
     eager = make(jax.random.key(2))
-    for u, v, s in zip(jax.tree.leaves(lora), jax.tree.leaves(eager), jax.tree.leaves(lora_shardings)):
+    for u, v, s in leaf_pairs(lora, eager, lora_shardings):
         assert u.sharding == s
         np.testing.assert_array_equal(u, v)
 
@@ -123,9 +124,9 @@ def test_merge_and_unmerge_keep_the_base_sharding(mesh):
     lora = jax.device_put(_trained_lora(), lj.adapter_shardings(shardings, _trained_lora()))
     merged = lj.apply_lora(params, lora)
     back = lj.unmerge(merged, lora)
-    for m, b, p in zip(jax.tree.leaves(merged), jax.tree.leaves(back), jax.tree.leaves(params)):
+    for m, b, p in leaf_pairs(merged, back, params):
         assert m.sharding.is_equivalent_to(p.sharding, p.ndim) and b.sharding.is_equivalent_to(p.sharding, p.ndim)
-    for m, ref in zip(jax.tree.leaves(merged), jax.tree.leaves(lj.apply_lora(PARAMS, _trained_lora()))):
+    for m, ref in leaf_pairs(merged, lj.apply_lora(PARAMS, _trained_lora())):
         np.testing.assert_allclose(m, ref, rtol=1e-6, atol=1e-6)
 
 
@@ -135,7 +136,7 @@ def test_sharded_save_load_round_trip(mesh, tmp_path):
     lora = jax.device_put(_trained_lora(), lora_shardings)
     lj.save(tmp_path / "ad.safetensors", lora)
     loaded = lj.load(tmp_path / "ad.safetensors", shardings=lora_shardings)
-    for u, v in zip(jax.tree.leaves(loaded), jax.tree.leaves(lora)):
+    for u, v in leaf_pairs(loaded, lora):
         assert u.shape == v.shape and u.sharding == v.sharding
         np.testing.assert_array_equal(u, v)
 
@@ -193,5 +194,5 @@ def test_expert_parallel_moe_lora_equals_single_device():
     got = jax.jit(jax.value_and_grad(loss), out_shardings=(None, lora_shardings))(*placed, x)
     assert got[1]["down_proj"].a.sharding.spec == P("expert", None, None)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
-    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+    for g, w in leaf_pairs(got[1], want[1]):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import leaf_pairs
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -78,7 +79,7 @@ def test_nnx_lora_on_a_mesh_equals_one_device():
     want_losses, want = _run()
     losses, got = _run(mesh)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
-    for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for u, v in leaf_pairs(got, want):
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
     q = got["blocks"][0]["attn"]["query"]["kernel"]
     assert q.a.sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp", None)), 2)  # stays sharded as its kernel
