@@ -26,9 +26,9 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-from gemma3 import Gemma3, Gemma3Config  # noqa: E402
+from gemma3 import Gemma3, Gemma3Config
 
-import lora_jax as lj  # noqa: E402
+import lora_jax as lj
 
 TARGETS = r"model/layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
 

@@ -95,7 +95,7 @@ def _compare(model, apply, forward, base, bank, single, tokens, mixed, args) -> 
     def step_fn(indexed: bool):
         def step(variables, state, t, index=None):
             kw = {"lora_index": index} if indexed else {}
-            loss = lambda v: next_token_loss(apply(v, t, **kw), t)  # noqa: E731
+            loss = lambda v: next_token_loss(apply(v, t, **kw), t)
             grads = jax.grad(loss)(variables)
             updates, state = tx.update(grads, state, variables, **kw)
             return optax.apply_updates(variables, updates), state
@@ -186,7 +186,7 @@ def _segments(cfg, batch: int, length: int, reps: int) -> None:
 
     for f in (segments, one_hot):
         np.testing.assert_allclose(gather(x, a, b, index), f(x, a, b, index), rtol=1e-4, atol=1e-4)
-    grad = lambda f: jax.jit(jax.grad(lambda x, a, b, i: jnp.sum(f(x, a, b, i) ** 2), argnums=(0, 1, 2)))  # noqa: E731
+    grad = lambda f: jax.jit(jax.grad(lambda x, a, b, i: jnp.sum(f(x, a, b, i) ** 2), argnums=(0, 1, 2)))
     fns = {
         "gather forward": (jax.jit(gather), (x, a, b, index)),
         "ragged_dot forward": (jax.jit(segments), (x, a, b, index)),

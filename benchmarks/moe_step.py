@@ -54,7 +54,7 @@ def steps(experts: int):
     params = model.init(jax.random.key(0), x)["params"]
     lora = lj.init(jax.random.key(2), params, lj.LoraConfig(rank=RANK, targets=TARGETS), roles=lj.axis_roles(model, x))
     tx = optax.adamw(1e-3)
-    loss = lambda y: jnp.mean(y**2)  # noqa: E731
+    loss = lambda y: jnp.mean(y**2)
 
     def lora_step(compute):
         apply = lj.wrap(model.apply, compute=compute)
@@ -66,10 +66,10 @@ def steps(experts: int):
 
         return step, (lora, tx.init(lora), params, x)
 
-    is_expert = lambda path: path[-1].key in ("gate_up_proj", "down_proj")  # noqa: E731
+    is_expert = lambda path: path[-1].key in ("gate_up_proj", "down_proj")
     experts_only = jax.tree_util.tree_map_with_path(lambda p, w: w if is_expert(p) else None, params)
     rest = jax.tree_util.tree_map_with_path(lambda p, w: None if is_expert(p) else w, params)
-    join = lambda e, r: jax.tree.map(lambda a, b: a if b is None else b, r, e, is_leaf=lambda v: v is None)  # noqa: E731
+    join = lambda e, r: jax.tree.map(lambda a, b: a if b is None else b, r, e, is_leaf=lambda v: v is None)
 
     def full_step(w, opt, rest, x):
         grads = jax.grad(lambda w: loss(model.apply({"params": join(w, rest)}, x)))(w)

@@ -21,11 +21,11 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-from gpt import GPT, next_token_loss  # noqa: E402
-from gpt_nnx import GPT as NNXGPT  # noqa: E402
-from train_step import SIZES, TARGETS, _machine, report  # noqa: E402
+from gpt import GPT, next_token_loss
+from gpt_nnx import GPT as NNXGPT
+from train_step import SIZES, TARGETS, _machine, report
 
-import lora_jax as lj  # noqa: E402
+import lora_jax as lj
 
 NNX_TARGETS = r"blocks/\d+/(attn/(query|key|value|out)|fc|proj)/kernel"
 MLP_TARGETS = r"blocks/\d+/(fc|proj)/kernel"
@@ -110,7 +110,7 @@ def _stateful_step(model, adam, tokens):
 
     def step(state, tokens):
         model, optimizer = nnx.merge(graphdef, state)
-        loss = lambda m: next_token_loss(m(tokens), tokens)  # noqa: E731
+        loss = lambda m: next_token_loss(m(tokens), tokens)
         optimizer.update(model, nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model))
         return nnx.state((model, optimizer))
 

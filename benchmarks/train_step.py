@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-from gpt import GPT, GPTConfig, next_token_loss  # noqa: E402
+from gpt import GPT, GPTConfig, next_token_loss
 
-import lora_jax as lj  # noqa: E402
+import lora_jax as lj
 
 SIZES = {
     "cpu": (GPTConfig(vocab=1024, max_len=128, features=256, heads=4, layers=4), 8),
@@ -112,7 +112,7 @@ def train_steps(model, base, lora, tokens, modes=None) -> dict:
         steps = {"full fine-tuning": (jax.jit(full_step), (base, adam.init(base), tokens))}
         for mode in modes:
             wrapped = lj.wrap(model.apply, compute=mode)
-            loss = lambda ad, p, t, f=wrapped: next_token_loss(f({"params": p, "lora": ad}, t), t)  # noqa: E731
+            loss = lambda ad, p, t, f=wrapped: next_token_loss(f({"params": p, "lora": ad}, t), t)
             steps[mode] = (jax.jit(lora_step(loss)), (base, lora, adam.init(lora), tokens))
         qwix_step = _qwix_step(model, base, tokens, lora)
         if qwix_step is not None:
@@ -154,7 +154,7 @@ def _qwix_step(model, base, tokens, lora):
     adam = optax.adam(1e-3)
 
     def step(qbase, qlora, state, tokens):
-        loss = lambda ad: next_token_loss(qmodel.apply({"params": _deep_merge(qbase, ad)}, tokens), tokens)  # noqa: E731
+        loss = lambda ad: next_token_loss(qmodel.apply({"params": _deep_merge(qbase, ad)}, tokens), tokens)
         grads = jax.grad(loss)(qlora)
         updates, state = adam.update(grads, state, qlora)
         return optax.apply_updates(qlora, updates), state

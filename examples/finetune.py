@@ -37,11 +37,11 @@ from flax import nnx
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import gemma3  # noqa: E402
-import records  # noqa: E402
-from gpt_finetune import UserError, check_writable  # noqa: E402
+import gemma3
+import records
+from gpt_finetune import UserError, check_writable
 
-import lora_jax as lj  # noqa: E402
+import lora_jax as lj
 
 TARGETS = r"model/layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
 
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> None:
         return losses(logits, batch)
 
     evaluate_jit = jax.jit(lambda lora, state, batch: batch_loss(lora, state, batch)[1])
-    evaluate = lambda lora, batch: evaluate_jit(lora, state, batch)  # noqa: E731
+    evaluate = lambda lora, batch: evaluate_jit(lora, state, batch)
     base = {split: scores(evaluate, empty, data, settings.batch) for split, data in held_sets.items()}
     print("base model: " + "; ".join(f"{split}: exact match {r['exact_match']:.1%}, loss {r['loss']:.3f} per target "
                                      "token" for split, r in base.items()))  # fmt: skip

@@ -78,7 +78,7 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 
 class Attention(nnx.Module):
     def __init__(self, cfg: Gemma3Config, rngs: nnx.Rngs):
-        linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=cfg.dtype, rngs=rngs)  # noqa: E731
+        linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=cfg.dtype, rngs=rngs)
         self.q_proj = linear(cfg.width, cfg.heads * cfg.head_dim)
         self.k_proj = linear(cfg.width, cfg.kv_heads * cfg.head_dim)
         self.v_proj = linear(cfg.width, cfg.kv_heads * cfg.head_dim)
@@ -105,7 +105,7 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, cfg: Gemma3Config, rngs: nnx.Rngs):
-        linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=cfg.dtype, rngs=rngs)  # noqa: E731
+        linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=cfg.dtype, rngs=rngs)
         self.gate_proj = linear(cfg.width, cfg.mlp)
         self.up_proj = linear(cfg.width, cfg.mlp)
         self.down_proj = linear(cfg.mlp, cfg.width)
@@ -118,7 +118,7 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: Gemma3Config, rngs: nnx.Rngs):
         self.self_attn = Attention(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
-        norm = lambda: RMSNorm(cfg.width, cfg.eps)  # noqa: E731
+        norm = lambda: RMSNorm(cfg.width, cfg.eps)
         self.input_layernorm, self.post_attention_layernorm = norm(), norm()
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
 

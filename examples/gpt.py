@@ -34,7 +34,7 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
         head_dim = cfg.features // cfg.heads
-        proj = lambda name: nn.DenseGeneral((cfg.heads, head_dim), dtype=cfg.dtype, name=name)  # noqa: E731
+        proj = lambda name: nn.DenseGeneral((cfg.heads, head_dim), dtype=cfg.dtype, name=name)
         q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # (batch, time, heads, head_dim)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(cfg.dtype)
         t = x.shape[1]

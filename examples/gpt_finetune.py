@@ -32,10 +32,10 @@ import optax
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import data  # noqa: E402
-from gpt import GPT, GPTConfig, next_token_loss  # noqa: E402
+import data
+from gpt import GPT, GPTConfig, next_token_loss
 
-import lora_jax as lj  # noqa: E402
+import lora_jax as lj
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> None:
         tx = lj.loraplus(optax.adam, learning_rate=args.lr, ratio=args.loraplus_ratio)
     # Only the adapters are differentiated and updated (the frozen base may be quantized: integer codes).
     code_train = data.batches(texts["code_train"], settings.batch, length, args.seed + 2)
-    with_base = lambda ad: {"params": frozen, "lora": ad}  # noqa: E731
+    with_base = lambda ad: {"params": frozen, "lora": ad}
     lora_run = train(
         "LoRA", lora, tx, lambda ad, t, base: next_token_loss(apply({"params": base, "lora": ad}, t), t),
         code_train, args.steps, lambda ad: _mean(evaluate, with_base(ad), code_eval), settings.eval_every,
@@ -207,7 +207,7 @@ def pretrained_base(model: GPT, settings: Settings, texts: dict, args) -> dict:
             print(f"the cached base {path} is unusable ({str(e).splitlines()[0]}); pretraining it again")
     print(f"pretraining the base on English prose (stdlib docstrings): {settings.pretrain_steps} steps")
     params = model.init(jax.random.key(args.seed), tokens)["params"]
-    loss = lambda p, t: next_token_loss(model.apply({"params": p}, t), t)  # noqa: E731
+    loss = lambda p, t: next_token_loss(model.apply({"params": p}, t), t)
     prose = data.batches(texts["prose_train"], settings.batch, model.cfg.max_len, args.seed)
     warmup = min(50, settings.pretrain_steps // 4)
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(0, settings.pretrain_lr, warmup, settings.pretrain_steps))
@@ -311,7 +311,7 @@ def plot(path, base_code, lora_run, full_run) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    smooth = lambda xs: np.convolve(xs, np.ones(10) / 10, mode="valid") if len(xs) >= 10 else np.asarray(xs)  # noqa: E731
+    smooth = lambda xs: np.convolve(xs, np.ones(10) / 10, mode="valid") if len(xs) >= 10 else np.asarray(xs)
     for name, run, color in (("LoRA", lora_run, "C0"), ("full fine-tuning", full_run, "C1")):
         ax.plot(np.arange(len(smooth(run["losses"]))) + 1, smooth(run["losses"]), color=color, alpha=0.5,
                 label=f"{name}, train")  # fmt: skip

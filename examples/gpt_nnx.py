@@ -16,7 +16,7 @@ from gpt import GPTConfig
 class Attention(nnx.Module):
     def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         head_dim = cfg.features // cfg.heads
-        proj = lambda: nnx.LinearGeneral(cfg.features, (cfg.heads, head_dim), dtype=cfg.dtype, rngs=rngs)  # noqa: E731
+        proj = lambda: nnx.LinearGeneral(cfg.features, (cfg.heads, head_dim), dtype=cfg.dtype, rngs=rngs)
         self.query, self.key, self.value = proj(), proj(), proj()
         self.out = nnx.LinearGeneral((cfg.heads, head_dim), cfg.features, axis=(-2, -1), dtype=cfg.dtype, rngs=rngs)
         self.head_dim, self.dtype = head_dim, cfg.dtype

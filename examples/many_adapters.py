@@ -26,9 +26,9 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpt import GPT, GPTConfig  # noqa: E402
+from gpt import GPT, GPTConfig
 
-import lora_jax as lj  # noqa: E402
+import lora_jax as lj
 
 TENANTS = {
     "upper": str.upper,
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
 
     @jax.jit
     def step(variables, state, rows, mask, index):
-        loss_of = lambda v: loss_fn(apply(v, rows, lora_index=index), rows, mask)  # noqa: E731
+        loss_of = lambda v: loss_fn(apply(v, rows, lora_index=index), rows, mask)
         loss, grads = jax.value_and_grad(loss_of)(variables)
         updates, state = tx.update(grads, state, variables, lora_index=index)
         return optax.apply_updates(variables, updates), state, loss
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
 
     # 3. One mixed batch: every held-out word for every tenant, with its adapter and with the base.
     forward_jit = jax.jit(lambda variables, rows, index: apply(variables, rows, lora_index=index))
-    forward = lambda rows, index: forward_jit(variables, rows, index)  # noqa: E731 (weights as an argument)
+    forward = lambda rows, index: forward_jit(variables, rows, index)
     prompts = [w for _ in names for w in test_words] * 2
     index = jnp.asarray([k for k in range(len(names)) for _ in test_words] + [lj.BASE] * len(names) * len(test_words))
     answers = generate(forward, prompts, index)

@@ -30,11 +30,11 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import data  # noqa: E402
-from gpt import Attention, GPTConfig, next_token_loss  # noqa: E402
-from moe import GptOssMoE  # noqa: E402
+import data
+from gpt import Attention, GPTConfig, next_token_loss
+from moe import GptOssMoE
 
-import lora_jax as lj  # noqa: E402
+import lora_jax as lj
 
 TARGETS = r"block_\d+_(attn/(query|key|value|out)/kernel|moe/(gate_up_proj|down_proj))"
 EXPERT_PARAMS = ["gate_up_proj", "down_proj"]  # in GPT-OSS's registration order (PEFT nests them so)
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     length = s.model.max_len
     held_out = data.eval_batches(texts["code_test"], s.batch, length, s.eval_batches)
     model = MoEGPT(s.model, s.experts)
-    loss = lambda params, tokens: next_token_loss(model.apply({"params": params}, tokens), tokens)  # noqa: E731
+    loss = lambda params, tokens: next_token_loss(model.apply({"params": params}, tokens), tokens)
     evaluate = jax.jit(lambda params, batches: jnp.mean(jnp.stack([loss(params, b) for b in batches])))
 
     params = model.init(jax.random.key(0), held_out[0])["params"]
@@ -135,7 +135,7 @@ def main(argv=None) -> None:
                    roles=roles)  # fmt: skip
     summary = lj.summary(params, lora)
     apply = lj.wrap(model.apply)
-    lora_loss = lambda ad, base, t: next_token_loss(apply({"params": base, "lora": ad}, t), t)  # noqa: E731
+    lora_loss = lambda ad, base, t: next_token_loss(apply({"params": base, "lora": ad}, t), t)
     code = data.batches(texts["code_train"], s.batch, length, 2)
     lora, lora_time = train("expert LoRA", lora, optax.adam(args.lr), lora_loss, params, code, s.steps)
     lora_eval = jax.jit(lambda ad, base, b: jnp.mean(jnp.stack([lora_loss(ad, base, t) for t in b])))

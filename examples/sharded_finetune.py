@@ -31,10 +31,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import data  # noqa: E402
-from gpt import GPT, GPTConfig, next_token_loss  # noqa: E402
+import data
+from gpt import GPT, GPTConfig, next_token_loss
 
-import lora_jax as lj  # noqa: E402
+import lora_jax as lj
 
 AXES = ("data", "fsdp", "tensor")
 TARGETS = r"block_\d+/(attn/(query|key|value|out)|mlp/(fc|proj))/kernel"
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
             jax.eval_shape(lambda: model.init(jax.random.key(0), sample)["params"]), roles))  # fmt: skip
         params = jax.jit(lambda k: model.init(k, sample)["params"], out_shardings=shardings)(jax.random.key(0))
         config = lj.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=TARGETS)
-        make = lambda k: lj.init(k, params, config, roles=roles)  # noqa: E731
+        make = lambda k: lj.init(k, params, config, roles=roles)
         lora_shardings = lj.adapter_shardings(shardings, jax.eval_shape(make, jax.random.key(1)))
         lora = jax.jit(make, out_shardings=lora_shardings)(jax.random.key(1))
         batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
             if i % 10 == 0 or i == 1:
                 print(f"step {i:3d}  loss {float(loss):.3f}")
     kernel, q = params["block_0"]["attn"]["query"]["kernel"], lora["block_0"]["attn"]["query"]["kernel"]
-    spec = lambda x: f"P{tuple(x.sharding.spec)}"  # noqa: E731  (the same text on every JAX version)
+    spec = lambda x: f"P{tuple(x.sharding.spec)}"
     print(f"mesh {dict(mesh.shape)}; block_0/attn/query/kernel {spec(kernel)} -> a {spec(q.a)}, b {spec(q.b)}")
     return 0
 

@@ -244,7 +244,7 @@ def roles_for(
 
 def factor_shapes(shape: Sequence[int], roles: Roles, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The shapes of ``a`` and ``b`` for a kernel of ``shape`` with ``roles``."""
-    of = lambda role: tuple(n for n, r in zip(shape, roles) if r == role)  # noqa: E731
+    of = lambda role: tuple(n for n, r in zip(shape, roles) if r == role)
     return of("stack") + of("in") + (rank,), of("stack") + (rank,) + of("out")
 
 

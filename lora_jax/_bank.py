@@ -114,14 +114,14 @@ class Bank:
         return int(self.scales.shape[-1])
 
     def __repr__(self) -> str:
-        shape = lambda x: getattr(x, "shape", x)  # noqa: E731
+        shape = lambda x: getattr(x, "shape", x)
         arrays = f"a={shape(self.a)}, b={shape(self.b)}, scales={shape(self.scales)}"
         dropout = f", dropout={self.dropout}" if self.dropout else ""
         return f"Bank({arrays}, rank={self.rank}, roles={self.roles}{dropout})"
 
 
 def axes(bank: Bank) -> dict[str, tuple[int | None, ...]]:
-    of = lambda role: tuple(i for i, r in enumerate(bank.roles) if r == role)  # noqa: E731
+    of = lambda role: tuple(i for i, r in enumerate(bank.roles) if r == role)
     return {
         "a": of("stack") + (None,) + of("in") + (None,),
         "b": of("stack") + (None, None) + of("out"),
@@ -269,7 +269,7 @@ def _examples(layer: _specs.Spec):
     """``(inputs, axis, branch)``: the layer's input with its examples along axis 0, the axis of
     the examples in the layer's output, and ``branch(x, a, b)`` the low-rank branch of one
     example's input ``x`` (no example axis)."""
-    low = lambda spec, a, b: _specs.lowrank(spec, a, b, 1.0)  # noqa: E731
+    low = lambda spec, a, b: _specs.lowrank(spec, a, b, 1.0)
     if isinstance(layer, _specs.Lookup):
         return jnp.asarray(layer.ids), 0, lambda ids, a, b: low(_specs.Lookup(ids[None]), a, b)[0]
     if isinstance(layer, _specs.Conv):

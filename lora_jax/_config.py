@@ -74,7 +74,7 @@ class LoraConfig:
     dtype: Any = jnp.float32
 
     def __post_init__(self):
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_ = lambda name, value: object.__setattr__(self, name, value)
         set_("rank", _check_rank(self.rank, "rank"))
         set_("alpha", _check_alpha(self.alpha, "alpha"))
         for name in ("targets", "exclude", "trainable"):

@@ -81,7 +81,7 @@ def lowrank_costs(usages: Sequence[Usage], rank: int) -> tuple[float, float]:
 def usage(spec: _specs.Spec, kernel_shape: tuple[int, ...]) -> Usage:
     """The :class:`Usage` of one layer call described by ``spec`` on a kernel of ``kernel_shape``."""
     roles = _specs.roles(spec)
-    size = lambda role: math.prod(n for n, r in zip(kernel_shape, roles) if r == role)  # noqa: E731
+    size = lambda role: math.prod(n for n, r in zip(kernel_shape, roles) if r == role)
     if isinstance(spec, _specs.Lookup):
         return Usage(math.prod(jnp.shape(spec.ids)), kernel_shape[0], math.prod(kernel_shape[1:]), lookup=True)
     if isinstance(spec, _specs.Grouped):

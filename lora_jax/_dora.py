@@ -80,7 +80,7 @@ class DoraAdapter:
         return self.lora.scale
 
     def __repr__(self) -> str:
-        shape = lambda x: getattr(x, "shape", x)  # noqa: E731
+        shape = lambda x: getattr(x, "shape", x)
         return (
             f"DoraAdapter(a={shape(self.a)}, b={shape(self.b)}, m={shape(self.m)}, rank={self.rank}, "
             f"alpha={self.alpha}, roles={self.roles}, rslora={self.rslora}, dropout={self.dropout})"

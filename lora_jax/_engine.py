@@ -167,7 +167,7 @@ def evaluate(run: Run, jaxpr: Any, consts: list, args: list) -> list:
     """Evaluate ``jaxpr`` on ``args`` (some of them :class:`Kernel`\\ s), every use of a
     kernel computed factored where possible."""
     env: dict[Any, Any] = {}
-    read = lambda v: v.val if isinstance(v, jex.core.Literal) else env[v]  # noqa: E731
+    read = lambda v: v.val if isinstance(v, jex.core.Literal) else env[v]
     for v, x in zip(jaxpr.constvars, consts):
         env[v] = x
     for v, x in zip(jaxpr.invars, args):
@@ -242,7 +242,7 @@ def _check_use(run: Run, k: Kernel, use_roles: tuple[str, ...]) -> bool:
         return True
     # An adapter's stack axis may be a free axis of the use: one branch per entry of it.
     # A shared axis is one the use indexes (a stack axis of the use): one adapter for each entry.
-    fits = lambda r, u: r == u or (r, u) in (("stack", "out"), ("shared", "stack"))  # noqa: E731
+    fits = lambda r, u: r == u or (r, u) in (("stack", "out"), ("shared", "stack"))
     if len(use_roles) == len(roles) and all(map(fits, roles, use_roles)):
         run.forward.add(k.path)
         return True
@@ -314,7 +314,7 @@ def _dot_general(run: Run, eqn: Any, invals: list) -> list:
             cats.setdefault(axis, set()).add(category.get(d, "f"))
     if any(len(c) != 1 for c in cats.values()):
         return _unfactorable(run, eqn, invals, "a kernel axis split between contracted and kept axes")
-    of = lambda c: [axis for axis in range(len(view.pieces)) if cats.get(axis) == {c}]  # noqa: E731
+    of = lambda c: [axis for axis in range(len(view.pieces)) if cats.get(axis) == {c}]
     batch, contracted, free = of("b"), of("c"), of("f")
     base = _base(eqn, invals, k)
     use_roles = _implied(len(view.pieces), contracted, batch)
@@ -336,7 +336,7 @@ def _dot_general(run: Run, eqn: Any, invals: list) -> list:
     out_layout = [view.groups[d] for d in kb] + (k_free + x_free if k_is_lhs else x_free + k_free)
     letter: dict[Any, str] = {a: _LETTERS[a] for a in range(len(view.pieces))}
     letter |= {g[0]: _LETTERS[len(view.pieces) + j] for j, g in enumerate(x_free)}
-    spell = lambda layout: "".join(letter[g[0][0]] if g[0][0] != "x" else letter[g[0]] for g in layout)  # noqa: E731
+    spell = lambda layout: "".join(letter[g[0][0]] if g[0][0] != "x" else letter[g[0]] for g in layout)
     equation = f"{spell(x_layout)},{''.join(letter[a] for a in range(len(view.pieces)))}->{spell(y_layout)}"
     spec = _specs.Einsum(equation, _views.regroup(x, x_groups, x_layout, sizes), roles=_roles(k.adapter) or use_roles)
     y = _output(run, k, spec, _views.regroup(base, out_layout, y_layout, sizes), "dot_general")
@@ -369,7 +369,7 @@ def _conv(run: Run, eqn: Any, invals: list) -> list:
         _contradiction(run, k, roles)
         return _merged_use(run, eqn, invals)
     run.forward.add(k.path)
-    to_last = lambda s: (s[0], *s[2:], s[1])  # noqa: E731 (N, spatial..., C)
+    to_last = lambda s: (s[0], *s[2:], s[1])
     x = jnp.transpose(lhs, to_last(lhs_spec))
     out_perm = to_last(out_spec)
     spec = _specs.Conv(x, tuple(p["window_strides"]), tuple(map(tuple, p["padding"])), tuple(p["lhs_dilation"]),
@@ -455,7 +455,7 @@ def _remat(run: Run, eqn: Any, invals: list) -> list:
     p = eqn.params
     jaxpr = p["jaxpr"]
     jaxpr, consts = (jaxpr.jaxpr, list(jaxpr.consts)) if hasattr(jaxpr, "consts") else (jaxpr, [])
-    body = lambda ins: evaluate(run, jaxpr, consts, ins)  # noqa: E731
+    body = lambda ins: evaluate(run, jaxpr, consts, ins)
     out = jax.checkpoint(body, prevent_cse=p.get("prevent_cse", True), policy=p.get("policy"))(invals)
     return out
 
@@ -519,7 +519,7 @@ def _slice_plan(k: Kernel) -> tuple[Any, Callable, int] | None:
     view, axis = dropped
     adapter = k.adapter
     kernel_arrays: Any = _views.move_axis_first(k.kernel, axis) if not _quantized(k) else None
-    unstack: Callable[[Any], Any] = lambda x: x  # noqa: E731
+    unstack: Callable[[Any], Any] = lambda x: x
     if _quantized(k):
         stacked = _quant.leading_slices(k.kernel) if axis == 0 else None
         if stacked is None:  # blocks that cross the stacked axis: dequantized whole, before the loop
@@ -565,8 +565,8 @@ def _while(run: Run, eqn: Any, invals: list) -> list:
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
     cconsts, bconsts, init = invals[:nc], invals[nc : nc + nb], values(run, invals[nc + nb :], "while carry")
     cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
-    cond = lambda c: evaluate(run, cj.jaxpr, list(cj.consts), list(cconsts) + list(c))[0]  # noqa: E731
-    body = lambda c: tuple(values(run, evaluate(run, bj.jaxpr, list(bj.consts), list(bconsts) + list(c)), "while"))  # noqa: E731
+    cond = lambda c: evaluate(run, cj.jaxpr, list(cj.consts), list(cconsts) + list(c))[0]
+    body = lambda c: tuple(values(run, evaluate(run, bj.jaxpr, list(bj.consts), list(bconsts) + list(c)), "while"))
     return list(jax.lax.while_loop(cond, body, tuple(init)))
 
 
@@ -620,7 +620,7 @@ class Tracer:
         self._max = max_entries
 
     def __call__(self, params: Any, args: tuple, kwargs: Mapping) -> tuple[Traced, list]:
-        leaf = lambda x: x is None or _quant.is_quantized(x)  # noqa: E731 (a quantized kernel is one input)
+        leaf = lambda x: x is None or _quant.is_quantized(x)
         flat, treedef = jax.tree_util.tree_flatten_with_path((params, args, dict(kwargs)), is_leaf=leaf)
         leaves = [leaf for _, leaf in flat]
         dynamic = [i for i, leaf in enumerate(leaves) if _is_array(leaf) or _quant.is_quantized(leaf)]

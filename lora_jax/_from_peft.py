@@ -227,8 +227,8 @@ def _config_problems(config: dict) -> list[str]:
         if not good:
             problems.append(f"{key}: {value!r}; expected {expected}")
 
-    is_rank = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
-    is_alpha = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0  # noqa: E731
+    is_rank = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    is_alpha = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
     def is_patterns(check_value: Callable[[Any], bool]) -> Callable[[Any], bool]:
         def ok(v: Any) -> bool:

@@ -60,7 +60,7 @@ class Adapter:
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
 
     def __post_init__(self):
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_ = lambda name, value: object.__setattr__(self, name, value)
         set_("rank", check_rank(self.rank, "lora_jax.Adapter: rank"))
         set_("alpha", check_alpha(self.alpha, "lora_jax.Adapter: alpha"))
         if not isinstance(self.rslora, (bool, np.bool_)):
@@ -110,7 +110,7 @@ class Adapter:
         return _adapter.full_shape(self)
 
     def __repr__(self) -> str:
-        shape = lambda x: getattr(x, "shape", x)  # noqa: E731
+        shape = lambda x: getattr(x, "shape", x)
         return (
             f"Adapter(a={shape(self.a)}, b={shape(self.b)}, rank={self.rank}, alpha={self.alpha}, "
             f"roles={self.roles}, rslora={self.rslora}, dropout={self.dropout})"
@@ -141,7 +141,7 @@ def check_dropout(value: Any, where: str) -> float:
 
 def axes(ad: Adapter) -> dict[str, tuple[int | None, ...]]:
     """``a`` follows the kernel's stack and in axes, ``b`` its stack and out axes."""
-    of = lambda role: tuple(i for i, r in enumerate(ad.roles) if r == role)  # noqa: E731
+    of = lambda role: tuple(i for i, r in enumerate(ad.roles) if r == role)
     return {"a": of("stack") + of("in") + (None,), "b": of("stack") + (None,) + of("out")}
 
 
@@ -150,7 +150,7 @@ def delta_spec(roles: Roles) -> str:
     ``"shared"`` axes left out)."""
     letters = "abcdefghijklmnopqstuvwxyz"  # no 'r': that is the rank
     names = letters[: len(roles)]
-    of = lambda role: "".join(c for c, r in zip(names, roles) if r == role)  # noqa: E731
+    of = lambda role: "".join(c for c, r in zip(names, roles) if r == role)
     kernel = "".join(c for c, r in zip(names, roles) if r != "shared")
     return f"{of('stack')}{of('in')}r,{of('stack')}r{of('out')}->{kernel}"
 

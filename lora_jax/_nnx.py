@@ -67,7 +67,7 @@ def layer_roles(model: nnx.Module) -> dict[str, tuple[str, ...]]:
 
 def _own_roles(module: nnx.Module) -> tuple[str, tuple[str, ...]] | None:
     if isinstance(module, nnx.LinearGeneral):
-        n = lambda v: len(v) if isinstance(v, (tuple, list)) else 1  # noqa: E731
+        n = lambda v: len(v) if isinstance(v, (tuple, list)) else 1
         roles = (
             ("stack",) * len(module.batch_axis) + ("in",) * n(module.in_features) + ("out",) * n(module.out_features)
         )

@@ -98,7 +98,7 @@ def _slots_kept(tx: optax.GradientTransformation) -> optax.GradientTransformatio
                 changes[name] = jnp.where(used.reshape((1,) * n + (size,) + (1,) * (x.ndim - n - 1)), x, y)
             return _adapter.replace(new, **changes)
 
-        is_bank = lambda x: isinstance(x, _bank.Bank)  # noqa: E731
+        is_bank = lambda x: isinstance(x, _bank.Bank)
         kept = jax.tree.map(lambda u: keep(u, None), new_updates, is_leaf=is_bank)
         return kept, jax.tree.map(keep, new_state, state, is_leaf=is_bank)
 

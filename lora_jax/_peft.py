@@ -166,7 +166,7 @@ def to_peft(
                 continue
             value = adapter.value
             shape = tuple(layout(np.empty(value.shape, np.bool_)).shape)
-            produce = lambda value=value, layout=layout: layout(_safetensors.to_host(value))  # noqa: E731
+            produce = lambda value=value, layout=layout: layout(_safetensors.to_host(value))
             tensors.append(_safetensors.Tensor(PREFIX + name, shape, np.dtype(value.dtype), produce))
             whole[name.rsplit(".", 1)[0]] = path
             continue
@@ -205,7 +205,7 @@ def to_peft(
                     continue
                 m = adapter.m if i is None else adapter.m[i]
                 shape = (1, m.size) + (1,) * (len(ad.roles) - n_stack - 2) if layer == "conv" else (m.size,)
-                produce_m = lambda m=m, shape=shape: _safetensors.to_host(m).reshape(shape)  # noqa: E731
+                produce_m = lambda m=m, shape=shape: _safetensors.to_host(m).reshape(shape)
                 tensors.append(_safetensors.Tensor(f"{PREFIX}{module}.lora_magnitude_vector", shape,
                                                    np.dtype(m.dtype), produce_m))  # fmt: skip
             modules[module] = (path, adapter if dora else ad)
@@ -311,9 +311,9 @@ def _config(modules: dict[str, tuple[str, Any]], whole: list[str], base_model: s
     dora = {isinstance(ad, DoraAdapter) for ad in ads}
     if len(dora) > 1:
         raise ValueError("lora_jax.to_peft: adapters mix DoRA and plain LoRA; PEFT has one use_dora flag.")
-    common: Callable[[Any], Any] = lambda values: collections.Counter(values).most_common(1)[0][0]  # noqa: E731
+    common: Callable[[Any], Any] = lambda values: collections.Counter(values).most_common(1)[0][0]
     r, alpha = common(ad.rank for ad in ads), common(ad.alpha for ad in ads)
-    is_param = lambda name: name.rpartition(".")[0] in targeted  # noqa: E731
+    is_param = lambda name: name.rpartition(".")[0] in targeted
     odd = sorted(m for m, (_, ad) in modules.items() if is_param(m) and (ad.rank, ad.alpha) != (r, alpha))
     if odd:
         raise ValueError(f"lora_jax.to_peft: the adapted parameters {odd} differ from the common rank {r} / alpha "

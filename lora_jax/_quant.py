@@ -275,7 +275,7 @@ def leading_slices(q: Quantized) -> tuple[dict[str, Any], Callable[[dict[str, An
         return None
     if blocked(q.shape, q.block) != (n * rows_in, rest_in):
         return None
-    lead = lambda x: x.reshape((n, -1) + tuple(x.shape[1:]))  # noqa: E731
+    lead = lambda x: x.reshape((n, -1) + tuple(x.shape[1:]))
     arrays = {"codes": lead(q.codes), "absmax": lead(q.absmax)}
     if q.absmax_scale is not None:
         if math.prod(arrays["absmax"].shape[1:]) % DOUBLE_BLOCK:

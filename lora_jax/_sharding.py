@@ -95,7 +95,7 @@ def _names(entry: Any) -> tuple[str, ...]:
 
 def place(tree: Any, shardings: Any, where: str) -> Any:
     """``jax.device_put`` of ``tree`` onto ``shardings`` (same structure), with a clear error."""
-    is_sharding = lambda x: isinstance(x, (NamedSharding, PartitionSpec))  # noqa: E731
+    is_sharding = lambda x: isinstance(x, (NamedSharding, PartitionSpec))
     want, have = jax.tree.structure(shardings, is_leaf=is_sharding), jax.tree.structure(tree)
     specs = [s for s in jax.tree.leaves(shardings, is_leaf=is_sharding) if not isinstance(s, NamedSharding)]
     if want != have or specs:  # type: ignore[operator]

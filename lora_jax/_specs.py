@@ -221,7 +221,7 @@ def _einsum(spec: Einsum, a: jax.Array, b: jax.Array, scale: float) -> jax.Array
     x = spec.x.astype(a.dtype)
     xs, ks, ys = _parse(spec.equation, x.ndim)
     kernel_roles = roles(spec)
-    of = lambda role: "".join(c for c, r in zip(ks, kernel_roles) if r == role)  # noqa: E731
+    of = lambda role: "".join(c for c, r in zip(ks, kernel_roles) if r == role)
     stack, ins, outs = of("stack"), of("in"), of("out")
     contracted = {c for c in ks if c in xs and c not in ys}
     forward = contracted == set(ins)

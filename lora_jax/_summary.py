@@ -51,7 +51,7 @@ class Summary:
             for t in self.targets
         ]  # fmt: skip
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         table = [line(header), "  ".join("-" * w for w in widths), *map(line, rows)]
         footer = (
             f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} || "

@@ -84,8 +84,8 @@ def param_layout(
         raise ValueError(f"name_map returned {module!r}; a module name must be a non-empty str")
     if "{}" in module:
         raise ValueError("stacked (nn.scan) parameters have no single PyTorch tensor; export per layer")
-    same: Layout = lambda x: x  # noqa: E731
-    back: Layout = lambda x: x.reshape(shape)  # noqa: E731
+    same: Layout = lambda x: x
+    back: Layout = lambda x: x.reshape(shape)
     if last == "embedding":
         return f"{module}.weight", same, back
     if last in ("scale", "bias"):

@@ -64,14 +64,14 @@ class View(NamedTuple):
         if len(first) != 1 or len(self.pieces[first[0][0]]) != 1:
             return None
         k = first[0][0]
-        shift = lambda g: tuple((a - (a > k), j) for a, j in g)  # noqa: E731
+        shift = lambda g: tuple((a - (a > k), j) for a, j in g)
         return View(tuple(shift(g) for g in self.groups[1:]), self.pieces[:k] + self.pieces[k + 1 :]), k
 
 
 def add_leading(view: View, axis: int, size: int) -> View:
     """The inverse of :meth:`View.drop_leading`: the view of slices stacked along a new axis 0
     that is kernel axis ``axis`` (of ``size``)."""
-    shift = lambda g: tuple((a + (a >= axis), j) for a, j in g)  # noqa: E731
+    shift = lambda g: tuple((a + (a >= axis), j) for a, j in g)
     groups = (((axis, 0),),) + tuple(shift(g) for g in view.groups)
     return View(groups, view.pieces[:axis] + ((size,),) + view.pieces[axis:])
 

@@ -84,7 +84,7 @@ def test_trains_through_wrap_and_optimizer():
     apply = lj.wrap(MODEL.apply, compute="factored")
     variables = {"params": PARAMS, "lora": _gain_adapters()}
     tx = lj.optimizer(optax.adam(3e-2))
-    loss = lambda v: jnp.mean((apply(v, X) - Y) ** 2)  # noqa: E731
+    loss = lambda v: jnp.mean((apply(v, X) - Y) ** 2)
 
     @jax.jit
     def step(variables, state):

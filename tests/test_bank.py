@@ -49,7 +49,7 @@ INDEX = [0, 2, -1, 1, 0, 2]
 def test_each_example_gets_its_own_adapter(setup, jit):
     model, params, x, trees = setup
     apply = lj.wrap(model.apply)
-    run = lambda v, x, i: apply(v, x, lora_index=i)  # noqa: E731
+    run = lambda v, x, i: apply(v, x, lora_index=i)
     run = jax.jit(run) if jit else run
     got = run({"params": params, "lora": lj.bank(trees, rank=6)}, x, jnp.array(INDEX))
     want = _per_example(lambda p, x: model.apply({"params": p}, x), params, trees, x, INDEX)
@@ -114,7 +114,7 @@ def test_nnx_functional_and_attached():
     x = jax.random.normal(jax.random.key(1), (4, 8))
     trees = _adapters(state, ranks=(2, 3))
     index = [1, 0, -1, 1]
-    merged = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731
+    merged = lambda s, x: nnx.merge(graphdef, s)(x)
     want = _per_example(merged, state, trees, x, index)
     b = lj.bank(trees)
     got = jax.jit(lambda s, b, x, i: lj.wrap(graphdef)(s, b, x, lora_index=i))(state, b, x, jnp.array(index))
@@ -166,8 +166,8 @@ def test_optimizer_keeps_unused_slots_and_their_state_exactly(setup):
     assert len(jax.tree.leaves(state)) == 1 + 2 * 4  # count, mu and nu of a and b: no state for the scales
     v1, s1 = step(v, state, jnp.array([0, 1, 2, 0, 1, 2]), True)
     v2, s2 = step(v1, s1, jnp.array([1, 1, -1, 1, 1, 1]), True)
-    leaves = lambda t, k: [np.asarray(x)[k] for x in jax.tree.leaves(t["lora"])]  # noqa: E731
-    mus = lambda s, k: [np.asarray(x)[k] for x in jax.tree.leaves(s.inner_states["train"].inner_state[0].mu["lora"])]  # noqa: E731
+    leaves = lambda t, k: [np.asarray(x)[k] for x in jax.tree.leaves(t["lora"])]
+    mus = lambda s, k: [np.asarray(x)[k] for x in jax.tree.leaves(s.inner_states["train"].inner_state[0].mu["lora"])]
     for k in (0, 2):
         for before, after in zip(leaves(v1, k) + mus(s1, k), leaves(v2, k) + mus(s2, k)):
             np.testing.assert_array_equal(before, after)
@@ -335,7 +335,7 @@ def test_a_bank_keeps_its_adapters_dropout(setup):
     """One LoRA dropout rate per kernel: in training each example's branch sees the same dropout
     as its adapter alone; bank_get returns it; adapters of other rates are refused."""
     model, params, x, _ = setup
-    cfg = lambda seed, rate: lj.LoraConfig(rank=2, dropout=rate, targets="fc1/kernel")  # noqa: E731
+    cfg = lambda seed, rate: lj.LoraConfig(rank=2, dropout=rate, targets="fc1/kernel")
     trees = [randomize(lj.init(jax.random.key(i), params, cfg(i, 0.25)), jax.random.key(10 + i)) for i in range(3)]
     b = lj.bank(trees)
     assert b["fc1"]["kernel"].dropout == 0.25 and lj.bank_get(b, 1)["fc1"]["kernel"].dropout == 0.25
@@ -407,7 +407,7 @@ def test_a_bank_trained_by_any_optax_transform_is_never_silently_rescaled(setup,
             v, state = step(v, state)
         return v["lora"]
 
-    frozen = lambda t: [np.asarray(getattr(t[k]["kernel"], n)) for k in ("fc1", "fc2") for n in ("scales", "ranks")]  # noqa: E731
+    frozen = lambda t: [np.asarray(getattr(t[k]["kernel"], n)) for k in ("fc1", "fc2") for n in ("scales", "ranks")]
     # LoRA+ alone, LoRA+ inside lj.optimizer with lora_index (its state holds optax.MaskedNode), Adam without decay.
     for tx, whole in ((lj.loraplus(optax.adamw, learning_rate=1e-2, ratio=4), False),
                       (lj.optimizer(lj.loraplus(lambda lr: optax.adamw(lr, weight_decay=0.1), learning_rate=1e-2, ratio=4)), True),

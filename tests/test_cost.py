@@ -93,7 +93,7 @@ def test_the_cost_model_and_its_bound():
     factored, merged = lj.lowrank_costs([usage], 43)
     assert merged < factored
     assert lj.lowrank_costs([lj.Usage(1, 256, 256)], 256)[0] < lj.lowrank_costs([lj.Usage(1, 256, 256)], 256)[1]
-    a = lambda rank: lj.Adapter(jnp.zeros((256, rank)), jnp.zeros((rank, 256)), rank=rank, alpha=1.0)  # noqa: E731
+    a = lambda rank: lj.Adapter(jnp.zeros((256, rank)), jnp.zeros((rank, 256)), rank=rank, alpha=1.0)
     assert not _cost.mergeable(a(42)) and _cost.mergeable(a(43))
     # calls add up; the merge itself is paid once
     one, two = lj.lowrank_costs([usage], 64), lj.lowrank_costs([usage, usage], 64)

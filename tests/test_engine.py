@@ -91,8 +91,8 @@ def test_axis_roles_of_custom_layers():
 def test_custom_layers_train_factored_with_values_and_gradients_of_the_merged_path(jit):
     lora = _lora()
     apply = lj.wrap(MODEL.apply, compute="factored")
-    factored = lambda ad: _loss(apply({"params": PARAMS, "lora": ad}, X))  # noqa: E731
-    merged = lambda ad: _loss(MODEL.apply({"params": lj.apply_lora(PARAMS, ad)}, X))  # noqa: E731
+    factored = lambda ad: _loss(apply({"params": PARAMS, "lora": ad}, X))
+    merged = lambda ad: _loss(MODEL.apply({"params": lj.apply_lora(PARAMS, ad)}, X))
     grad = jax.jit(jax.value_and_grad(factored)) if jit else jax.value_and_grad(factored)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no merge warning: every layer is factored
@@ -239,8 +239,8 @@ def test_tunix_attention_without_registration_or_roles(jit):
     lora = randomize(lj.init(jax.random.key(1), state, lj.LoraConfig(rank=2, targets=".*/w"), roles=roles),
                      jax.random.key(2), 0.3)
     apply = lj.wrap(graphdef, compute="factored")
-    loss = lambda ad: _loss(apply(state, ad, x))  # noqa: E731
-    merged = lambda ad: _loss(nnx.merge(graphdef, lj.apply_lora(state, ad))(x))  # noqa: E731
+    loss = lambda ad: _loss(apply(state, ad, x))
+    merged = lambda ad: _loss(nnx.merge(graphdef, lj.apply_lora(state, ad))(x))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every use is factored
         value, grads = (jax.jit(jax.value_and_grad(loss)) if jit else jax.value_and_grad(loss))(lora)
@@ -298,8 +298,8 @@ def test_a_tied_embedding_adapter_changes_the_lookup_and_the_head_factored():
     cfg = lj.LoraConfig(rank=2, targets="embedder/embedding")
     lora = randomize(lj.init(jax.random.key(1), params, cfg), jax.random.key(2), 0.3)
     apply = lj.wrap(model.apply, compute="factored")
-    loss = lambda ad: _loss(apply({"params": params, "lora": ad}, ids))  # noqa: E731
-    merged = lambda ad: _loss(model.apply({"params": lj.apply_lora(params, ad)}, ids))  # noqa: E731
+    loss = lambda ad: _loss(apply({"params": params, "lora": ad}, ids))
+    merged = lambda ad: _loss(model.apply({"params": lj.apply_lora(params, ad)}, ids))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         value, grads = jax.value_and_grad(loss)(lora)

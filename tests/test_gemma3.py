@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
-import gemma3 as g  # noqa: E402
-import sentencepiece_bpe as spm  # noqa: E402
+import gemma3 as g
+import sentencepiece_bpe as spm
 
 TINY = g.Gemma3Config(vocab=400, width=64, layers=7, heads=4, kv_heads=2, head_dim=16, mlp=128, sliding_window=4)
 IDS = np.array([[2, 300, 301, 310, 320, 330, 340, 350, 360, 370, 380, 390], [2, 5, 77, 260, 261, 262, 9, 399, 3, 1, 0, 6]])
@@ -71,7 +71,7 @@ def _tokenizer(pieces, scores, types=None, **meta):
 
 def test_bpe_merges_the_best_scored_pair_first_and_the_leftmost_on_ties():
     pieces = ["a", "b", "c", "▁", "ab", "bc", "▁a"]
-    at = lambda piece: 260 + pieces.index(piece)  # noqa: E731
+    at = lambda piece: 260 + pieces.index(piece)
     tok = _tokenizer(pieces, [0, 0, 0, 0, -5, -1, -3])
     assert tok.encode("abc", bos=False) == [at("a"), at("bc")]  # bc (-1) beats ab (-5)
     tie = _tokenizer(pieces, [0, 0, 0, 0, -1, -1, -3])
@@ -122,7 +122,7 @@ def test_the_model_trains_with_lora_factored(tiny):
     targets = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
     lora = lj.init(jax.random.key(0), model, lj.LoraConfig(rank=4, targets=targets))
     apply = lj.wrap(model, compute="factored")
-    loss = lambda ad: jnp.mean(apply(state, ad, jnp.asarray(IDS)) ** 2)  # noqa: E731
+    loss = lambda ad: jnp.mean(apply(state, ad, jnp.asarray(IDS)) ** 2)
     grads = jax.grad(loss)(lora)
     assert len(lj.summary(state, lora).targets) == 7 * TINY.layers
     assert any(np.any(np.asarray(x)) for x in jax.tree.leaves(grads))

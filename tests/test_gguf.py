@@ -244,7 +244,7 @@ def test_stacked_layers_export_per_layer(tmp_path):
     params = {"layers": {"q": {"kernel": jnp.asarray(q)}}}
     roles = {"layers/q/kernel": ("stack", "in", "out")}
     lora = randomize(lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2), roles=roles), jax.random.key(1))
-    name_map = lambda path: "model.layers.{}.self_attn.q_proj"  # noqa: E731
+    name_map = lambda path: "model.layers.{}.self_attn.q_proj"
     lj.to_gguf_lora(root / "lora.gguf", lora, base, name_map=name_map)
     got = _apply_like_llama_cpp(base, root / "lora.gguf")
     want = np.asarray(lj.apply_lora(params, lora)["layers"]["q"]["kernel"])

@@ -76,7 +76,7 @@ def test_deterministic_and_independent_keys():
     a1 = lj.init(jax.random.key(7), _params(), cfg)
     a2 = lj.init(jax.random.key(7), _params(), cfg)
     a3 = lj.init(jax.random.key(8), _params(), cfg)
-    q = lambda ad: np.asarray(ad["enc"]["q"]["kernel"].a)  # noqa: E731
+    q = lambda ad: np.asarray(ad["enc"]["q"]["kernel"].a)
     np.testing.assert_array_equal(q(a1), q(a2))
     assert not np.array_equal(q(a1), q(a3))
     # Same shape, different kernel: different draws.

@@ -115,7 +115,7 @@ def test_optimizer_path_trains_and_keeps_base_bit_identical():
     variables = {"params": PARAMS, "lora": lj.init(jax.random.key(0), PARAMS, CONFIG, roles=ROLES)}
     tx = lj.optimizer(optax.adam(3e-2))
     state = tx.init(variables)
-    loss = lambda v: _xent(apply(v, IDS))  # noqa: E731
+    loss = lambda v: _xent(apply(v, IDS))
 
     @jax.jit
     def step(variables, state):

@@ -19,8 +19,8 @@ import lora_jax as lj
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
-from moe import GptOssMoE  # noqa: E402
-from program_flops import program_flops  # noqa: E402
+from moe import GptOssMoE
+from program_flops import program_flops
 
 E, D, F, T = 4, 8, 6, 20
 GROUPS = jnp.array([5, 0, 9, 6], jnp.int32)  # expert 1 gets no token
@@ -69,8 +69,8 @@ def test_ragged_dot_factored_equals_each_expert_merged(jit):
 def test_gradients_reach_each_expert_through_its_tokens_only():
     lora = _lora()
     apply = lj.wrap(ragged, compute="factored")
-    loss = lambda lora, p: jnp.sum(jnp.sin(apply(p, lora, X, GROUPS)))  # noqa: E731
-    merged_loss = lambda lora: jnp.sum(jnp.sin(ragged(lj.apply_lora(PARAMS, lora), X, GROUPS)))  # noqa: E731
+    loss = lambda lora, p: jnp.sum(jnp.sin(apply(p, lora, X, GROUPS)))
+    merged_loss = lambda lora: jnp.sum(jnp.sin(ragged(lj.apply_lora(PARAMS, lora), X, GROUPS)))
     got = jax.jit(jax.grad(loss))(lora, PARAMS)
     chex.assert_trees_all_close(got, jax.grad(merged_loss)(lora), rtol=1e-4, atol=1e-5)
     g = got["experts"]["kernel"]
@@ -129,8 +129,8 @@ def test_moe_blocks_under_scan_dora_qlora_and_auto():
     assert roles["GptOssMoE_0/gate_up_proj"] == ("stack", "stack", "in", "out")
     assert roles["GptOssMoE_0/router/kernel"] == ("stack", "in", "out")
     targets = r".*(gate_up_proj|down_proj)"
-    loss = lambda lora, p: jnp.sum(jnp.sin(model.apply({"params": p}, x)))  # noqa: E731
-    wrapped = lambda lora, p: jnp.sum(jnp.sin(lj.wrap(model.apply, compute="factored")({"params": p, "lora": lora}, x)))  # noqa: E731
+    loss = lambda lora, p: jnp.sum(jnp.sin(model.apply({"params": p}, x)))
+    wrapped = lambda lora, p: jnp.sum(jnp.sin(lj.wrap(model.apply, compute="factored")({"params": p, "lora": lora}, x)))
     for config in (lj.LoraConfig(rank=2, targets=targets), lj.LoraConfig(rank=2, targets=targets, use_dora=True)):
         lora = randomize(lj.init(jax.random.key(1), params, config, roles=roles), jax.random.key(2), std=0.1)
         with warnings.catch_warnings():
@@ -182,7 +182,7 @@ def _flax_blocks(model):
     blocks = {}
     for i, layer in enumerate(model.model.layers):
         mlp = layer.mlp
-        t = lambda x: jnp.asarray(x.detach().numpy())  # noqa: E731
+        t = lambda x: jnp.asarray(x.detach().numpy())
         blocks[f"layers_{i}"] = {
             "router": {"kernel": t(mlp.router.weight).T, "bias": t(mlp.router.bias)},
             **{n: t(getattr(mlp.experts, n)) for n in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")},
@@ -221,7 +221,7 @@ def test_gpt_oss_expert_adapters_both_ways_with_peft(tmp_path):
     assert (ad.a.shape, ad.b.shape, ad.roles) == ((EXPERTS, HIDDEN, 2), (EXPERTS, 2, 2 * FFN), ("stack", "in", "out"))
     block = GptOssMoE(experts=EXPERTS, top_k=TOP_K, hidden=HIDDEN, ffn=FFN)
     apply = lj.wrap(block.apply, compute="factored")
-    run = lambda lora: apply({"params": blocks["layers_0"], "lora": lora}, jnp.asarray(h))  # noqa: E731
+    run = lambda lora: apply({"params": blocks["layers_0"], "lora": lora}, jnp.asarray(h))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours = run(lora["layers_0"])
@@ -259,23 +259,23 @@ def test_one_adapter_shared_by_every_expert(form):
         model, x = _Layers(), jax.random.normal(jax.random.key(5), (2, 5, D))
         params = model.init(jax.random.key(0), x)["params"]
         roles = {p: ("stack", "shared", "in", "out") for p in ("GptOssMoE_0/gate_up_proj", "GptOssMoE_0/down_proj")}
-        fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
-        wrapped = lambda p, lora, x: lj.wrap(model.apply, compute="factored")({"params": p, "lora": lora}, x)  # noqa: E731
+        fn = lambda p, x: model.apply({"params": p}, x)
+        wrapped = lambda p, lora, x: lj.wrap(model.apply, compute="factored")({"params": p, "lora": lora}, x)
     else:
         params, x = PARAMS, X
         roles = {"experts/kernel": ("shared", "in", "out")}
         if form == "einsum":
             x = jax.random.normal(jax.random.key(4), (E, 3, D))
-            fn = lambda p, x: jnp.einsum("ecd,edf->ecf", x, p["experts"]["kernel"])  # noqa: E731
+            fn = lambda p, x: jnp.einsum("ecd,edf->ecf", x, p["experts"]["kernel"])
         else:
-            fn = lambda p, x: ragged(p, x, GROUPS)  # noqa: E731
+            fn = lambda p, x: ragged(p, x, GROUPS)
         wrapped = lj.wrap(fn, compute="factored")
     config = lj.LoraConfig(rank=2, targets=".*(kernel|gate_up_proj|down_proj)" if form != "scan" else ".*_proj")
     lora = randomize(lj.init(jax.random.key(1), params, config, roles=roles), jax.random.key(2), std=0.1)
     ad = jax.tree.leaves(lora, is_leaf=lambda t: isinstance(t, lj.Adapter))[0]
     assert ad.a.ndim == (3 if form == "scan" else 2)  # no expert axis (a layer axis under scan)
-    loss = lambda lora: jnp.sum(jnp.sin(wrapped(params, lora, x)))  # noqa: E731
-    merged = lambda lora: jnp.sum(jnp.sin(fn(lj.apply_lora(params, lora), x)))  # noqa: E731
+    loss = lambda lora: jnp.sum(jnp.sin(wrapped(params, lora, x)))
+    merged = lambda lora: jnp.sum(jnp.sin(fn(lj.apply_lora(params, lora), x)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = jax.jit(jax.value_and_grad(loss))(lora)

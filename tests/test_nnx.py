@@ -76,8 +76,8 @@ def test_fresh_adapter_is_a_no_op():
 def test_factored_equals_merged_values_and_gradients(jit):
     lora = _lora()
     apply = lj.wrap(GRAPHDEF, compute="factored")  # a GraphDef works as well as the model
-    loss = lambda ad: jnp.mean(jnp.sin(apply(STATE, ad, IDS)) ** 2)  # noqa: E731
-    merged_loss = lambda ad: jnp.mean(jnp.sin(_merged(ad)) ** 2)  # noqa: E731
+    loss = lambda ad: jnp.mean(jnp.sin(apply(STATE, ad, IDS)) ** 2)
+    merged_loss = lambda ad: jnp.mean(jnp.sin(_merged(ad)) ** 2)
     grad = jax.jit(jax.value_and_grad(loss)) if jit else jax.value_and_grad(loss)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every layer factored
@@ -112,7 +112,7 @@ def test_step_flops_below_full_finetuning_and_merged_at_a_realistic_width():
     x = jax.random.normal(jax.random.key(0), (2, 256, 256))
     lora = lj.init(jax.random.key(1), state, lj.LoraConfig(rank=8))
     apply = lj.wrap(mlp, compute="factored")
-    flops = lambda f, arg: jax.jit(jax.grad(f)).lower(arg).compile().cost_analysis()["flops"]  # noqa: E731
+    flops = lambda f, arg: jax.jit(jax.grad(f)).lower(arg).compile().cost_analysis()["flops"]
     full = flops(lambda st: jnp.mean(nnx.merge(graphdef, st)(x) ** 2), state)
     factored = flops(lambda ad: jnp.mean(apply(state, ad, x) ** 2), lora)
     merged = flops(lambda ad: jnp.mean(nnx.merge(graphdef, lj.apply_lora(state, ad))(x) ** 2), lora)
@@ -189,8 +189,8 @@ def test_layers_stacked_by_vmap_and_called_in_scan_and_remat_are_factored(remat)
     assert roles == {"blocks/lin/kernel": ("stack", "in", "out"), "head/kernel": ("in", "out")}
     lora = randomize(lj.init(jax.random.key(1), state, lj.LoraConfig(rank=2), roles=roles), jax.random.key(2))
     apply = lj.wrap(model, compute="factored")
-    loss = lambda ad: jnp.sum(apply(state, ad, x) ** 2)  # noqa: E731
-    merged_loss = lambda ad: jnp.sum(nnx.merge(graphdef, lj.apply_lora(state, ad))(x) ** 2)  # noqa: E731
+    loss = lambda ad: jnp.sum(apply(state, ad, x) ** 2)
+    merged_loss = lambda ad: jnp.sum(nnx.merge(graphdef, lj.apply_lora(state, ad))(x) ** 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # factored inside the transforms, not merged
         value, grads = jax.jit(jax.value_and_grad(loss))(lora)
@@ -260,7 +260,7 @@ def test_stateful_style_trains_the_same_adapters_as_the_functional_style():
 
     @nnx.jit
     def stateful_step(model, optimizer):
-        loss = lambda m: jnp.mean((m(IDS) - target) ** 2)  # noqa: E731
+        loss = lambda m: jnp.mean((m(IDS) - target) ** 2)
         optimizer.update(model, nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model))
 
     for _ in range(5):
@@ -325,7 +325,7 @@ def test_scanned_layers_do_not_copy_the_stacked_base():
     x = jnp.ones((4, 512))
     lora = lj.init(jax.random.key(0), state, lj.LoraConfig(rank=8), roles=lj.axis_roles(model, x))
     apply = lj.wrap(model, compute="factored")
-    memory = lambda f, arg: jax.jit(f).lower(arg).compile().memory_analysis().temp_size_in_bytes  # noqa: E731
+    memory = lambda f, arg: jax.jit(f).lower(arg).compile().memory_analysis().temp_size_in_bytes
     step = memory(jax.grad(lambda ad: jnp.sum(apply(state, ad, x) ** 2)), lora)
     forward = memory(lambda st: jnp.sum(nnx.merge(graphdef, st)(x) ** 2), state)
     stack = 8 * 512 * 512 * 4

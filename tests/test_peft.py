@@ -151,7 +151,7 @@ def test_stacked_kernels_need_and_use_a_layer_placeholder(tmp_path):
     lora = randomize(lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2), roles=roles), jax.random.key(1))
     with pytest.raises(ValueError, match=r"stacked over 1 axes; name_map must return a name with one '\{\}'"):
         lj.to_peft(tmp_path, lora)
-    name_map = lambda path: "model.layers.{}.dense" if path == "layers/dense/kernel" else path  # noqa: E731
+    name_map = lambda path: "model.layers.{}.dense" if path == "layers/dense/kernel" else path
     lj.to_peft(tmp_path, lora, name_map=name_map)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["target_modules"] == ["model.layers.0.dense", "model.layers.1.dense", "model.layers.2.dense"]
@@ -254,7 +254,7 @@ def test_non_lora_tensors_rejected(exported):
 
 
 def test_mixed_rslora_cannot_export(tmp_path):
-    ad = lambda rslora: lj.Adapter(jnp.ones((4, 1)), jnp.ones((1, 4)), rank=1, alpha=1.0, rslora=rslora)  # noqa: E731
+    ad = lambda rslora: lj.Adapter(jnp.ones((4, 1)), jnp.ones((1, 4)), rank=1, alpha=1.0, rslora=rslora)
     with pytest.raises(ValueError, match=r"mix rsLoRA and plain LoRA scaling"):
         lj.to_peft(tmp_path, {"a": {"kernel": ad(True)}, "b": {"kernel": ad(False)}})
     assert not os.listdir(tmp_path)  # nothing half-written
@@ -522,7 +522,7 @@ def test_hugging_face_flax_gpt2_trains_factored_and_exports_to_pytorch_gpt2(tmp_
     cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2)
     model = transformers.FlaxGPT2LMHeadModel(cfg, seed=0)
     params, ids = model.params, jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]])
-    logits = lambda p, ids: model(ids, params=p).logits  # noqa: E731
+    logits = lambda p, ids: model(ids, params=p).logits
     roles = lj.axis_roles(logits, params, ids)
     assert roles["transformer/h/0/attn/c_attn/kernel"] == ("out", "in")
     assert roles["transformer/wte/embedding"] == ("in", "out")

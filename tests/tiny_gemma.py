@@ -8,7 +8,7 @@ import sys
 import lora_jax as lj
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-import gemma3  # noqa: E402
+import gemma3
 
 TINY = gemma3.Gemma3Config(vocab=512, width=64, layers=2, heads=2, kv_heads=1, head_dim=32, mlp=128)
 TARGETS = r"model/layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"

@@ -18,8 +18,8 @@ from jax.sharding import PartitionSpec as P
 import lora_jax as lj
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples"))
-from gpt import GPT, GPTConfig  # noqa: E402
-from sharded_finetune import TARGETS, param_specs, train_step  # noqa: E402
+from gpt import GPT, GPTConfig
+from sharded_finetune import TARGETS, param_specs, train_step
 
 pytestmark = pytest.mark.skipif(jax.device_count() != 8, reason="needs 8 devices")
 
@@ -97,7 +97,7 @@ def test_adapters_carry_their_kernels_shardings(mesh):
 
 def test_jitted_init_creates_sharded_adapters(mesh):
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(PARAMS, ROLES))
-    make = lambda k: lj.init(k, PARAMS, CONFIG, roles=ROLES)  # noqa: E731
+    make = lambda k: lj.init(k, PARAMS, CONFIG, roles=ROLES)
     lora_shardings = lj.adapter_shardings(shardings, jax.eval_shape(make, jax.random.key(2)))
     lora = jax.jit(make, out_shardings=lora_shardings)(jax.random.key(2))
     eager = make(jax.random.key(2))

@@ -18,8 +18,8 @@ from jax.sharding import PartitionSpec as P
 import lora_jax as lj
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples"))
-from gpt import GPTConfig, next_token_loss  # noqa: E402
-from gpt_nnx import GPT  # noqa: E402
+from gpt import GPTConfig, next_token_loss
+from gpt_nnx import GPT
 
 pytestmark = pytest.mark.skipif(jax.device_count() != 8, reason="needs 8 devices")
 
