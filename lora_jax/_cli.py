@@ -11,9 +11,10 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
 
 import numpy as np
+
+from lora_jax import _gguf
 
 EXAMPLES = """examples:
   lora-jax inspect runs/finetune/adapter.safetensors
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dst")
     p.add_argument("--to", required=True, choices=["lora_jax", "peft", "gguf"])
     p.add_argument("--base", help="the base model's GGUF (needed to write or read GGUF adapters)")
-    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"], help="GGUF tensor type")
+    p.add_argument("--dtype", default="f32", choices=_gguf.DTYPES, help="GGUF tensor type")
     p.add_argument("--portable", action="store_true",
                    help="with --to peft: one rank and alpha, scales folded (what vLLM and llama.cpp read alike)")
     p = commands.add_parser("merge", help="the base model with the adapter merged into it",
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", required=True, help="the base model: a GGUF file or a safetensors state dict")
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"], help="merged GGUF tensors")
+    p.add_argument("--dtype", default="f32", choices=_gguf.DTYPES, help="merged GGUF tensors")
     args = parser.parse_args(argv)
     try:
         {"inspect": _inspect, "convert": _convert, "merge": _merge}[args.command](args)
@@ -110,7 +111,7 @@ def _gguf_tree(path: str, base: str | None) -> dict:
     import jax.numpy as jnp
 
     import lora_jax as lj
-    from lora_jax import _gguf, _paths
+    from lora_jax import _paths
 
     lora = _gguf.read_lora(path, "lora-jax")
     if base is None:
@@ -136,13 +137,13 @@ def _gguf_tree(path: str, base: str | None) -> dict:
 
 
 def _inspect(args: argparse.Namespace) -> None:
+    import jax
+
     from lora_jax import _adapter, _merge
 
     fmt, tree = read(args.path, None) if not _is_gguf(args.path) else ("gguf", None)
     rows = []
     if tree is None:  # a GGUF adapter: described as llama.cpp names it, no base needed
-        from lora_jax import _gguf
-
         lora = _gguf.read_lora(args.path, "lora-jax")
         for name, (lora_a, lora_b) in sorted(lora["tensors"].items()):
             rank, alpha = int(lora_b.shape[1]), lora["alpha"]
@@ -152,7 +153,7 @@ def _inspect(args: argparse.Namespace) -> None:
     else:
         for path, adapter in _merge.adapters_by_path(tree, "lora-jax").items():
             kind = _adapter.kind_of(adapter)
-            arrays = [x for x in _leaves(adapter) if hasattr(x, "size")]
+            arrays = [x for x in jax.tree.leaves(adapter) if hasattr(x, "size")]
             row = {"target": path, "kind": kind.name, "parameters": int(sum(x.size for x in arrays))}
             if hasattr(adapter, "rank"):
                 row.update(rank=int(adapter.rank), alpha=float(adapter.alpha), scale=float(adapter.scale))
@@ -207,10 +208,9 @@ def _merge(args: argparse.Namespace) -> None:
 
 def _merge_safetensors(base: str, tree: dict, out: str) -> None:
     """A PyTorch state dict (safetensors) with each adapter merged into ``<module>.weight``."""
-    import jax.numpy as jnp
     from safetensors.numpy import load_file, save
 
-    from lora_jax import _adapter, _merge, _safetensors, _torch
+    from lora_jax import _merge, _safetensors, _torch
 
     if not os.path.isfile(base):
         raise FileNotFoundError(f"the base {base!r} does not exist")
@@ -219,16 +219,14 @@ def _merge_safetensors(base: str, tree: dict, out: str) -> None:
     except Exception as e:
         raise ValueError(f"{base!r} is neither a GGUF file nor a readable safetensors file ({e})") from None
     for path, adapter in _merge.adapters_by_path(tree, "lora-jax merge").items():
-        key = _torch.default_name(path) + ".weight"
-        if key not in weights:
-            raise ValueError(f"{path!r}: the base has no tensor {key!r}")
-        w = weights[key]
-        kernel = w if path.endswith("/embedding") else w.T  # PyTorch (out, in) -> Flax (in, out)
-        if not _adapter.fits(kernel.shape, adapter):
-            raise ValueError(f"{path!r}: the adapter is for a {_adapter.kernel_shape(adapter)} kernel, {key!r} is "
-                             f"{w.shape} in PyTorch's layout")  # fmt: skip
-        merged = np.asarray(_adapter.kind_of(adapter).merge(jnp.asarray(kernel, jnp.float32), adapter)).astype(w.dtype)
-        weights[key] = merged if path.endswith("/embedding") else np.ascontiguousarray(merged.T)
+        module = _torch.default_name(path)
+        if f"{module}.weight" not in weights:
+            raise ValueError(f"{path!r}: the base has no tensor {module + '.weight'!r}")
+        w = weights[f"{module}.weight"]
+        try:
+            weights[f"{module}.weight"] = _torch.merge_into(path, adapter, w, module).astype(w.dtype)
+        except ValueError as e:
+            raise ValueError(f"{path!r} ({module}.weight): {e}") from None
     _safetensors.atomic_write(out, lambda f: f.write(save(weights)), "lora-jax merge")
 
 
@@ -237,12 +235,6 @@ def _is_gguf(path: str) -> bool:
         return False
     with open(path, "rb") as f:
         return f.read(4) == b"GGUF"
-
-
-def _leaves(tree: Any) -> list:
-    import jax
-
-    return jax.tree.leaves(tree)
 
 
 if __name__ == "__main__":

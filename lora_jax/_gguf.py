@@ -19,10 +19,8 @@ converter stores the Hugging Face weights unchanged are accepted (the Gemma fami
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -55,7 +53,6 @@ class Base:
             self.reader = gguf.GGUFReader(path)
         except Exception as e:  # the reader raises ValueError, struct and numpy errors on a bad file
             raise ValueError(f"{where}: {path!r} is not a readable GGUF file ({type(e).__name__}: {e}).") from None
-        self.path = path
         self.arch = _field(self.reader, "general.architecture")
         kind = _field(self.reader, "general.type", "model")
         if not isinstance(self.arch, str) or kind != "model":
@@ -186,26 +183,6 @@ def check_dtype(dtype: Any, where: str) -> str:
     return dtype
 
 
-@contextlib.contextmanager
-def replacing(path: str | os.PathLike, where: str) -> Iterator[str]:
-    """A temporary path next to ``path``, renamed to ``path`` when the block ends without error
-    (the old file stays otherwise)."""
-    path = _safetensors.user_path(path, where)
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{where}: {path!r} is a directory; give the path of a file.")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{where}: the directory {directory!r} does not exist.")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".lora_jax-", suffix=".gguf.tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 # ---- the adapter file ------------------------------------------------------------------------
 
 
@@ -257,7 +234,7 @@ def to_gguf_lora(
         raise ValueError(f"{where}: cannot export:" + "".join(f"\n  {p}" for p in problems))
     alphas = [np.float32(scale * r) for _, _, _, scale, r in pairs]
     alpha = max(set(alphas), key=alphas.count)  # the most common alpha needs no folding
-    with replacing(path, where) as tmp:
+    with _safetensors.replacing(path, where) as tmp:
         writer = gguf.GGUFWriter(tmp, info.arch)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -342,13 +319,14 @@ def to_gguf(
     for p, name, adapter, i in targets(adapters, info, name_map, where, plain=False):
         tensor = info.tensors[name]
         weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(info.shape(name))
+        module = name_of(p) if i is None else name_of(p).format(i)
         try:
-            merged[name] = _merge_one(p, adapter, i, weight, name_of(p))
+            merged[name] = _torch.merge_into(p, adapter, weight, module, index=i)
         except ValueError as e:
             problems.append(f"{p!r} ({name!r}): {e}")
     if problems:
         raise ValueError(f"{where}: cannot export:" + "".join(f"\n  {p}" for p in problems))
-    with replacing(path, where) as tmp:
+    with _safetensors.replacing(path, where) as tmp:
         writer = gguf.GGUFWriter(tmp, info.arch, endianess=info.reader.endianess)
         for field in info.reader.fields.values():
             if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
@@ -366,27 +344,3 @@ def to_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
         writer.close()
-
-
-def _merge_one(path: str, adapter: Any, index: int | None, weight: np.ndarray, module: str) -> np.ndarray:
-    """The base tensor ``weight`` (PyTorch's layout) with one adapter merged, in that layout."""
-    import jax
-
-    kind = _adapter.kind_of(adapter)
-    if index is not None:  # one layer of a kernel stacked by nn.scan: every array's leading axis
-        adapter = jax.tree.map(lambda x: x[index], adapter)
-        if hasattr(adapter, "roles"):
-            adapter = _adapter.replace(adapter, roles=adapter.roles[1:])
-    if isinstance(adapter, FullWeight):
-        shape = tuple(adapter.value.shape)
-        roles = None
-    else:
-        shape = _adapter.full_shape(adapter)
-        roles = {path: adapter.roles}
-    keys = tuple(path.split("/"))
-    _, layout, inverse = _torch.param_layout(keys, shape, lambda _: module.format(index), roles, None)
-    if layout(np.empty(shape, np.bool_)).shape != weight.shape:
-        raise ValueError(f"the adapter is for a {layout(np.empty(shape, np.bool_)).shape} tensor, the base's is "
-                         f"{weight.shape}")  # fmt: skip
-    kernel = inverse(weight)
-    return np.asarray(layout(np.asarray(kind.merge(jax.numpy.asarray(kernel), adapter), np.float32)))

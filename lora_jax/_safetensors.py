@@ -116,7 +116,21 @@ def write(path: str | os.PathLike, tensors: Iterable[Tensor], metadata: dict[str
 
 def atomic_write(path: str | os.PathLike, write_to: Callable[[BinaryIO], Any], where: str = "lora_jax") -> None:
     """Call ``write_to(file)`` on a temporary file next to ``path``, then rename it to ``path``
-    with the mode the umask gives; on any exception the temporary file is removed.
+    (:func:`replacing`).
+
+    Raises:
+      ValueError: if ``path`` is empty or names a directory.
+      OSError: (its own subclass) naming ``path`` if the directory is missing or not writable.
+    """
+    with replacing(path, where) as tmp, open(tmp, "wb") as f:
+        write_to(f)
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike, where: str = "lora_jax") -> Iterator[str]:
+    """A temporary file's path next to ``path`` for the block to write (for writers that open
+    a path themselves); when the block ends without error it is synced, given the mode the umask
+    gives and renamed to ``path``; on any exception it is removed and ``path`` stays as it was.
 
     Raises:
       ValueError: if ``path`` is empty or names a directory.
@@ -131,11 +145,14 @@ def atomic_write(path: str | os.PathLike, write_to: Callable[[BinaryIO], Any], w
     except OSError as e:
         reason = "does not exist" if not os.path.isdir(directory) else f"cannot be written to ({e.strerror or e})"
         raise type(e)(f"{where}: cannot write {path!r}: the directory {directory!r} {reason}.") from None
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write_to(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from lora_jax import _adapter, _paths
@@ -123,3 +124,28 @@ def param_names(params: Any, name_of: Callable[[str], str], roles: Mapping | Non
             continue
         out[name] = (keys, shape, inverse)
     return out
+
+
+def merge_into(path: str, adapter: Any, weight: np.ndarray, module: str, *, index: int | None = None) -> np.ndarray:
+    """``weight``, a tensor in PyTorch's layout (a state dict's, a GGUF file's), with the adapter
+    at ``path`` merged as :func:`lora_jax.apply_lora` merges it (layer ``index`` of a stacked
+    one): float32, row-major, in the same layout.
+
+    Raises:
+      ValueError: if the adapter is for a tensor of another shape, or has no PyTorch layout.
+    """
+    kind = _adapter.kind_of(adapter)
+    if index is not None:  # one layer of a kernel stacked by nn.scan: every array's leading axis
+        adapter = jax.tree.map(lambda x: x[index], adapter)
+        if hasattr(adapter, "roles"):
+            adapter = _adapter.replace(adapter, roles=adapter.roles[1:])
+    if hasattr(adapter, "roles"):
+        shape, roles = _adapter.full_shape(adapter), {path: adapter.roles}
+    else:  # a kind without roles (a fully trained parameter) holds the whole value
+        shape, roles = tuple(adapter.value.shape), None
+    _, layout, inverse = param_layout(tuple(path.split("/")), shape, lambda _: module, roles, None)
+    want = layout(np.empty(shape, np.bool_)).shape
+    if want != weight.shape:
+        raise ValueError(f"the adapter is for a {want} tensor, the base's is {weight.shape}")
+    merged = kind.merge(jax.numpy.asarray(inverse(np.asarray(weight, np.float32))), adapter)
+    return np.ascontiguousarray(layout(np.asarray(merged, np.float32)))  # row-major, as writers read memory

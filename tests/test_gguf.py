@@ -77,6 +77,9 @@ def _gguf_names(state_dict: dict) -> dict[str, np.ndarray]:
 def test_adapter_file_has_llama_cpp_metadata_names_and_layouts(tiny):
     root, base, _, lora = tiny
     alpha = lj.to_gguf_lora(root / "lora.gguf", lora, base)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(root / "lora.gguf").st_mode & 0o777 == 0o666 & ~umask  # readable as any other file written
     fields = _fields(root / "lora.gguf")
     assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
     assert fields["general.architecture"] == "gemma3" and fields["adapter.lora.alpha"] == pytest.approx(alpha)
@@ -232,7 +235,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tiny, tmp_path):
     writer.close()
     with pytest.raises(ValueError, match="architecture is 'llama'"):
         lj.to_gguf_lora(out, lora, llama)
-    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".lora_jax-")]
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
 def test_stacked_layers_export_per_layer(tmp_path):
