@@ -55,6 +55,13 @@ class Kind(NamedTuple):
       frozen: the names of arrays that are data but not trained (a bank's per-adapter
         scales): the kind's output stops their gradient, :func:`lora_jax.optimizer` leaves
         them unchanged and :func:`lora_jax.summary` does not count them as trainable.
+      create: ``(lora, kernel) -> adapter``: how :func:`lora_jax.init` makes this kind for
+        ``LoraConfig(kind=name)``, from the kernel's fresh ``lj.Adapter`` (``a`` random, ``b``
+        zero, the config's rank, alpha and roles) and the kernel (floating point, as the layer
+        computes with it). A ``ValueError`` it raises is reported with the kernel's path.
+        ``None``: ``init`` does not make this kind.
+      peft: how the kind is written in PEFT's LoRA format (a :class:`PeftForm`), for a kind
+        that is an ``lj.Adapter`` with more; ``None``: written as its ``as_lora`` form.
     """
 
     name: str
@@ -65,6 +72,27 @@ class Kind(NamedTuple):
     as_lora: Callable[[Any], Any] | None = None
     costs: Callable[[Any, Any], tuple[float, float]] | None = None
     frozen: tuple[str, ...] = ()
+    create: Callable[[Any, jax.Array], Any] | None = None
+    peft: PeftForm | None = None
+
+
+class PeftForm(NamedTuple):
+    """How an adapter kind that extends ``lj.Adapter`` is stored in PEFT's LoRA format: its
+    ``a``, ``b`` as PEFT's ``lora_A``/``lora_B``, plus config fields and tensors of its own.
+
+    Attributes:
+      config: the PEFT config fields that mark this kind (all adapters of a file share them);
+        a file whose config holds them is read as this kind.
+      tensors: ``(adapter, layer) -> {suffix: array}``: the kind's own tensors of one PyTorch
+        module in PEFT's layout, for an adapter without stack axes; ``layer`` is
+        ``"linear"``, ``"conv"`` or ``"embedding"``. A ``ValueError`` where PEFT has no form.
+      read: ``(lora, tensors, layer) -> adapter``: the inverse, from the module's LoRA part
+        (an ``lj.Adapter``) and its other tensors; a ``ValueError`` saying what does not fit.
+    """
+
+    config: Mapping[str, Any]
+    tensors: Callable[[Any, str], dict[str, Any]]
+    read: Callable[[Any, dict[str, Any], str], Any]
 
 
 _KINDS: dict[type, Kind] = {}
@@ -144,6 +172,11 @@ def kind_names() -> list[str]:
     return sorted(k.name for k in _KINDS.values())
 
 
+def kinds() -> list[Kind]:
+    """Every registered kind, in registration order."""
+    return list(_KINDS.values())
+
+
 def field_names(adapter_or_cls: Any, static: bool) -> list[str]:
     """The names of an adapter class's static fields, or of its data fields (its arrays)."""
     return [f.name for f in dataclasses.fields(adapter_or_cls) if bool(f.metadata.get("static")) == static]
@@ -190,6 +223,14 @@ def fits(shape: Sequence[int], adapter: Any) -> bool:
     if any(n is None for n in known):  # a kind whose arrays do not follow every axis
         return len(shape) >= len(known) and all(k is None or k == n for k, n in zip(known, shape))
     return tuple(shape) == known
+
+
+def stack_entry(adapter: Any, i: int) -> Any:
+    """The adapter of entry ``i`` along its kernel's first axis, a ``"stack"`` axis (one layer of
+    a kernel stacked by ``nn.scan``): the arrays that follow that axis indexed, the rest kept."""
+    axes = kind_of(adapter).axes(adapter)
+    indexed = {name: x[i] for name, x in arrays(adapter).items() if axes[name][:1] == (0,)}
+    return replace(adapter, **indexed, roles=adapter.roles[1:])
 
 
 def array_specs(adapter: Any, kernel_spec: Sequence[Any]) -> dict[str, tuple]:

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _lora, _paths
+from lora_jax import _adapter, _lora, _paths
 
 INITS = ("lora", "gaussian", "pissa", "olora")  # and "pissa_niter_K"
 RESIDUAL_INITS = re.compile(r"pissa|olora|pissa_niter_[1-9]\d*")
@@ -36,8 +36,10 @@ class LoraConfig:
         matches (the first matching regex wins).
       alpha_pattern: ``{regex: alpha}``, likewise for ``alpha``.
       use_rslora: scale by ``alpha / √r`` (rsLoRA, Kalajdzievski 2023) instead of ``alpha / r``.
-      use_dora: DoRA (Liu et al. 2024): each adapter also trains a magnitude per output
-        feature (:class:`DoraAdapter`), ``W' = m · V/‖V‖`` with ``V = W + scale·a⋅b``.
+      kind: the adapter kind :func:`init` makes: ``"lora"`` (:class:`Adapter`), ``"dora"``
+        (:class:`DoraAdapter`: a trained magnitude per output feature, ``W' = m · V/‖V‖`` with
+        ``V = W + scale·a⋅b``), or any registered kind with a ``create`` hook.
+      use_dora: PEFT's spelling of ``kind="dora"``.
       init: ``"lora"`` (default): ``a`` uniform in ``±1/√fan_in``, i.e.
         ``variance_scaling(1/3, "fan_in", "uniform")``, the same as PyTorch's
         ``kaiming_uniform_(a=√5)`` used by PEFT; ``"gaussian"``: ``a`` normal with std ``1/r``.
@@ -68,6 +70,7 @@ class LoraConfig:
     rank_pattern: tuple[tuple[str, int], ...] | Mapping[str, int] = ()
     alpha_pattern: tuple[tuple[str, float], ...] | Mapping[str, float] = ()
     use_rslora: bool = False
+    kind: str = "lora"
     use_dora: bool = False
     init: str = "lora"
     dropout: float = 0.0
@@ -87,6 +90,8 @@ class LoraConfig:
         for name in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"lora_jax.LoraConfig: {name} must be a bool, found {getattr(self, name)!r}.")
+        set_("kind", _check_kind(self.kind, self.use_dora))
+        set_("use_dora", self.kind == "dora")  # one config, however it was spelled
         if not isinstance(self.init, str) or not (self.init in INITS or RESIDUAL_INITS.fullmatch(self.init)):
             raise ValueError(
                 f"lora_jax.LoraConfig: init must be one of {INITS} or 'pissa_niter_K' (K >= 1), found {self.init!r}."
@@ -125,6 +130,18 @@ def _check_rank(value: Any, where: str) -> int:
 
 def _check_alpha(value: Any, where: str) -> float:
     return _lora.check_alpha(value, f"{_WHERE}: {where}")
+
+
+def _check_kind(kind: Any, use_dora: bool) -> str:
+    """A registered kind that :func:`init` can make (``use_dora=True``: ``"dora"``)."""
+    makeable = sorted(k.name for k in _adapter.kinds() if k.create is not None)
+    if use_dora and kind not in ("lora", "dora"):
+        raise ValueError(f"lora_jax.LoraConfig: use_dora=True says kind='dora', but kind is {kind!r}.")
+    kind = "dora" if use_dora else kind
+    if kind not in makeable:
+        raise ValueError(f"lora_jax.LoraConfig: kind must be one of {makeable} (registered kinds with a create hook), "
+                         f"found {kind!r}.")  # fmt: skip
+    return kind
 
 
 def _check_pattern_map(value: Any, name: str, check: Callable[[Any, str], Any]) -> tuple:

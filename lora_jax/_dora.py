@@ -18,49 +18,41 @@ per call, independent of the tokens) and elementwise work on the output.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax import _adapter, _lora, _specs
-from lora_jax._adapter import DEFAULT_ROLES_2D, Roles
+from lora_jax._adapter import Roles
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)
-class DoraAdapter:
-    """The DoRA adapter of one kernel: a LoRA adapter ``a``, ``b`` and a magnitude ``m``.
+class DoraAdapter(_lora.Adapter):
+    """The DoRA adapter of one kernel: an :class:`lora_jax.Adapter` ``a``, ``b`` and a magnitude ``m``.
 
-    Create them with ``LoraConfig(use_dora=True)``; :func:`lora_jax.init` sets ``m = ‖W‖``.
+    Create them with ``LoraConfig(kind="dora")`` (or PEFT's spelling ``use_dora=True``);
+    :func:`lora_jax.init` sets ``m = ‖W‖``.
 
     Attributes:
-      a: ``(stack..., in..., rank)``.
-      b: ``(stack..., rank, out...)``.
-      m: ``(stack..., out...)``: the magnitude of each output feature.
-      rank, alpha, roles, rslora, dropout: as :class:`lora_jax.Adapter`.
+      m: ``(stack..., out...)``: the magnitude of each output feature (keyword only).
+      a, b, rank, alpha, roles, rslora, dropout: as :class:`lora_jax.Adapter`.
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
       >>> params = {"dense": {"kernel": jnp.ones((8, 4))}}
-      >>> ad = lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2, use_dora=True))["dense"]["kernel"]
+      >>> ad = lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2, kind="dora"))["dense"]["kernel"]
       >>> ad.m  # ‖W‖ of each output column
       Array([2.828427, 2.828427, 2.828427, 2.828427], dtype=float32)
     """
 
-    a: Any
-    b: Any
-    m: Any
-    rank: int = dataclasses.field(metadata=dict(static=True))
-    alpha: float = dataclasses.field(metadata=dict(static=True))
-    roles: Roles = dataclasses.field(default=DEFAULT_ROLES_2D, metadata=dict(static=True))
-    rslora: bool = dataclasses.field(default=False, metadata=dict(static=True))
-    dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    m: Any = dataclasses.field(kw_only=True)
 
     def __post_init__(self):
-        lora = self.lora  # validates a, b and the metadata as lj.Adapter does
-        for name in ("rank", "alpha", "roles", "rslora", "dropout"):
-            object.__setattr__(self, name, getattr(lora, name))
+        super().__post_init__()  # a, b and the metadata, as lj.Adapter
         m, a, b = (getattr(x, "shape", None) for x in (self.m, self.a, self.b))
         if all(isinstance(s, tuple) for s in (m, a, b)):
             kept = len(a) - self.roles.count("in") - 1  # stack axes a lifted transform has not sliced off
@@ -69,26 +61,14 @@ class DoraAdapter:
                     f"lora_jax.DoraAdapter: m has shape {m}, expected {a[:kept] + b[kept + 1:]} (stack..., out...)."
                 )
 
-    @property
-    def lora(self) -> _lora.Adapter:
-        """The LoRA part ``a``, ``b`` as a plain :class:`lora_jax.Adapter`."""
-        return _lora.Adapter(self.a, self.b, rank=self.rank, alpha=self.alpha, roles=self.roles, rslora=self.rslora,
-                             dropout=self.dropout)  # fmt: skip
-
-    @property
-    def scale(self) -> float:
-        return self.lora.scale
-
     def __repr__(self) -> str:
-        shape = lambda x: getattr(x, "shape", x)
-        return (
-            f"DoraAdapter(a={shape(self.a)}, b={shape(self.b)}, m={shape(self.m)}, rank={self.rank}, "
-            f"alpha={self.alpha}, roles={self.roles}, rslora={self.rslora}, dropout={self.dropout})"
+        return super().__repr__().replace("Adapter(", "DoraAdapter(", 1).replace(
+            ", rank=", f", m={getattr(self.m, 'shape', self.m)}, rank=", 1
         )
 
 
 def axes(ad: DoraAdapter) -> dict[str, tuple[int | None, ...]]:
-    return {**_lora.axes(ad.lora), "m": tuple(i for i, r in enumerate(ad.roles) if r != "in")}
+    return {**_lora.axes(ad), "m": tuple(i for i, r in enumerate(ad.roles) if r != "in")}
 
 
 def norm(v: jax.Array, roles: Roles) -> jax.Array:
@@ -119,10 +99,26 @@ def initial_magnitude(kernel: jax.Array, roles: Roles) -> jax.Array:
     return n.reshape(tuple(s for s, r in zip(n.shape, roles) if r != "in"))
 
 
+def create(lora: _lora.Adapter, kernel: jax.Array) -> DoraAdapter:
+    """A fresh DoRA adapter: ``lora``'s factors and ``m = ‖W‖`` (in ``lora``'s dtype), which
+    must be finite there (checked where concrete)."""
+    m = initial_magnitude(kernel, lora.roles).astype(lora.a.dtype)
+    try:
+        finite = bool(np.isfinite(np.asarray(m)).all())
+    except jax.errors.TracerArrayConversionError:
+        finite = True
+    if not finite:
+        raise ValueError(
+            f"a column norm of the kernel overflows the adapter dtype {m.dtype.name} as DoRA's magnitude m = ‖W‖ (or "
+            "the kernel holds inf/NaN); use LoraConfig(dtype=jnp.float32)."
+        )
+    return DoraAdapter(**_adapter.arrays(lora), m=m, **_adapter.static(lora))
+
+
 def merge(w: jax.Array, ad: DoraAdapter) -> jax.Array:
     """``m · V/‖V‖``; ``‖V‖`` without gradient, as in the factored forward (merged inside a step,
     the gradients are the factored ones)."""
-    v = w + _lora.delta(ad.lora)
+    v = w + _lora.delta(ad)
     n, nonzero = guarded_norm(v, ad.roles)
     return jnp.where(nonzero, in_kernel_layout(ad.m.astype(jnp.float32), ad.roles) * v / n, 0.0)
 
@@ -139,18 +135,17 @@ def output(layer: _specs.Spec, base: jax.Array, kernel: jax.Array, ad: DoraAdapt
     without gradient), computed as ``f·base + (1 - f)·bias + scale · drop(x)⋅a⋅(b·f)``: the
     factor folded into ``b``'s columns, so the branch is LoRA's own fused product, and exactly
     the base output for a fresh adapter (``f = 1``)."""
-    lora = ad.lora
-    v = kernel.astype(jnp.float32) + jax.lax.stop_gradient(_lora.delta(lora))
+    v = kernel.astype(jnp.float32) + jax.lax.stop_gradient(_lora.delta(ad))
     n, nonzero = guarded_norm(v, ad.roles)
     factor = jnp.where(nonzero.reshape(ad.m.shape), ad.m.astype(jnp.float32) / n.reshape(ad.m.shape), 0.0)
-    rank_axis = lora.b.ndim - ad.roles.count("out") - 1  # b: (stack..., r, out...), factor: (stack..., out...)
-    b = (lora.b.astype(jnp.float32) * jnp.expand_dims(factor, rank_axis)).astype(lora.b.dtype)
+    rank_axis = ad.b.ndim - ad.roles.count("out") - 1  # b: (stack..., r, out...), factor: (stack..., out...)
+    b = (ad.b.astype(jnp.float32) * jnp.expand_dims(factor, rank_axis)).astype(ad.b.dtype)
     placed = _output_axes(layer, ad.roles)(factor)  # float32: a bf16 factor would round every output by 2^-8
     out = placed * base.astype(jnp.float32)
     bias = getattr(layer, "bias", None)
     if bias is not None:
         out = out + (1 - placed) * jnp.asarray(bias, jnp.float32)
-    branch = _specs.lowrank(layer, lora.a, b, lora.scale, dropout=dropout)
+    branch = _specs.lowrank(layer, ad.a, b, ad.scale, dropout=dropout)
     return (out + branch.astype(jnp.float32)).astype(base.dtype)
 
 
@@ -181,9 +176,36 @@ def _output_axes(layer: _specs.Spec, roles: Roles):
     )
 
 
+def peft_tensors(ad: DoraAdapter, layer: str) -> dict[str, Any]:
+    """PEFT's ``lora_magnitude_vector`` of one module: ``(out,)``, or ``(1, out, 1...)`` for a
+    convolution."""
+    if layer == "embedding":
+        raise ValueError("DoRA on an embedding (PEFT's has a magnitude per row) is not exported")
+    size = math.prod(ad.m.shape)
+    shape = (1, size) + (1,) * (len(ad.roles) - 2) if layer == "conv" else (size,)
+    return {"lora_magnitude_vector": jnp.reshape(ad.m, shape)}
+
+
+def read_peft(lora: _lora.Adapter, tensors: dict[str, Any], layer: str) -> DoraAdapter:
+    """The inverse of :func:`peft_tensors`, from the module's LoRA part."""
+    tensors = dict(tensors)
+    magnitude = tensors.pop("lora_magnitude_vector", None)
+    if tensors or magnitude is None:
+        found = f"{sorted(tensors)} besides its factors" if tensors else "no lora_magnitude_vector"
+        raise ValueError(f"the config says use_dora: true but the module has {found}")
+    out = tuple(lora.b.shape[1:])
+    want = (1, math.prod(out)) + (1,) * (lora.a.ndim - 2) if layer == "conv" else (math.prod(out),)
+    if layer == "embedding" or magnitude.shape != want or not jnp.issubdtype(magnitude.dtype, jnp.floating):
+        found = "an embedding" if layer == "embedding" else f"{magnitude.dtype}{list(magnitude.shape)}"
+        raise ValueError(f"its DoRA lora_magnitude_vector is {found}, expected a float vector of shape {want} "
+                         "(one magnitude per output feature)")  # fmt: skip
+    return DoraAdapter(**_adapter.arrays(lora), m=jnp.asarray(magnitude).reshape(out), **_adapter.static(lora))
+
+
 _adapter.register_kind(
     DoraAdapter,
     _adapter.Kind(
-        name="dora", axes=axes, merge=merge, unmerge=_no_unmerge, output=output,
+        name="dora", axes=axes, merge=merge, unmerge=_no_unmerge, output=output, create=create,
+        peft=_adapter.PeftForm(config={"use_dora": True}, tensors=peft_tensors, read=read_peft),
     ),
 )  # fmt: skip

@@ -21,10 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import _adapter, _paths, _peft, _safetensors, _torch
-from lora_jax._dora import DoraAdapter
 from lora_jax._full import FullWeight
 from lora_jax._lora import Adapter
-from lora_jax._peft import CONFIG, KNOWN_KEYS, LORA_KEY, MATH_FIELDS, NEUTRAL_KEYS, PAIRED, WEIGHTS, WHOLE_KEY
+from lora_jax._peft import CONFIG, KNOWN_KEYS, LORA_KEY, NEUTRAL_KEYS, PAIRED, WEIGHTS, WHOLE_KEY
 
 
 def from_peft(
@@ -66,7 +65,7 @@ def from_peft(
     Raises:
       FileNotFoundError: if a file is missing.
       ValueError: on a config that is not LoRA, lacks ``r``/``lora_alpha`` or uses an
-        unsupported PEFT feature (DoRA, ``lora_bias``, …); on a corrupt file; on modules
+        unsupported PEFT feature (``lora_bias``, …); on a corrupt file; on modules
         that match no kernel (listing the nearest names) or shapes that do not fit; on a
         config and weights that were not written together.
 
@@ -153,12 +152,7 @@ def _check_pair(paired: str | None, config: dict, where: str) -> None:
         recorded = json.loads(paired)
     except ValueError:
         recorded = {}
-    default = {"use_dora": False, "ensure_weight_tying": False}  # written by versions that did not record them
-    differ = {
-        k: (recorded.get(k, default.get(k)), config.get(k, default.get(k)))
-        for k in MATH_FIELDS
-        if recorded.get(k, default.get(k)) != config.get(k, default.get(k))
-    }
+    differ = {k: (recorded.get(k), config.get(k)) for k in _peft.math_fields() if recorded.get(k) != config.get(k)}
     if differ:
         raise ValueError(
             f"{where} was written together with another {CONFIG} (weights vs config: {differ}); the two files "
@@ -206,7 +200,7 @@ def _read_config(directory: str) -> dict:
     }
     if unsupported:
         raise ValueError(f"lora_jax.from_peft: {path!r} uses PEFT features lora_jax does not import: {unsupported}.")
-    extra = sorted(set(config) - KNOWN_KEYS - set(NEUTRAL_KEYS))
+    extra = sorted(set(config) - KNOWN_KEYS - set(NEUTRAL_KEYS) - set(_peft.form_fields()))
     if extra:
         warnings.warn(f"lora_jax.from_peft: ignoring unknown adapter_config.json keys {extra}.", stacklevel=3)
     return config
@@ -242,7 +236,9 @@ def _config_problems(config: dict) -> list[str]:
     check("lora_alpha", is_alpha, "a finite number > 0")
     check("use_rslora", lambda v: isinstance(v, bool), "true or false", optional=True)
     check("fan_in_fan_out", lambda v: isinstance(v, bool), "true or false", optional=True)
-    check("use_dora", lambda v: isinstance(v, bool), "true or false", optional=True)
+    for key, kind in _peft.form_fields().items():  # a kind's own fields: of the type of the value marking it
+        marker = kind.peft.config[key]
+        check(key, lambda v, m=marker: type(v) is type(m), f"a {type(marker).__name__} ({kind.name})", optional=True)
     check("lora_dropout", lambda v: is_alpha(v + 1) and 0 <= v < 1, "a number in [0, 1)", optional=True)
     check("rank_pattern", is_patterns(is_rank), "an object {regex: int >= 1}", optional=True)
     check("alpha_pattern", is_patterns(is_alpha), "an object {regex: number > 0}", optional=True)
@@ -318,22 +314,26 @@ def _from_torch(module: str, part: dict, kernel: tuple, config: dict, roles: Map
         cast(a.reshape(a_shape)), cast(b.reshape(b_shape)), rank=r, alpha=alpha, roles=kernel_roles,
         rslora=config.get("use_rslora") is True, dropout=float(config.get("lora_dropout") or 0.0),
     )  # fmt: skip
-    magnitude = part.get("lora_magnitude_vector")
-    if (magnitude is None) == (config.get("use_dora") is True):
-        raise _Mismatch(
-            "the config says use_dora: true but the module has no lora_magnitude_vector"
-            if magnitude is None
-            else "it has a lora_magnitude_vector (DoRA) but the config does not say use_dora: true"
-        )
-    if magnitude is None:
+    own = {k: cast(v) for k, v in part.items() if k not in _FACTORS}
+    layer = "embedding" if "lora_embedding_A" in part else "conv" if conv else "linear"
+    form = _form_of(config)
+    if form is None:
+        if own:
+            raise _Mismatch(f"it has {sorted(own)} besides its factors, which the config's adapter kind (plain LoRA, "
+                            f"no field of {sorted(_peft.form_fields())}) does not have")  # fmt: skip
         return adapter
-    out = tuple(n for n, role in zip(shape, kernel_roles) if role == "out")
-    want = (1, math.prod(out)) + (1,) * (lora_a.ndim - 2) if conv else (math.prod(out),)
-    if "lora_embedding_A" in part or magnitude.shape != want or not jnp.issubdtype(magnitude.dtype, jnp.floating):
-        found = "an embedding" if "lora_embedding_A" in part else f"{magnitude.dtype}{list(magnitude.shape)}"
-        raise _Mismatch(f"its DoRA lora_magnitude_vector is {found}, expected a float vector of shape {want} "
-                        "(one magnitude per output feature)")  # fmt: skip
-    return DoraAdapter(**_adapter.arrays(adapter), m=cast(magnitude.reshape(out)), **_adapter.static(adapter))
+    return form.read(adapter, own, layer)
+
+
+_FACTORS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+
+
+def _form_of(config: dict) -> Any:
+    """The :class:`PeftForm` of the kind whose config fields the file's config holds, or ``None``
+    (plain LoRA)."""
+    forms = [kind.peft for kind in _adapter.kinds() if kind.peft and kind.peft.config
+             and all(config.get(k) == v for k, v in kind.peft.config.items())]  # fmt: skip
+    return forms[0] if forms else None
 
 
 def _parameter_targets(parts: dict, kernels: dict, targets: list, order: Sequence[str], problems: list) -> dict:

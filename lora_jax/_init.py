@@ -8,12 +8,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from lora_jax import _adapter, _dora, _nnx, _paths, _quant
+from lora_jax import _adapter, _nnx, _paths, _quant
 from lora_jax._config import RESIDUAL_INITS, LoraConfig, check_key
-from lora_jax._dora import DoraAdapter
 from lora_jax._full import FullWeight
 from lora_jax._lora import Adapter
 
@@ -76,6 +74,7 @@ def init(
         roles = {**_nnx.layer_roles(params), **(roles or {})}
         params = nnx.state(params, nnx.Param)
     plan, trainable = plan_targets(params, config, roles, "lora_jax.init")
+    create = _adapter.kind_of(_adapter.class_named(config.kind)).create
     kernels = {path: leaf for path, (_, leaf) in _paths.by_path(params, "lora_jax.init").items()}
     adapters: list[tuple[Any, Any]] = [(keys, FullWeight(leaf.astype(config.dtype))) for keys, leaf in trainable]
     for keys, path, shape, kernel_roles in plan:
@@ -89,11 +88,10 @@ def init(
             a, b, rank=rank, alpha=config.alpha_for(path), roles=kernel_roles,
             rslora=config.use_rslora, dropout=config.dropout,
         )  # fmt: skip
-        if config.use_dora:
-            kernel = _quant.dequantize(kernels[path])  # ‖W‖ of what the layer computes with
-            m = _dora.initial_magnitude(kernel, kernel_roles).astype(config.dtype)
-            _check_finite_magnitude(m, path, config.dtype)
-            adapter = DoraAdapter(**_adapter.arrays(adapter), m=m, **_adapter.static(adapter))
+        try:  # the kernel as the layer computes with it
+            adapter = create(adapter, _quant.dequantize(kernels[path]))
+        except ValueError as e:
+            raise ValueError(f"lora_jax.init: {path!r}: {e}") from None
         adapters.append((keys, adapter))
     return _paths.nest(adapters)
 
@@ -194,16 +192,3 @@ def _describe(leaf: Any) -> str:
     if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
         return f"shape {tuple(leaf.shape)}, dtype {leaf.dtype}"
     return f"a {type(leaf).__name__}"
-
-
-def _check_finite_magnitude(m: jax.Array, path: str, dtype: Any) -> None:
-    """A ``ValueError`` if a DoRA magnitude ``‖W‖`` overflows the adapter dtype (where concrete)."""
-    try:
-        finite = bool(np.isfinite(np.asarray(m)).all())
-    except jax.errors.TracerArrayConversionError:
-        return
-    if not finite:
-        raise ValueError(
-            f"lora_jax.init: {path!r}: a column norm of the kernel overflows the adapter dtype {jnp.dtype(dtype).name} "
-            "as DoRA's magnitude m = ‖W‖ (or the kernel holds inf/NaN); use LoraConfig(dtype=jnp.float32)."
-        )

@@ -180,6 +180,7 @@ _adapter.register_kind(
         unmerge=lambda w, ad: w - delta(ad),
         output=output,
         as_lora=lambda ad: ad,
+        create=lambda lora, kernel: lora,
         costs=lambda ad, usages: _cost.lowrank_costs(usages, ad.rank),
     ),
 )

@@ -42,7 +42,6 @@ import jax
 import numpy as np
 
 from lora_jax import _adapter, _merge, _paths, _peft_portable, _safetensors, _torch
-from lora_jax._dora import DoraAdapter
 from lora_jax._full import FullWeight
 from lora_jax._lora import Adapter
 
@@ -50,14 +49,14 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 LORA_KEY = re.compile(
     r"base_model\.model\.(?P<module>.+)\."
-    r"(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?P<part>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|lora_[a-z_]+)"  # a kind's own: lora_…
 )
 WHOLE_KEY = re.compile(r"base_model\.model\.(?P<name>(?P<module>.+)\.[^.]+)")
 # The weights file's metadata records the config fields that change the math, so that a config
 # and weights from different writes are never read as a pair.
 PAIRED = "lora_jax_config"
 MATH_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules", "modules_to_save",
-               "use_dora", "ensure_weight_tying", "target_parameters")  # fmt: skip
+               "ensure_weight_tying", "target_parameters")  # fmt: skip  (and each registered kind's PeftForm.config)
 # Keys PEFT writes that do not change how saved LoRA weights are applied.
 KNOWN_KEYS = {
     "peft_type", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout",
@@ -65,8 +64,8 @@ KNOWN_KEYS = {
     "revision", "layers_pattern", "layers_to_transform", "exclude_modules", "auto_mapping", "peft_version",
     "loftq_config", "eva_config", "corda_config", "kasa_config", "lora_ga_config", "monteclora_config",
     "megatron_config", "megatron_core", "qalora_group_size", "ensure_weight_tying", "velora_config",
-    "modules_to_save", "use_dora", "target_parameters",
-}  # fmt: skip
+    "modules_to_save", "target_parameters",
+}  # fmt: skip  (and each registered kind's PeftForm.config)
 # Keys naming PEFT features that change the math; lora_jax imports them only at their neutral value.
 NEUTRAL_KEYS = {
     "lora_bias": False, "trainable_token_indices": None,
@@ -138,86 +137,25 @@ def to_peft(
     is_conv = _paths.compile_pattern(conv, "conv", "lora_jax.to_peft")
     name_of = name_map or _torch.default_name
     tensors: list[_safetensors.Tensor] = []
-    modules: dict[str, tuple[str, Any]] = {}  # module -> (path, Adapter or DoraAdapter)
+    modules: dict[str, tuple[str, Any]] = {}  # module -> (path, the adapter written there)
     whole: dict[str, str] = {}  # module of each FullWeight -> its path
-    problems = []
     params_of: dict[str, dict[str, tuple[str, Any]]] = collections.defaultdict(dict)  # module -> param -> (path, ad)
+    problems = []
     for path, adapter in by_path.items():
-        kind = _adapter.kind_of(adapter)
         name = name_of(path)
-        if isinstance(name, str) and name.rpartition(".")[2] in parameters and not isinstance(adapter, FullWeight):
-            why = _parameter_problem(path, adapter, name, kind)
-            if why:
-                problems.append(f"{path!r}: {why}")
-                continue
-            assert kind.as_lora is not None  # checked by _parameter_problem
-            ad = kind.as_lora(adapter)
-            module, _, param = name.rpartition(".")
-            for i in range(ad.a.shape[0]) if ad.roles.count("stack") == 2 else [None]:
-                layer = ad if i is None else _adapter.replace(ad, a=ad.a[i], b=ad.b[i], roles=ad.roles[1:])
-                params_of[module.format(i) if i is not None else module][param] = (path, layer)
-            continue
-        if isinstance(adapter, FullWeight):
-            try:
-                name, layout, _ = _torch.param_layout(tuple(path.split("/")), tuple(adapter.value.shape), name_of,
-                                                      None, is_conv)  # fmt: skip
-            except ValueError as e:
-                problems.append(f"{path!r}: {e}")
-                continue
-            value = adapter.value
-            shape = tuple(layout(np.empty(value.shape, np.bool_)).shape)
-            produce = lambda value=value, layout=layout: layout(_safetensors.to_host(value))
-            tensors.append(_safetensors.Tensor(PREFIX + name, shape, np.dtype(value.dtype), produce))
-            whole[name.rsplit(".", 1)[0]] = path
-            continue
-        dora = isinstance(adapter, DoraAdapter)
-        as_lora = (lambda ad: ad.lora) if dora else kind.as_lora  # PEFT's format has DoRA: the LoRA part + m
-        if as_lora is None:
-            problems.append(f"{path!r}: a {type(adapter).__name__} ({kind.name}) has no plain LoRA form for PEFT")
-            continue
-        ad = as_lora(adapter)
-        if "shared" in ad.roles:
-            problems.append(f"{path!r}: an adapter shared along a kernel axis (roles {ad.roles}) has no PEFT form")
-            continue
-        n_stack = ad.roles.count("stack")
-        why = _name_problem(name, n_stack)
-        if why:
-            problems.append(f"{path!r}: {why} (got {name!r})")
-            continue
-        for i in range(ad.a.shape[0]) if n_stack else [None]:
-            module = name.format(i) if n_stack else name
-            if module in modules:
-                problems.append(f"{path!r} and {modules[module][0]!r} both map to module {module!r}")
-                continue
-            a, b = (ad.a, ad.b) if i is None else (ad.a[i], ad.b[i])
-            layer = _torch.layer_kind(path, ad.roles[n_stack:], is_conv)
-            empty = _torch.lora_to_torch(layer, np.empty(a.shape, np.bool_), np.empty(b.shape, np.bool_))
-            for suffix, like in empty.items():
-
-                def produce(a=a, b=b, layer=layer, suffix=suffix) -> np.ndarray:
-                    return _torch.lora_to_torch(layer, _safetensors.to_host(a), _safetensors.to_host(b))[suffix]
-
-                tensors.append(_safetensors.Tensor(f"{PREFIX}{module}.{suffix}", like.shape, np.dtype(a.dtype),
-                                                   produce))  # fmt: skip
-            if dora:
-                if layer == "embedding":
-                    problems.append(f"{path!r}: DoRA on an embedding (PEFT's has a magnitude per row) is not exported")
-                    continue
-                m = adapter.m if i is None else adapter.m[i]
-                shape = (1, m.size) + (1,) * (len(ad.roles) - n_stack - 2) if layer == "conv" else (m.size,)
-                produce_m = lambda m=m, shape=shape: _safetensors.to_host(m).reshape(shape)
-                tensors.append(_safetensors.Tensor(f"{PREFIX}{module}.lora_magnitude_vector", shape,
-                                                   np.dtype(m.dtype), produce_m))  # fmt: skip
-            modules[module] = (path, adapter if dora else ad)
-    for module, adapted in params_of.items():
-        order = [p for p in parameters if p in adapted]
-        for depth, param in enumerate(reversed(order)):  # the last registered is the outermost wrapper
-            path, ad = adapted[param]
-            prefix = f"{PREFIX}{module}{'.base_layer' * depth}"
-            for suffix, array in zip(("lora_A.weight", "lora_B.weight"), expert_factors(ad)):
-                tensors.append(_safetensors.Tensor(f"{prefix}.{suffix}", tuple(array.shape), np.dtype(array.dtype),
-                                                   functools.partial(_safetensors.to_host, array)))  # fmt: skip
-            modules[f"{module}.{param}"] = (path, ad)
+        try:
+            if isinstance(adapter, FullWeight):
+                module, tensor = _whole_tensor(path, adapter, name_of, is_conv)
+                whole[module] = path
+                tensors.append(tensor)
+            elif isinstance(name, str) and name.rpartition(".")[2] in parameters:
+                for module, param, layer in _parameter_layers(path, adapter, name):
+                    params_of[module][param] = (path, layer)
+            else:
+                tensors += _module_tensors(path, adapter, name, is_conv, modules)
+        except ValueError as e:
+            problems.append(f"{path!r}: {e}")
+    tensors += _parameter_tensors(params_of, parameters, modules)
     clash = sorted(set(whole) & set(modules))
     problems += [f"module {m!r} is both LoRA-adapted and trained fully ({whole[m]!r})" for m in clash]
     if ensure_weight_tying and not any(_torch.layer_kind(path, ad.roles, is_conv) == "embedding"
@@ -227,6 +165,91 @@ def to_peft(
         raise ValueError("lora_jax.to_peft: cannot export:" + "".join(f"\n  {p}" for p in problems))
     config = _config(modules, sorted(whole), base_model_name_or_path, task_type, targeted=set(params_of))
     config["ensure_weight_tying"] = bool(ensure_weight_tying)
+    _write(directory, tensors, config)
+
+
+def _whole_tensor(path: str, adapter: FullWeight, name_of: Callable, is_conv: Any) -> tuple[str, _safetensors.Tensor]:
+    """``(module, tensor)``: a fully trained parameter in PyTorch's layout."""
+    name, layout, _ = _torch.param_layout(tuple(path.split("/")), tuple(adapter.value.shape), name_of, None, is_conv)
+    value = adapter.value
+    shape = tuple(layout(np.empty(value.shape, np.bool_)).shape)
+    produce = lambda: layout(_safetensors.to_host(value))
+    return name.rsplit(".", 1)[0], _safetensors.Tensor(PREFIX + name, shape, np.dtype(value.dtype), produce)
+
+
+def _module_tensors(path: str, adapter: Any, name: Any, is_conv: Any, modules: dict) -> list[_safetensors.Tensor]:
+    """The tensors of an adapter on the module ``name`` (one per layer of a stacked kernel):
+    ``lora_A``/``lora_B`` and the kind's own (:class:`lora_jax.extend.PeftForm`); each module
+    is recorded in ``modules``."""
+    kind = _adapter.kind_of(adapter)
+    form = kind.peft
+    if form is None:
+        if kind.as_lora is None:
+            raise ValueError(f"a {type(adapter).__name__} ({kind.name}) has no plain LoRA form for PEFT")
+        adapter = kind.as_lora(adapter)
+    if "shared" in adapter.roles:
+        raise ValueError(f"an adapter shared along a kernel axis (roles {adapter.roles}) has no PEFT form")
+    n_stack = adapter.roles.count("stack")
+    why = _name_problem(name, n_stack)
+    if why:
+        raise ValueError(f"{why} (got {name!r})")
+    tensors = []
+    for i in range(adapter.a.shape[0]) if n_stack else [None]:
+        module = name.format(i) if n_stack else name
+        if module in modules:
+            raise ValueError(f"it and {modules[module][0]!r} both map to module {module!r}")
+        ad = adapter if i is None else _adapter.stack_entry(adapter, i)
+        layer = _torch.layer_kind(path, ad.roles, is_conv)
+        own = form.tensors(ad, layer) if form else {}
+        factors = _torch.lora_to_torch(layer, np.empty(ad.a.shape, np.bool_), np.empty(ad.b.shape, np.bool_))
+        for suffix, like in factors.items():
+
+            def produce(ad=ad, layer=layer, suffix=suffix) -> np.ndarray:
+                return _torch.lora_to_torch(layer, _safetensors.to_host(ad.a), _safetensors.to_host(ad.b))[suffix]
+
+            tensors.append(_safetensors.Tensor(f"{PREFIX}{module}.{suffix}", like.shape, np.dtype(ad.a.dtype), produce))
+        tensors += [_safetensors.Tensor(f"{PREFIX}{module}.{suffix}", tuple(x.shape), np.dtype(x.dtype),
+                                        functools.partial(_safetensors.to_host, x))
+                    for suffix, x in own.items()]  # fmt: skip
+        modules[module] = (path, ad)
+    return tensors
+
+
+def _parameter_layers(path: str, adapter: Any, name: str) -> list[tuple[str, str, Adapter]]:
+    """``[(module, parameter, adapter)]`` of a PEFT ``target_parameters`` entry (one per layer of
+    a stacked kernel)."""
+    kind = _adapter.kind_of(adapter)
+    why = _parameter_problem(adapter, name, kind)
+    if why:
+        raise ValueError(why)
+    assert kind.as_lora is not None  # checked by _parameter_problem
+    ad = kind.as_lora(adapter)
+    module, _, param = name.rpartition(".")
+    if ad.roles.count("stack") == 1:
+        return [(module, param, ad)]
+    return [(module.format(i), param, _adapter.stack_entry(ad, i)) for i in range(ad.a.shape[0])]
+
+
+def _parameter_tensors(params_of: dict, parameters: Sequence[str], modules: dict) -> list[_safetensors.Tensor]:
+    """The nested wrappers of each module's adapted parameters, the last registered outermost;
+    each recorded in ``modules`` as ``<module>.<parameter>``."""
+    tensors = []
+    for module, adapted in params_of.items():
+        order = [p for p in parameters if p in adapted]
+        for depth, param in enumerate(reversed(order)):
+            path, ad = adapted[param]
+            prefix = f"{PREFIX}{module}{'.base_layer' * depth}"
+            for suffix, array in zip(("lora_A.weight", "lora_B.weight"), expert_factors(ad)):
+                tensors.append(_safetensors.Tensor(f"{prefix}.{suffix}", tuple(array.shape), np.dtype(array.dtype),
+                                                   functools.partial(_safetensors.to_host, array)))  # fmt: skip
+            modules[f"{module}.{param}"] = (path, ad)
+    return tensors
+
+
+def _write(directory: str | os.PathLike, tensors: list[_safetensors.Tensor], config: dict) -> None:
+    """The weights first, then the config: each replaced atomically, and the weights record the
+    config's fields that change the math, so a crash between the two renames is detected by
+    :func:`from_peft`."""
     try:
         config_bytes = json.dumps(config, indent=2, sort_keys=True, allow_nan=False).encode()
     except (TypeError, ValueError) as e:
@@ -238,17 +261,15 @@ def to_peft(
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
         raise type(e)(f"lora_jax.to_peft: cannot create the directory {directory!r}: {e.strerror or e}") from None
-    # The weights first, then the config: each replaced atomically, and the weights record the
-    # config's fields that change the math, so a crash between the two renames is detected by from_peft.
-    meta = {"format": "pt", PAIRED: json.dumps({k: config[k] for k in MATH_FIELDS}, sort_keys=True)}
+    meta = {"format": "pt", PAIRED: json.dumps({k: config.get(k) for k in math_fields()}, sort_keys=True)}
     _safetensors.write(os.path.join(directory, WEIGHTS), tensors, meta, "lora_jax.to_peft")
     if jax.process_index() == 0:
         _safetensors.atomic_write(os.path.join(directory, CONFIG), lambda f: f.write(config_bytes), "lora_jax.to_peft")
 
 
-def _parameter_problem(path: str, adapter: Any, name: str, kind: Any) -> str | None:
+def _parameter_problem(adapter: Any, name: str, kind: Any) -> str | None:
     """Why an adapter cannot be written as a PEFT ``target_parameters`` entry (``None``: it can)."""
-    if isinstance(adapter, DoraAdapter) or kind.as_lora is None:
+    if kind.peft is not None or kind.as_lora is None:
         return f"a {type(adapter).__name__} on a parameter target; PEFT's target_parameters take plain LoRA only"
     roles = kind.as_lora(adapter).roles
     n_stack = roles.count("stack")
@@ -308,9 +329,11 @@ def _config(modules: dict[str, tuple[str, Any]], whole: list[str], base_model: s
     rslora = {ad.rslora for ad in ads}
     if len(rslora) > 1:
         raise ValueError("lora_jax.to_peft: adapters mix rsLoRA and plain LoRA scaling; PEFT has one use_rslora flag.")
-    dora = {isinstance(ad, DoraAdapter) for ad in ads}
-    if len(dora) > 1:
-        raise ValueError("lora_jax.to_peft: adapters mix DoRA and plain LoRA; PEFT has one use_dora flag.")
+    forms = {_form_config(ad) for ad in ads}
+    if len(forms) > 1:
+        kinds = sorted({_adapter.kind_of(ad).name for ad in ads})
+        raise ValueError(f"lora_jax.to_peft: adapters mix the kinds {kinds}, which PEFT's config tells apart by "
+                         f"{sorted({k for form in forms for k, _ in form})}: one kind per directory.")  # fmt: skip
     common: Callable[[Any], Any] = lambda values: collections.Counter(values).most_common(1)[0][0]
     r, alpha = common(ad.rank for ad in ads), common(ad.alpha for ad in ads)
     is_param = lambda name: name.rpartition(".")[0] in targeted
@@ -328,6 +351,22 @@ def _config(modules: dict[str, tuple[str, Any]], whole: list[str], base_model: s
                           if ad.alpha != alpha and not is_param(m)},
         "lora_dropout": common(ad.dropout for ad in ads), "bias": "none",
         "fan_in_fan_out": bool(linear) and all(ad.roles[ad.roles.count("stack") :] == ("out", "in") for ad in linear),
-        "init_lora_weights": True, "inference_mode": True, "modules_to_save": whole or None, "use_dora": dora.pop(),
-        "base_model_name_or_path": base_model, "task_type": task_type,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": whole or None,
+        "base_model_name_or_path": base_model, "task_type": task_type, **dict(forms.pop()),
     }  # fmt: skip
+
+
+def _form_config(adapter: Any) -> tuple:
+    """The PEFT config fields that mark an adapter's kind, as sorted items."""
+    form = _adapter.kind_of(adapter).peft
+    return tuple(sorted(form.config.items())) if form else ()
+
+
+def form_fields() -> dict[str, Any]:
+    """``{field: kind}`` of the PEFT config fields that registered kinds set."""
+    return {k: kind for kind in _adapter.kinds() if kind.peft for k in kind.peft.config}
+
+
+def math_fields() -> tuple[str, ...]:
+    """The config fields that change the math: those recorded in the weights file."""
+    return MATH_FIELDS + tuple(sorted(form_fields()))

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import _adapter
-from lora_jax._dora import DoraAdapter
 from lora_jax._full import FullWeight
 from lora_jax._lora import Adapter
 
@@ -29,18 +28,17 @@ def portable(by_path: dict[str, Any], where: str) -> dict[str, Any]:
     """``{path: adapter}`` as plain LoRA adapters of one rank and one alpha with the same ``ΔW``.
 
     Raises:
-      ValueError: naming each DoRA adapter, fully trained parameter or kind without a plain
-        LoRA form (vLLM refuses ``use_dora`` and ``modules_to_save``).
+      ValueError: naming each fully trained parameter and each adapter of a kind without a
+        plain LoRA form, such as DoRA (vLLM refuses ``use_dora`` and ``modules_to_save``).
     """
     problems, plain = [], {}
     for path, adapter in by_path.items():
         kind = _adapter.kind_of(adapter)
         if isinstance(adapter, FullWeight):
             problems.append(f"{path!r}: a fully trained parameter (modules_to_save), which vLLM refuses")
-        elif isinstance(adapter, DoraAdapter):
-            problems.append(f"{path!r}: a DoRA adapter (use_dora), which vLLM refuses; merge it instead")
         elif kind.as_lora is None:
-            problems.append(f"{path!r}: a {type(adapter).__name__} ({kind.name}) has no plain LoRA form")
+            problems.append(f"{path!r}: a {type(adapter).__name__} ({kind.name}) has no plain LoRA form; merge it "
+                            "instead")  # fmt: skip
         else:
             plain[path] = kind.as_lora(adapter)
     if problems:

@@ -29,7 +29,6 @@ import numpy as np
 
 from lora_jax import _adapter, _lora, _merge, _paths, _quant
 from lora_jax._config import LoraConfig, check_key
-from lora_jax._dora import DoraAdapter
 
 _WHERE = "lora_jax.init_residual"
 
@@ -92,12 +91,11 @@ def init_residual(
         if "roles" not in _adapter.static(adapter):
             adapters.append((keys[path], adapter))  # a FullWeight
             continue
-        lora = adapter.lora if hasattr(adapter, "lora") else adapter
         kernel = kernels[path]
-        a, b = _factors(method, kernel, lora, jax.random.fold_in(key, zlib.crc32(path.encode())))
-        new = _adapter.replace(adapter, a=a.astype(lora.a.dtype), b=b.astype(lora.b.dtype))
+        a, b = _factors(method, kernel, adapter, jax.random.fold_in(key, zlib.crc32(path.encode())))
+        new = _adapter.replace(adapter, a=a.astype(adapter.a.dtype), b=b.astype(adapter.b.dtype))
         adapters.append((keys[path], new))
-        moved = _lora.delta(_adapter.replace(lora, a=new.a, b=new.b))
+        moved = _lora.delta(new)
         residual[path] = (jnp.asarray(kernel, jnp.float32) - moved).astype(kernel.dtype)
 
     def swap(keypath: Any, leaf: Any) -> Any:
@@ -109,8 +107,9 @@ def init_residual(
 def convert_to_lora(trained: Any, initial: Any) -> dict:
     """A trained adapter tree of a residual base (:func:`init_residual`) as LoRA adapters of the
     original base, ``ΔW = scale · (a⋅b - a₀⋅b₀)`` exactly: ``a' = [a | a₀]``, ``b' = [b | -b₀]``
-    (the rank doubles), ``alpha`` doubled (×√2 with rsLoRA) so the scale is unchanged; DoRA
-    adapters stay DoRA with their magnitudes. PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)``
+    (the rank doubles), ``alpha`` doubled (×√2 with rsLoRA) so the scale is unchanged. Kinds that
+    extend :class:`Adapter` (DoRA) keep their other arrays: they see ``W + scale·a⋅b``, which is
+    unchanged. PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)``
     writes the same adapter.
 
     Args:
@@ -129,10 +128,10 @@ def convert_to_lora(trained: Any, initial: Any) -> dict:
     out = []
     for path, full in now.items():
         full0 = then[path]
-        if type(full) is not type(full0) or not isinstance(full, (_lora.Adapter, DoraAdapter)):
+        if type(full) is not type(full0) or not isinstance(full, _lora.Adapter):
             found = f"{type(full).__name__} (initially {type(full0).__name__})"
-            raise ValueError(f"{where}: {path!r} is a {found}; LoRA and DoRA adapters convert.")
-        ad, ad0 = (x.lora if isinstance(x, DoraAdapter) else x for x in (full, full0))
+            raise ValueError(f"{where}: {path!r} is a {found}; LoRA adapters (and kinds extending them) convert.")
+        ad, ad0 = full, full0
         same = (ad.rank, ad.alpha, ad.roles, ad.rslora, ad.a.shape, ad.b.shape)
         if same != (ad0.rank, ad0.alpha, ad0.roles, ad0.rslora, ad0.a.shape, ad0.b.shape):
             raise ValueError(f"{where}: {path!r}: the trained adapter ({_merge.describe(ad)}, rank {ad.rank}, alpha "
@@ -141,7 +140,7 @@ def convert_to_lora(trained: Any, initial: Any) -> dict:
         a = jnp.concatenate([ad.a, ad0.a.astype(ad.a.dtype)], axis=-1)
         b = jnp.concatenate([ad.b, -ad0.b.astype(ad.b.dtype)], axis=n)
         alpha = ad.alpha * (2**0.5 if ad.rslora else 2)
-        # DoRA: V = W_res + s·a⋅b = W + s·(a⋅b - a₀⋅b₀) is unchanged, and so is the magnitude.
+        # W_res + s·a⋅b = W + s·(a⋅b - a₀⋅b₀): what a kind extending Adapter sees is unchanged.
         out.append((keys[path], _adapter.replace(full, a=a, b=b, rank=2 * ad.rank, alpha=alpha)))
     return _paths.nest(out, where)
 

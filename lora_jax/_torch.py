@@ -135,10 +135,9 @@ def merge_into(path: str, adapter: Any, weight: np.ndarray, module: str, *, inde
       ValueError: if the adapter is for a tensor of another shape, or has no PyTorch layout.
     """
     kind = _adapter.kind_of(adapter)
-    if index is not None:  # one layer of a kernel stacked by nn.scan: every array's leading axis
-        adapter = jax.tree.map(lambda x: x[index], adapter)
-        if hasattr(adapter, "roles"):
-            adapter = _adapter.replace(adapter, roles=adapter.roles[1:])
+    if index is not None:  # one layer of a kernel stacked by nn.scan
+        slice_ = lambda ad: jax.tree.map(lambda x: x[index], ad)  # a kind without roles: every array's first axis
+        adapter = _adapter.stack_entry(adapter, index) if hasattr(adapter, "roles") else slice_(adapter)
     if hasattr(adapter, "roles"):
         shape, roles = _adapter.full_shape(adapter), {path: adapter.roles}
     else:  # a kind without roles (a fully trained parameter) holds the whole value

@@ -18,7 +18,7 @@ def _trained(params, config=DORA, roles=None, seed=0):
     """A 'trained' DoRA tree: a, b random, m positive and away from ‖W‖."""
     tree = lj.init(jax.random.key(seed), params, config, roles=roles)
     tree = randomize(tree, jax.random.key(seed + 1), std=0.3)
-    return jax.tree.map(lambda ad: lj.DoraAdapter(ad.a, ad.b, jnp.abs(ad.m) + 0.5, rank=ad.rank, alpha=ad.alpha,
+    return jax.tree.map(lambda ad: lj.DoraAdapter(ad.a, ad.b, m=jnp.abs(ad.m) + 0.5, rank=ad.rank, alpha=ad.alpha,
                                                    roles=ad.roles, rslora=ad.rslora),
                         tree, is_leaf=lambda x: isinstance(x, lj.DoraAdapter))  # fmt: skip
 
@@ -165,10 +165,10 @@ def test_bad_input(tmp_path):
         lj.combine([lora, lora], [1.0, 1.0], "cat")
     head_only = {"head": lora["head"]}
     plain = lj.init(jax.random.key(2), params, lj.LoraConfig(rank=2, targets="emb/embedding"))
-    with pytest.raises(ValueError, match="mix DoRA and plain LoRA"):
+    with pytest.raises(ValueError, match=r"mix the kinds \[.dora., .lora.\], which PEFT.s config tells apart by \[.use_dora.\]"):
         lj.to_peft(tmp_path / "mixed", {**plain, **head_only})
     with pytest.raises(ValueError, match="m has shape \\(2,\\), expected \\(3,\\)"):
-        lj.DoraAdapter(jnp.zeros((4, 2)), jnp.zeros((2, 3)), jnp.ones(2), rank=2, alpha=1.0)
+        lj.DoraAdapter(jnp.zeros((4, 2)), jnp.zeros((2, 3)), m=jnp.ones(2), rank=2, alpha=1.0)
     lj.to_peft(tmp_path / "dora", head_only)
     from safetensors.numpy import load_file, save_file
 
@@ -248,10 +248,10 @@ def test_a_zero_column_is_the_limit_not_nan():
     # Trained: b's column 2 still zero, so V's column 2 stays zero; compare with the model without it.
     trained = randomize(fresh, jax.random.key(3), 0.3)
     ad = trained["kernel"]
-    ad = lj.DoraAdapter(ad.a, ad.b.at[:, 2].set(0.0), ad.m, rank=2, alpha=ad.alpha)
+    ad = lj.DoraAdapter(ad.a, ad.b.at[:, 2].set(0.0), m=ad.m, rank=2, alpha=ad.alpha)
     keep = jnp.array([0, 1, 3, 4])
     rest_params = {"kernel": kernel[:, keep], "bias": params["bias"][keep]}
-    rest = lj.DoraAdapter(ad.a, ad.b[:, keep], ad.m[keep], rank=2, alpha=ad.alpha)
+    rest = lj.DoraAdapter(ad.a, ad.b[:, keep], m=ad.m[keep], rank=2, alpha=ad.alpha)
 
     def loss(ad, params, n):
         return jnp.sum(jnp.sin(lj.wrap(nn.Dense(n).apply, compute="factored")({"params": params, "lora": {"kernel": ad}}, x)))

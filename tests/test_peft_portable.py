@@ -66,7 +66,7 @@ def test_portable_export_has_one_rank_one_alpha_and_the_same_delta(tmp_path):
 def test_portable_refuses_what_vllm_refuses(tmp_path):
     params = {"q": {"kernel": np.ones((8, 4), np.float32)}}
     dora = lj.init(jax.random.key(0), params, lj.LoraConfig(rank=2, use_dora=True))
-    with pytest.raises(ValueError, match=r"'q/kernel': a DoRA adapter \(use_dora\), which vLLM refuses"):
+    with pytest.raises(ValueError, match=r"'q/kernel': a DoraAdapter \(dora\) has no plain LoRA form; merge it"):
         lj.to_peft(tmp_path / "d", dora, portable=True)
     full = {"q": {"kernel": lj.FullWeight(np.ones((8, 4), np.float32))}}
     with pytest.raises(ValueError, match="modules_to_save"):
