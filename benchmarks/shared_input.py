@@ -28,8 +28,8 @@ def branches(fused: bool):
             d, r = a.shape[1], a.shape[2]
             u = x @ jnp.transpose(a, (1, 0, 2)).reshape(d, 3 * r)  # one GEMM
             ys = [u[:, i * r : (i + 1) * r] @ b[i] for i in range(3)]
-        else:  # what wrap computes today: lj.lowrank per layer (its hand-written backward)
-            ys = [lj.lowrank(lj.Einsum("ni,io->no", x), a[i], b[i], 1.0) for i in range(3)]
+        else:  # what wrap computes today: lj.extend.lowrank per layer (its hand-written backward)
+            ys = [lj.extend.lowrank(lj.extend.Einsum("ni,io->no", x), a[i], b[i], 1.0) for i in range(3)]
         return sum(jnp.sum(y * g[i]) for i, y in enumerate(ys))
 
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))

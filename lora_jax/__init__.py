@@ -8,13 +8,12 @@
 True
 """
 
-from lora_jax._adapter import Kind, kind_of, register_kind
+from lora_jax import extend
 from lora_jax._attach import attach, detach
 from lora_jax._bank import BASE, Bank, bank_index
 from lora_jax._banks import bank, bank_add, bank_get, bank_remove, bank_set, bank_to_peft
 from lora_jax._combine import combine
 from lora_jax._config import LoraConfig
-from lora_jax._cost import Usage, lowrank_costs
 from lora_jax._dora import DoraAdapter
 from lora_jax._export import load_params, save_params
 from lora_jax._from_peft import from_peft
@@ -30,7 +29,6 @@ from lora_jax._peft_portable import check_portable
 from lora_jax._quant import Quantized, dequantize, merge_quantized, quantize, quantized_shardings
 from lora_jax._residual import convert_to_lora, init_residual
 from lora_jax._sharding import adapter_shardings
-from lora_jax._specs import Conv, Einsum, Lookup, lowrank
 from lora_jax._summary import Summary, TargetSummary, summary
 from lora_jax._wrap import axis_roles, wrap
 
@@ -38,23 +36,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
-    "BASE",
-    "Bank",
-    "Conv",
-    "DoraAdapter",
-    "Einsum",
-    "FullWeight",
-    "Kind",
-    "Lookup",
-    "Quantized",
-    "LoraConfig",
-    "Summary",
-    "TargetSummary",
-    "Usage",
     "adapter_shardings",
     "apply_lora",
     "attach",
     "axis_roles",
+    "Bank",
     "bank",
     "bank_add",
     "bank_get",
@@ -62,28 +48,32 @@ __all__ = [
     "bank_remove",
     "bank_set",
     "bank_to_peft",
+    "BASE",
     "check_portable",
     "combine",
     "convert_to_lora",
     "dequantize",
     "detach",
+    "DoraAdapter",
+    "extend",
     "from_peft",
+    "FullWeight",
     "init",
     "init_residual",
-    "kind_of",
     "load",
-    "loraplus",
-    "lowrank",
-    "lowrank_costs",
-    "merge_quantized",
     "load_params",
+    "LoraConfig",
+    "loraplus",
+    "merge_quantized",
     "optimizer",
     "quantize",
+    "Quantized",
     "quantized_shardings",
-    "register_kind",
     "save",
     "save_params",
+    "Summary",
     "summary",
+    "TargetSummary",
     "to_gguf",
     "to_gguf_lora",
     "to_peft",

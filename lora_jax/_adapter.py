@@ -42,7 +42,7 @@ class Kind(NamedTuple):
       unmerge: ``(merged kernel, adapter) -> kernel``, the inverse of ``merge``; ``None`` if
         the kind has none (:func:`unmerge` then refuses it).
       output: ``(layer, base_output, kernel, adapter, dropout) -> output``: the adapted
-        output of a layer call described by ``layer`` (a spec such as ``lj.Einsum``, which
+        output of a layer call described by ``layer`` (a spec such as ``lj.extend.Einsum``, which
         holds the layer's input), without forming the merged kernel; ``dropout`` is the
         function to apply to the input. ``None``: the kind is applied by merging (e.g. a
         parameter trained fully).
@@ -50,7 +50,7 @@ class Kind(NamedTuple):
         if it has none.
       costs: ``(adapter, usages) -> (factored, merged)``: the training FLOPs of the factored
         output and of merging into the kernel inside the step, over the calls ``usages``
-        (``lj.Usage``; see ``lj.lowrank_costs``); ``wrap(compute="auto")`` merges when the
+        (``lj.extend.Usage``; see ``lj.extend.lowrank_costs``); ``wrap(compute="auto")`` merges when the
         second is lower. ``None``: always factored.
       frozen: the names of arrays that are data but not trained (a bank's per-adapter
         scales): the kind's output stops their gradient, :func:`lora_jax.optimizer` leaves
@@ -117,7 +117,7 @@ def register_kind(cls: type, kind: Kind) -> type:
 
     Example:
       >>> import lora_jax as lj
-      >>> lj.kind_of(lj.Adapter).name
+      >>> lj.extend.kind_of(lj.Adapter).name
       'lora'
     """
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):

@@ -61,7 +61,7 @@ def lowrank_costs(usages: Sequence[Usage], rank: int) -> tuple[float, float]:
 
     Example:
       >>> import lora_jax as lj
-      >>> lj.lowrank_costs([lj.Usage(tokens=1024, fan_in=256, fan_out=256)], rank=64)
+      >>> lj.extend.lowrank_costs([lj.extend.Usage(tokens=1024, fan_in=256, fan_out=256)], rank=64)
       (201326592.0, 159383552.0)
     """
     factored = merged = 0.0

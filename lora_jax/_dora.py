@@ -140,40 +140,21 @@ def output(layer: _specs.Spec, base: jax.Array, kernel: jax.Array, ad: DoraAdapt
     factor = jnp.where(nonzero.reshape(ad.m.shape), ad.m.astype(jnp.float32) / n.reshape(ad.m.shape), 0.0)
     rank_axis = ad.b.ndim - ad.roles.count("out") - 1  # b: (stack..., r, out...), factor: (stack..., out...)
     b = (ad.b.astype(jnp.float32) * jnp.expand_dims(factor, rank_axis)).astype(ad.b.dtype)
-    placed = _output_axes(layer, ad.roles)(factor)  # float32: a bf16 factor would round every output by 2^-8
+    place = _specs.per_output(layer, ad.roles)
+    if place is None:
+        lookup = isinstance(layer, _specs.Lookup)
+        what = "an embedding lookup" if lookup else "a layer that does not map its input by x⋅W"
+        raise ValueError(
+            f"DoRA adapts linear layers and convolutions (a magnitude per output feature); this is {what} (e.g. "
+            "Embed, or a tied head's attend). Leave it out of the DoRA targets, or adapt it with plain LoRA."
+        )
+    placed = place(factor)  # float32: a bf16 factor would round every output by 2^-8
     out = placed * base.astype(jnp.float32)
     bias = getattr(layer, "bias", None)
     if bias is not None:
         out = out + (1 - placed) * jnp.asarray(bias, jnp.float32)
     branch = _specs.lowrank(layer, ad.a, b, ad.scale, dropout=dropout)
     return (out + branch.astype(jnp.float32)).astype(base.dtype)
-
-
-def _output_axes(layer: _specs.Spec, roles: Roles):
-    """A function placing an array over the kernel's ``(stack..., out...)`` axes into the layer
-    output's layout (size-1 axes elsewhere); a ``ValueError`` for layers DoRA does not adapt."""
-    if isinstance(layer, _specs.Conv):
-        return lambda f: f  # channels last: (out,) broadcasts
-    if isinstance(layer, _specs.Grouped):  # (experts, out): each row takes its expert's
-        return lambda f: f[jnp.minimum(layer.group_ids(), f.shape[0] - 1)]
-    if isinstance(layer, _specs.Einsum):
-        xs, ks, ys = _specs._parse(layer.equation, jnp.ndim(layer.x))
-        ins = {c for c, r in zip(ks, roles) if r == "in"}
-        kept = [c for c, r in zip(ks, roles) if r != "in"]
-        if {c for c in ks if c in xs and c not in ys} == ins and all(c in ys for c in kept):
-            order = sorted(range(len(kept)), key=lambda j: ys.index(kept[j]))
-
-            def place(f: jax.Array) -> jax.Array:
-                f = jnp.transpose(f, order)
-                sizes = dict(zip([kept[j] for j in order], f.shape))
-                return f.reshape(tuple(sizes.get(c, 1) for c in ys))
-
-            return place
-    what = "an embedding lookup" if isinstance(layer, _specs.Lookup) else "a layer that does not map its input by x⋅W"
-    raise ValueError(
-        f"DoRA adapts linear layers and convolutions (a magnitude per output feature); this is {what} (e.g. "
-        "Embed, or a tied head's attend). Leave it out of the DoRA targets, or adapt it with plain LoRA."
-    )
 
 
 def peft_tensors(ad: DoraAdapter, layer: str) -> dict[str, Any]:

@@ -184,7 +184,7 @@ def _parse_entry(path_str: str, entry: Any) -> tuple:
     if cls is None:
         known = _adapter.kind_names()
         raise _Invalid(f"adapter kind {kind!r} is not registered in this program (known: {known}); "
-                       "register it with lj.register_kind before loading")  # fmt: skip
+                       "register it with lj.extend.register_kind before loading")  # fmt: skip
     if not isinstance(static, dict) or set(static) - set(_adapter.field_names(cls, static=True)):
         raise _Invalid(f"static fields {static!r} are not those of a {cls.__name__}")
     crc = entry.get("crc32")  # version 1: a checksum per array in the entry

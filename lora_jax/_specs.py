@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -124,7 +125,7 @@ def lowrank(spec: Spec, a: jax.Array, b: jax.Array, scale: float, *, dropout=Non
     Example:
       >>> import jax.numpy as jnp, lora_jax as lj
       >>> x, a, b = jnp.ones((2, 3)), jnp.ones((3, 1)), jnp.ones((1, 4))
-      >>> lj.lowrank(lj.Einsum("ni,io->no", x), a, b, 0.5)
+      >>> lj.extend.lowrank(lj.extend.Einsum("ni,io->no", x), a, b, 0.5)
       Array([[1.5, 1.5, 1.5, 1.5],
              [1.5, 1.5, 1.5, 1.5]], dtype=float32)
     """
@@ -139,6 +140,32 @@ def lowrank(spec: Spec, a: jax.Array, b: jax.Array, scale: float, *, dropout=Non
     ids = spec.ids
     u = jnp.take(a, ids, axis=0).reshape(-1, a.shape[-1])
     return _outer(_scaled(u, scale), b).reshape(jnp.shape(ids) + b.shape[1:])
+
+
+def per_output(spec: Spec, roles: Roles) -> Callable[[jax.Array], jax.Array] | None:
+    """A function placing an array over the kernel's ``(stack..., out...)`` axes (one value per
+    output feature, such as DoRA's magnitude) into the layout of the use's output (size-1 axes
+    elsewhere), so that it broadcasts against it; ``None`` for a use whose output features are
+    not the kernel's out axes (an embedding lookup, an einsum that reduces them)."""
+    if isinstance(spec, Conv):
+        return lambda f: f  # channels last: (out,) broadcasts
+    if isinstance(spec, Grouped):  # (experts, out): each row takes its expert's
+        return lambda f: f[jnp.minimum(spec.group_ids(), f.shape[0] - 1)]
+    if not isinstance(spec, Einsum):
+        return None
+    xs, ks, ys = _parse(spec.equation, jnp.ndim(spec.x))
+    ins = {c for c, r in zip(ks, roles) if r == "in"}
+    kept = [c for c, r in zip(ks, roles) if r != "in"]
+    if {c for c in ks if c in xs and c not in ys} != ins or not all(c in ys for c in kept):
+        return None
+    order = sorted(range(len(kept)), key=lambda j: ys.index(kept[j]))
+
+    def place(f: jax.Array) -> jax.Array:
+        f = jnp.transpose(f, order)
+        sizes = dict(zip([kept[j] for j in order], f.shape))
+        return f.reshape(tuple(sizes.get(c, 1) for c in ys))
+
+    return place
 
 
 # ---- the 2-D low-rank product with a hand-written backward pass ---------------------------

@@ -43,7 +43,7 @@ def wrap(fn: Any, *, strict: bool = True, compute: str = "auto", trainable: Any 
     Each call chooses, per adapted kernel, the cheaper of the factored branch and merging
     inside the call (``compute="auto"``): merging pays off only for ranks above
     ``in·out / (3·(in + out))``, and only then is the program first evaluated abstractly to
-    count each use's tokens (``lj.lowrank_costs``). ``"factored"``/``"merged"`` force one form.
+    count each use's tokens (``lj.extend.lowrank_costs``). ``"factored"``/``"merged"`` force one form.
 
     Keywords of the returned function: ``lora_training`` (default ``False``): LoRA dropout on
     the branch input at each adapter's ``dropout`` rate (PEFT's semantics); ``lora_rng``: its

@@ -5,6 +5,7 @@ import dataclasses
 import warnings
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,15 +39,15 @@ def _product(ad):
     return ad.scale * (ad.a.astype(jnp.float32) @ ad.b.astype(jnp.float32))
 
 
-lj.register_kind(
+lj.extend.register_kind(
     GainLoRA,
-    lj.Kind(
+    lj.extend.Kind(
         name="test_gain_lora",
         axes=lambda ad: {"a": (0, None), "b": (None, 1), "g": (1,)},
         merge=lambda w, ad: w * ad.g + _product(ad),
         unmerge=lambda w, ad: (w - _product(ad)) / ad.g,
         output=lambda layer, base, kernel, ad, dropout: base * ad.g.astype(base.dtype)
-        + lj.lowrank(layer, ad.a, ad.b, ad.scale, dropout=dropout).astype(base.dtype),
+        + lj.extend.lowrank(layer, ad.a, ad.b, ad.scale, dropout=dropout).astype(base.dtype),
     ),
 )
 
@@ -125,11 +126,11 @@ def test_a_kind_without_a_plain_lora_form_is_not_exported_to_peft(tmp_path):
 
 def test_register_kind_bad_input():
     with pytest.raises(TypeError, match=r"lora_jax\.register_kind: cls must be a dataclass type"):
-        lj.register_kind(int, lj.kind_of(GainLoRA))
+        lj.extend.register_kind(int, lj.extend.kind_of(GainLoRA))
     with pytest.raises(ValueError, match=r"the name 'lora' is taken by Adapter"):
-        lj.register_kind(GainLoRA, lj.kind_of(lj.Adapter))
+        lj.extend.register_kind(GainLoRA, lj.extend.kind_of(lj.Adapter))
     with pytest.raises(TypeError, match=r"str is not an adapter kind"):
-        lj.kind_of("a")
+        lj.extend.kind_of("a")
     with pytest.raises(TypeError, match=r"register_kind: .*NotAPytree is not a pytree node; decorate it with "
                                         r"@jax.tree_util.register_dataclass"):  # fmt: skip
 
@@ -137,7 +138,7 @@ def test_register_kind_bad_input():
         class NotAPytree:
             g: Any
 
-        lj.register_kind(NotAPytree, lj.Kind(name="test_not_a_pytree", axes=lambda ad: {"g": (1,)},
+        lj.extend.register_kind(NotAPytree, lj.extend.Kind(name="test_not_a_pytree", axes=lambda ad: {"g": (1,)},
                                              merge=lambda w, ad: w, unmerge=None))  # fmt: skip
 
 
@@ -145,21 +146,85 @@ def test_register_kind_bad_input():
 @dataclasses.dataclass(frozen=True, eq=False)
 class Gain:
     """IA³-like: a trained gain per output feature, ``W' = W·diag(g)``; its one array follows
-    the kernel's out axis only, so the kernel's in size is not known from the adapter."""
+    the kernel's out axes only, so the kernel's in size is not known from the adapter."""
 
     g: Any
+    roles: tuple = dataclasses.field(default=("in", "out"), metadata=dict(static=True))
 
 
-lj.register_kind(
+def _gain_in_kernel_layout(ad):
+    return ad.g.reshape(tuple(n if r == "out" else 1 for n, r in zip(_out_sizes(ad), ad.roles)))
+
+
+def _out_sizes(ad):
+    sizes = iter(ad.g.shape)
+    return [next(sizes) if r == "out" else 1 for r in ad.roles]
+
+
+def _gain_output(layer, base, kernel, ad, dropout):
+    place = lj.extend.per_output(layer, ad.roles)
+    if place is None:
+        raise ValueError("a gain per output feature needs a use whose output features are the kernel's out axes")
+    return base * place(ad.g).astype(base.dtype)
+
+
+lj.extend.register_kind(
     Gain,
-    lj.Kind(
+    lj.extend.Kind(
         name="test_gain",
-        axes=lambda ad: {"g": (1,)},
-        merge=lambda w, ad: w * ad.g,
-        unmerge=lambda w, ad: w / ad.g,
-        output=lambda layer, base, kernel, ad, dropout: base * ad.g.astype(base.dtype),
+        axes=lambda ad: {"g": tuple(i for i, r in enumerate(ad.roles) if r == "out")},
+        merge=lambda w, ad: w * _gain_in_kernel_layout(ad),
+        unmerge=lambda w, ad: w / _gain_in_kernel_layout(ad),
+        output=_gain_output,
+        create=lambda lora, kernel: Gain(
+            jnp.ones([n for n, r in zip(kernel.shape, lora.roles) if r == "out"], lora.a.dtype), roles=lora.roles
+        ),
     ),
 )
+
+
+def test_a_kind_defined_outside_lora_jax_from_config_to_export(tmp_path):
+    """The IA³-like kind above, registered here only: made by init from the config, trained
+    factored under jit, merged, saved, loaded and exported as merged parameters."""
+    config = lj.LoraConfig(kind="test_gain", rank=1)
+    gains = lj.init(jax.random.key(0), PARAMS, config)
+    assert isinstance(gains["fc1"]["kernel"], Gain) and gains["fc1"]["kernel"].g.shape == (16,)
+    chex.assert_trees_all_equal(lj.apply_lora(PARAMS, gains), PARAMS)  # a fresh gain changes nothing
+    apply = lj.wrap(MODEL.apply, compute="factored")
+    loss = lambda lora, params: jnp.mean((apply({"params": params, "lora": lora}, X) - Y) ** 2)
+    merged_loss = lambda lora, params: jnp.mean((MODEL.apply({"params": lj.apply_lora(params, lora)}, X) - Y) ** 2)
+    tx = optax.adam(5e-2)  # on the adapters alone
+
+    @jax.jit
+    def step(lora, state, params):
+        grads = jax.grad(loss)(lora, params)
+        updates, state = tx.update(grads, state, lora)
+        return optax.apply_updates(lora, updates), state
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every use factored: no merge warning
+        chex.assert_trees_all_close(jax.grad(loss)(gains, PARAMS), jax.grad(merged_loss)(gains, PARAMS),
+                                    rtol=1e-5, atol=1e-7)  # fmt: skip
+        state, first = tx.init(gains), loss(gains, PARAMS)
+        trained = gains
+        for _ in range(40):
+            trained, state = step(trained, state, PARAMS)
+    assert loss(trained, PARAMS) < 0.8 * first
+    # Merged against an independent float64 reference: each column of W times its gain.
+    merged = lj.apply_lora(PARAMS, trained)
+    for name in ("fc1", "fc2"):
+        w, g = (np.asarray(x, np.float64) for x in (PARAMS[name]["kernel"], trained[name]["kernel"].g))
+        np.testing.assert_allclose(merged[name]["kernel"], w * g[None, :], rtol=1e-6)
+    np.testing.assert_allclose(apply({"params": PARAMS, "lora": trained}, X), MODEL.apply({"params": merged}, X),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    lj.save(tmp_path / "gain.safetensors", trained)
+    back = lj.load(tmp_path / "gain.safetensors")
+    chex.assert_trees_all_equal(back, trained)
+    lj.save_params(tmp_path / "merged.safetensors", PARAMS, trained)
+    chex.assert_trees_all_close(lj.load_params(tmp_path / "merged.safetensors"), merged, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"'fc1/kernel': a Gain \(test_gain\) has no plain LoRA form for PEFT"):
+        lj.to_peft(tmp_path / "peft", trained)
+    assert not (tmp_path / "peft").exists()
 
 
 def test_a_kind_whose_arrays_follow_some_kernel_axes_only(tmp_path):

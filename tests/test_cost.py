@@ -87,34 +87,34 @@ def _gpt_setup(rank):
 
 def test_the_cost_model_and_its_bound():
     # per token, factored 6·r·(I+O) vs merged 2·I·O: merging can only win above r = I·O / (3(I+O))
-    usage = lj.Usage(tokens=10**6, fan_in=256, fan_out=256)
-    factored, merged = lj.lowrank_costs([usage], 42)
+    usage = lj.extend.Usage(tokens=10**6, fan_in=256, fan_out=256)
+    factored, merged = lj.extend.lowrank_costs([usage], 42)
     assert factored < merged  # 42 < 42.67
-    factored, merged = lj.lowrank_costs([usage], 43)
+    factored, merged = lj.extend.lowrank_costs([usage], 43)
     assert merged < factored
-    assert lj.lowrank_costs([lj.Usage(1, 256, 256)], 256)[0] < lj.lowrank_costs([lj.Usage(1, 256, 256)], 256)[1]
+    assert lj.extend.lowrank_costs([lj.extend.Usage(1, 256, 256)], 256)[0] < lj.extend.lowrank_costs([lj.extend.Usage(1, 256, 256)], 256)[1]
     a = lambda rank: lj.Adapter(jnp.zeros((256, rank)), jnp.zeros((rank, 256)), rank=rank, alpha=1.0)
     assert not _cost.mergeable(a(42)) and _cost.mergeable(a(43))
     # calls add up; the merge itself is paid once
-    one, two = lj.lowrank_costs([usage], 64), lj.lowrank_costs([usage, usage], 64)
+    one, two = lj.extend.lowrank_costs([usage], 64), lj.extend.lowrank_costs([usage, usage], 64)
     assert two[0] == 2 * one[0] and two[1] == 2 * one[1] - 6 * 256 * 256 * 64
     # a lookup has no x⋅a GEMM, and its merged call only scatters the gradient rows
-    assert lj.lowrank_costs([lj.Usage(10, 1000, 64, lookup=True)], 8) == (4 * 10 * 8 * 64, 10 * 64 + 6 * 1000 * 64 * 8)
-    assert _cost.choose({"k": a(64)}, {"k": [lj.Usage(4096, 256, 256)]}) == {"k"}
-    assert _cost.choose({"k": a(64)}, {"k": [lj.Usage(8, 256, 256)]}) == set()
-    assert _cost.choose({"k": a(8)}, {"k": [lj.Usage(10**9, 256, 256)]}) == set()
+    assert lj.extend.lowrank_costs([lj.extend.Usage(10, 1000, 64, lookup=True)], 8) == (4 * 10 * 8 * 64, 10 * 64 + 6 * 1000 * 64 * 8)
+    assert _cost.choose({"k": a(64)}, {"k": [lj.extend.Usage(4096, 256, 256)]}) == {"k"}
+    assert _cost.choose({"k": a(64)}, {"k": [lj.extend.Usage(8, 256, 256)]}) == set()
+    assert _cost.choose({"k": a(8)}, {"k": [lj.extend.Usage(10**9, 256, 256)]}) == set()
 
 
 def test_usage_of_each_layer_spec():
     x = jnp.ones((2, 5, 6))
-    assert _cost.usage(lj.Einsum("...i,io->...o", x), (6, 3)) == lj.Usage(10, 6, 3)
-    assert _cost.usage(lj.Einsum("btd,dhk->bthk", x), (6, 2, 4)) == lj.Usage(10, 6, 8)
-    assert _cost.usage(lj.Einsum("bhd,hdo->bho", jnp.ones((3, 2, 4))), (2, 4, 7)) == lj.Usage(3, 4, 7, stack=2)
-    assert _cost.usage(lj.Einsum("...f,vf->...v", x, ("in", "out")), (9, 6)) == lj.Usage(10, 9, 6)
+    assert _cost.usage(lj.extend.Einsum("...i,io->...o", x), (6, 3)) == lj.extend.Usage(10, 6, 3)
+    assert _cost.usage(lj.extend.Einsum("btd,dhk->bthk", x), (6, 2, 4)) == lj.extend.Usage(10, 6, 8)
+    assert _cost.usage(lj.extend.Einsum("bhd,hdo->bho", jnp.ones((3, 2, 4))), (2, 4, 7)) == lj.extend.Usage(3, 4, 7, stack=2)
+    assert _cost.usage(lj.extend.Einsum("...f,vf->...v", x, ("in", "out")), (9, 6)) == lj.extend.Usage(10, 9, 6)
     img = jnp.ones((2, 8, 8, 3))  # stride 2, SAME: 4 x 4 output positions per image
-    conv = lj.Conv(img, (2, 2), "SAME", (1, 1), (1, 1))
-    assert _cost.usage(conv, (3, 3, 3, 5)) == lj.Usage(2 * 4 * 4, 27, 5)
-    assert _cost.usage(lj.Lookup(jnp.zeros((4, 7), jnp.int32)), (50, 6)) == lj.Usage(28, 50, 6, lookup=True)
+    conv = lj.extend.Conv(img, (2, 2), "SAME", (1, 1), (1, 1))
+    assert _cost.usage(conv, (3, 3, 3, 5)) == lj.extend.Usage(2 * 4 * 4, 27, 5)
+    assert _cost.usage(lj.extend.Lookup(jnp.zeros((4, 7), jnp.int32)), (50, 6)) == lj.extend.Usage(28, 50, 6, lookup=True)
 
 
 @pytest.mark.parametrize("compute", MODES)
@@ -197,7 +197,7 @@ def test_a_layer_traced_twice_by_nn_scan_counts_once(monkeypatch):
     params = model.init(jax.random.key(0), x)["params"]
     lora = lj.init(jax.random.key(1), params, lj.LoraConfig(rank=16), roles=lj.axis_roles(model, x))
     lj.wrap(model.apply)({"params": params, "lora": lora}, x)
-    assert seen == [{"ScanBody_0/Dense_0/kernel": [lj.Usage(20, 32, 32)]}]
+    assert seen == [{"ScanBody_0/Dense_0/kernel": [lj.extend.Usage(20, 32, 32)]}]
 
 
 # ---- NNX --------------------------------------------------------------------------------
