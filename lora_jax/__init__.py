@@ -9,28 +9,29 @@ True
 """
 
 from lora_jax import extend
-from lora_jax._attach import attach, detach
-from lora_jax._bank import BASE, Bank, bank_index
-from lora_jax._banks import bank, bank_add, bank_get, bank_remove, bank_set, bank_to_peft
-from lora_jax._combine import combine
-from lora_jax._config import LoraConfig
-from lora_jax._dora import DoraAdapter
-from lora_jax._export import load_params, save_params
-from lora_jax._from_peft import from_peft
-from lora_jax._full import FullWeight
-from lora_jax._gguf import to_gguf, to_gguf_lora
-from lora_jax._init import init
-from lora_jax._io import load, save
-from lora_jax._lora import Adapter
-from lora_jax._merge import apply_lora, unmerge
-from lora_jax._optim import loraplus, optimizer
-from lora_jax._peft import to_peft
-from lora_jax._peft_portable import check_portable
-from lora_jax._quant import Quantized, dequantize, merge_quantized, quantize, quantized_shardings
-from lora_jax._residual import convert_to_lora, init_residual
-from lora_jax._sharding import adapter_shardings
-from lora_jax._summary import Summary, TargetSummary, summary
-from lora_jax._wrap import axis_roles, wrap
+from lora_jax._engine.attach import attach, detach
+from lora_jax._engine.wrap import axis_roles, wrap
+from lora_jax._files.adapters import load, save
+from lora_jax._files.banks import bank, bank_to_peft
+from lora_jax._files.from_peft import from_peft
+from lora_jax._files.gguf import to_gguf, to_gguf_lora
+from lora_jax._files.params import load_params, save_params
+from lora_jax._files.peft import to_peft
+from lora_jax._files.portable import check_portable
+from lora_jax._kinds.bank import BASE, Bank, bank_index
+from lora_jax._kinds.dora import DoraAdapter
+from lora_jax._kinds.full import FullWeight
+from lora_jax._kinds.lora import Adapter
+from lora_jax._ops.combine import combine
+from lora_jax._ops.config import LoraConfig
+from lora_jax._ops.init import init
+from lora_jax._ops.merge import apply_lora, merge_quantized, unmerge
+from lora_jax._ops.optimizer import loraplus, optimizer
+from lora_jax._ops.quantize import Quantized, dequantize, quantize, quantized_shardings
+from lora_jax._ops.residual import convert_to_lora, init_residual
+from lora_jax._ops.sharding import adapter_shardings
+from lora_jax._ops.slots import bank_add, bank_get, bank_remove, bank_set
+from lora_jax._ops.summary import Summary, TargetSummary, summary
 
 __version__ = "0.1.0"
 

@@ -12,9 +12,20 @@ import json
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file, save
 
-from lora_jax import _gguf
+import lora_jax as lj
+from lora_jax._core import kind as _kind
+from lora_jax._core import paths as _paths
+from lora_jax._core import tree as _tree
+from lora_jax._files import gguf as _gguf
+from lora_jax._files import peft as _peft
+from lora_jax._files import safetensors as _safetensors
+from lora_jax._files import torch_names as _torch_names
 
 EXAMPLES = """examples:
   lora-jax inspect runs/finetune/adapter.safetensors
@@ -68,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def read(path: str, base: str | None = None) -> tuple[str, dict]:
     """``(format, adapter tree)`` of a lora_jax file, a PEFT directory or a GGUF LoRA adapter."""
-    import lora_jax as lj
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path!r} does not exist")
     if os.path.isdir(path):
@@ -85,10 +94,7 @@ def read(path: str, base: str | None = None) -> tuple[str, dict]:
 
 def _peft_shapes(directory: str) -> dict:
     """A parameter tree of shapes only (``jax.ShapeDtypeStruct``) for the modules a PEFT file adapts."""
-    import jax
-    from safetensors import safe_open
 
-    from lora_jax import _paths, _peft
 
     items = []
     with safe_open(os.path.join(directory, _peft.WEIGHTS), "np") as f:
@@ -108,10 +114,7 @@ def _peft_shapes(directory: str) -> dict:
 
 def _gguf_tree(path: str, base: str | None) -> dict:
     """A GGUF LoRA adapter as lora_jax adapters, at the PyTorch module names of the base's architecture."""
-    import jax.numpy as jnp
 
-    import lora_jax as lj
-    from lora_jax import _paths
 
     lora = _gguf.read_lora(path, "lora-jax")
     if base is None:
@@ -137,9 +140,7 @@ def _gguf_tree(path: str, base: str | None) -> dict:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    import jax
 
-    from lora_jax import _adapter, _merge
 
     fmt, tree = read(args.path, None) if not _is_gguf(args.path) else ("gguf", None)
     rows = []
@@ -151,8 +152,8 @@ def _inspect(args: argparse.Namespace) -> None:
                          else 1.0, "parameters": int(lora_a.size + lora_b.size)})  # fmt: skip
         header = {"format": "gguf", "architecture": lora["architecture"]}
     else:
-        for path, adapter in _merge.adapters_by_path(tree, "lora-jax").items():
-            kind = _adapter.kind_of(adapter)
+        for path, adapter in _tree.adapters_by_path(tree, "lora-jax").items():
+            kind = _kind.kind_of(adapter)
             arrays = [x for x in jax.tree.leaves(adapter) if hasattr(x, "size")]
             row = {"target": path, "kind": kind.name, "parameters": int(sum(x.size for x in arrays))}
             if hasattr(adapter, "rank"):
@@ -160,7 +161,6 @@ def _inspect(args: argparse.Namespace) -> None:
             rows.append(row)
         header = {"format": fmt}
         if fmt == "peft":
-            import lora_jax as lj
 
             header["portable"] = lj.check_portable(args.path) or "yes"
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.path) for f in fs) if os.path.isdir(
@@ -180,7 +180,6 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    import lora_jax as lj
 
     _, tree = read(args.src, args.base)
     if args.to == "lora_jax":
@@ -195,7 +194,6 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    import lora_jax as lj
 
     gguf_base = _is_gguf(args.base)
     _, tree = read(args.adapter, args.base if gguf_base else None)
@@ -208,9 +206,7 @@ def _merge(args: argparse.Namespace) -> None:
 
 def _merge_safetensors(base: str, tree: dict, out: str) -> None:
     """A PyTorch state dict (safetensors) with each adapter merged into ``<module>.weight``."""
-    from safetensors.numpy import load_file, save
 
-    from lora_jax import _merge, _safetensors, _torch
 
     if not os.path.isfile(base):
         raise FileNotFoundError(f"the base {base!r} does not exist")
@@ -218,13 +214,13 @@ def _merge_safetensors(base: str, tree: dict, out: str) -> None:
         weights = load_file(base)
     except Exception as e:
         raise ValueError(f"{base!r} is neither a GGUF file nor a readable safetensors file ({e})") from None
-    for path, adapter in _merge.adapters_by_path(tree, "lora-jax merge").items():
-        module = _torch.default_name(path)
+    for path, adapter in _tree.adapters_by_path(tree, "lora-jax merge").items():
+        module = _torch_names.default_name(path)
         if f"{module}.weight" not in weights:
             raise ValueError(f"{path!r}: the base has no tensor {module + '.weight'!r}")
         w = weights[f"{module}.weight"]
         try:
-            weights[f"{module}.weight"] = _torch.merge_into(path, adapter, w, module).astype(w.dtype)
+            weights[f"{module}.weight"] = _torch_names.merge_into(path, adapter, w, module).astype(w.dtype)
         except ValueError as e:
             raise ValueError(f"{path!r} ({module}.weight): {e}") from None
     _safetensors.atomic_write(out, lambda f: f.write(save(weights)), "lora-jax merge")

@@ -24,9 +24,9 @@ Array([[0., 1., 2.],
        [0., 1., 2.]], dtype=float32)
 """
 
-from lora_jax._adapter import Kind, PeftForm, kind_of, register_kind
-from lora_jax._cost import Usage, lowrank_costs
-from lora_jax._specs import Conv, Einsum, Grouped, Lookup, lowrank, per_output
+from lora_jax._core.cost import Usage, lowrank_costs
+from lora_jax._core.kind import Kind, PeftForm, kind_of, register_kind
+from lora_jax._core.specs import Conv, Einsum, Grouped, Lookup, lowrank, per_output
 
 __all__ = [
     "Conv",

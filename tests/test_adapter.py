@@ -8,7 +8,8 @@ import pytest
 from conftest import reference_delta
 
 import lora_jax as lj
-from lora_jax import _adapter, _lora
+from lora_jax._core import kind as _kind
+from lora_jax._kinds import lora as _lora
 
 
 def _adapter_of(a_shape, b_shape, **kw):
@@ -46,7 +47,7 @@ def test_scale(rslora, expected):
 )
 def test_kernel_shape_and_delta_against_reference(roles, kernel_shape):
     r = 2
-    a_shape, b_shape = _adapter.factor_shapes(kernel_shape, roles, r)
+    a_shape, b_shape = _kind.factor_shapes(kernel_shape, roles, r)
     ad = _adapter_of(a_shape, b_shape, alpha=3.0, roles=roles)
     assert ad.kernel_shape == kernel_shape
     d = _lora.delta(ad)
@@ -64,11 +65,11 @@ def test_kernel_shape_and_delta_against_reference(roles, kernel_shape):
     ],
 )
 def test_roles_problem(roles, shape, match):
-    assert re.search(match, _adapter.roles_problem(roles, shape))
+    assert re.search(match, _kind.roles_problem(roles, shape))
 
 
 def test_roles_problem_accepts_valid():
-    assert _adapter.roles_problem(("stack", "in", "out"), (2, 3, 4)) is None
+    assert _kind.roles_problem(("stack", "in", "out"), (2, 3, 4)) is None
 
 
 # ---- invariants ---------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def test_adapter_checks_itself(kw, error, match):
 def test_metadata_normalised_to_plain_python():
     ad = lj.Adapter(jnp.ones((6, 2)), jnp.ones((2, 5)), rank=np.int64(2), alpha=np.float32(4.0), roles=["in", "out"])
     assert type(ad.rank) is int and type(ad.alpha) is float and ad.roles == ("in", "out")
-    json.dumps(_adapter.static(ad))  # plain JSON
+    json.dumps(_kind.static(ad))  # plain JSON
 
 
 def test_sliced_stack_axes_are_accepted_inside_transforms():
@@ -112,6 +113,6 @@ def test_sliced_stack_axes_are_accepted_inside_transforms():
 
 def test_copies_go_through_replace_and_are_checked():
     ad = _adapter_of((6, 2), (2, 5), alpha=4.0)
-    assert _adapter.replace(ad, alpha=8.0).scale == 4.0
+    assert _kind.replace(ad, alpha=8.0).scale == 4.0
     with pytest.raises(ValueError, match=r"alpha must be > 0"):
-        _adapter.replace(ad, alpha=0.0)
+        _kind.replace(ad, alpha=0.0)

@@ -46,9 +46,9 @@ def _same_adapters(got, want):
 
 
 def _flat(tree):
-    from lora_jax import _merge
+    from lora_jax._core import tree as _tree
 
-    return _merge.adapters_by_path(tree, "test")
+    return _tree.adapters_by_path(tree, "test")
 
 
 def test_help_shows_examples():

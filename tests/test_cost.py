@@ -16,7 +16,7 @@ from conftest import leaf_pairs, randomize
 from flax import nnx
 
 import lora_jax as lj
-from lora_jax import _cost
+from lora_jax._core import cost as _cost
 
 MODES = ("factored", "merged", "auto")
 

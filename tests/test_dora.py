@@ -9,7 +9,7 @@ import pytest
 from conftest import MLP, leaf_pairs, randomize
 
 import lora_jax as lj
-from lora_jax._lora import delta_spec
+from lora_jax._kinds.lora import delta_spec
 
 DORA = lj.LoraConfig(rank=3, alpha=5.0, use_dora=True)
 

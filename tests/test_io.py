@@ -11,7 +11,7 @@ from conftest import leaf_pairs, randomize
 from flax import nnx
 
 import lora_jax as lj
-from lora_jax import _safetensors
+from lora_jax._files import safetensors as _safetensors
 
 
 def _adapters(dtype=jnp.float32):

@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax import _paths
+from lora_jax._core import paths as _paths
 
 
 def test_linen_and_nnx_paths():

@@ -364,7 +364,7 @@ def test_to_peft_never_leaves_a_mixed_pair(tmp_path, monkeypatch):
         lj.to_peft(tmp_path, new, base_model_name_or_path=object())  # fails before anything is replaced
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # and no temporary file is left
     # A crash after the weights were replaced and before the config was: new weights, old config.
-    from lora_jax import _safetensors
+    from lora_jax._files import safetensors as _safetensors
 
     real = _safetensors.atomic_write
     monkeypatch.setattr(_safetensors, "atomic_write", lambda path, write, where: (real(path, write, where), 1 / 0)[0])
@@ -381,7 +381,7 @@ def test_to_peft_never_leaves_a_mixed_pair(tmp_path, monkeypatch):
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from lora_jax import _peft  # noqa: E402
+from lora_jax._files import peft as _peft  # noqa: E402
 
 _NAME = st.lists(st.text("abpq_()[]+*?.0", min_size=1, max_size=4).filter(lambda s: s.strip(".") == s and ".." not in s), min_size=1, max_size=3).map(".".join)
 

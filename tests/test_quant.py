@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lora_jax as lj
-from lora_jax import _quant
-from lora_jax._quant import NF4
+from lora_jax._ops import quantize as _quantize
+from lora_jax._ops.quantize import NF4
 
 
 def _reference(w, method, block, nf4=NF4):
@@ -74,7 +74,7 @@ def test_nf4_equals_bitsandbytes():
 
 
 def test_the_double_quantization_code_is_bitsandbytes_dynamic_map():
-    code = _quant.DYNAMIC8
+    code = _quantize.DYNAMIC8
     # Its definition, checked independently: 256 sorted values in [-1, 1] with 0 and 1; for each
     # decimal exponent 10^(e-6), e = 0..6, 2^e fractions of each sign.
     assert code.shape == (256,) and (np.diff(code) > 0).all() and {0.0, 1.0} <= set(code.tolist())
@@ -182,7 +182,7 @@ def test_a_stacked_quantized_kernel_is_dequantized_per_layer_inside_the_scan(wid
     params = model.init(jax.random.key(0), x)["params"]
     quantized = lj.quantize(params, method="nf4")
     q = quantized["layers"]["Dense_0"]["kernel"]
-    stacked = _quant.leading_slices(q)
+    stacked = _quantize.leading_slices(q)
     assert (stacked is not None) == sliced
     if stacked is not None:
         arrays, rebuild = stacked
@@ -248,7 +248,7 @@ def test_files_and_shardings(tmp_path, monkeypatch):
     # A file quantized with another NF4 codebook (written by a build with other levels) is refused.
     other = NF4.copy()
     other[3] += 0.01
-    monkeypatch.setattr("lora_jax._quant.NF4", other)
+    monkeypatch.setattr("lora_jax._ops.quantize.NF4", other)
     lj.save_params(tmp_path / "other.safetensors", lj.quantize(params))
     monkeypatch.undo()
     with pytest.raises(ValueError, match="'dense/kernel': quantized with another NF4 codebook"):
@@ -343,7 +343,7 @@ def _write(path, arrays, described):
 
 
 def _file_parts(q, path="k"):
-    return {f"{path}/{n}": x for n, x in _quant.parts(q).items()}, {path: _quant.describe(q)}
+    return {f"{path}/{n}": x for n, x in _quantize.parts(q).items()}, {path: _quantize.describe(q)}
 
 
 def test_load_params_validates_quantized_kernels(tmp_path):

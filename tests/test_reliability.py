@@ -13,7 +13,7 @@ import safetensors.numpy
 from conftest import randomize
 
 import lora_jax as lj
-from lora_jax import _safetensors
+from lora_jax._files import safetensors as _safetensors
 
 PARAMS = {"enc": {"q": {"kernel": jnp.ones((6, 5)), "bias": jnp.zeros(5)}}, "head": {"kernel": jnp.ones((5, 3))}}
 

@@ -11,7 +11,7 @@ import safetensors.numpy
 from conftest import leaf_pairs
 
 import lora_jax as lj
-from lora_jax import _safetensors
+from lora_jax._files import safetensors as _safetensors
 
 
 def _tensor(name, value):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax import _views
+from lora_jax._engine import views as _views
 
 W = jnp.arange(2 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 4)
 
