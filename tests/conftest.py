@@ -60,6 +60,29 @@ class MLP(nn.Module):
         return nn.Dense(self.out, name="fc2")(x)
 
 
+class ScanBlock(nn.Module):
+    """One block of :class:`Scanned`: ``h + tanh(Dense(h))``, the Dense named ``mix``."""
+
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, h, _):
+        return h + jnp.tanh(nn.Dense(h.shape[-1], use_bias=self.use_bias, name="mix")(h)), None
+
+
+class Scanned(nn.Module):
+    """``length`` blocks stacked by ``nn.scan`` under ``blocks``: the kernel ``blocks/mix/kernel``
+    is ``(length, d, d)`` with roles ``("stack", "in", "out")``."""
+
+    length: int = 3
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, h):
+        scan = nn.scan(ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.length)
+        return scan(use_bias=self.use_bias, name="blocks")(h, None)[0]
+
+
 def torch_mlp(params):
     """A PyTorch twin of :class:`MLP` (``fc1 → relu → fc2``) holding the Flax ``params``'
     weights (kernels transposed); skips the test where torch is not installed."""

@@ -190,7 +190,7 @@ def test_a_kind_defined_outside_lora_jax_from_config_to_export(tmp_path):
     gains = lj.init(jax.random.key(0), PARAMS, config)
     assert isinstance(gains["fc1"]["kernel"], Gain) and gains["fc1"]["kernel"].g.shape == (16,)
     chex.assert_trees_all_equal(lj.apply_lora(PARAMS, gains), PARAMS)  # a fresh gain changes nothing
-    apply = lj.wrap(MODEL.apply, compute="factored")
+    apply = lj.wrap(MODEL.apply)  # compute="auto": a kind without a cost model is factored
     loss = lambda lora, params: jnp.mean((apply({"params": params, "lora": lora}, X) - Y) ** 2)
     merged_loss = lambda lora, params: jnp.mean((MODEL.apply({"params": lj.apply_lora(params, lora)}, X) - Y) ** 2)
     tx = optax.adam(5e-2)  # on the adapters alone

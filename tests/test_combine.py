@@ -69,6 +69,7 @@ PEFT_CASES = [
 pytestmark = pytest.mark.filterwarnings("ignore:The density 1.0 is greater than or equal to 1")
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("method, options", PEFT_CASES)
 def test_the_combined_delta_equals_peft(peft_model, method, options):
     load, torch = peft_model

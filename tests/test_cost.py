@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import leaf_pairs, randomize
+from conftest import Scanned, leaf_pairs, randomize
 from flax import nnx
 
 import lora_jax as lj
@@ -177,18 +177,6 @@ def test_merged_keeps_strictness_about_unused_adapters():
         lj.wrap(model.apply, compute="merged")({"params": params, "lora": lora}, x, method=lambda m, x: x)
 
 
-class Scanned(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        class Body(nn.Module):
-            @nn.compact
-            def __call__(self, x, _):
-                return nn.Dense(x.shape[-1])(x), None
-
-        scan = nn.scan(Body, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-        return scan()(x, None)[0]
-
-
 def test_a_layer_traced_twice_by_nn_scan_counts_once(monkeypatch):
     seen = []
     choose = _cost.choose
@@ -197,7 +185,7 @@ def test_a_layer_traced_twice_by_nn_scan_counts_once(monkeypatch):
     params = model.init(jax.random.key(0), x)["params"]
     lora = lj.init(jax.random.key(1), params, lj.LoraConfig(rank=16), roles=lj.axis_roles(model, x))
     lj.wrap(model.apply)({"params": params, "lora": lora}, x)
-    assert seen == [{"ScanBody_0/Dense_0/kernel": [lj.extend.Usage(20, 32, 32)]}]
+    assert seen == [{"blocks/mix/kernel": [lj.extend.Usage(20, 32, 32)]}]
 
 
 # ---- NNX --------------------------------------------------------------------------------

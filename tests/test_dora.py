@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import MLP, leaf_pairs, randomize
+from conftest import MLP, Scanned, leaf_pairs, randomize
 
 import lora_jax as lj
 from lora_jax._kinds.lora import delta_spec
@@ -92,6 +92,7 @@ def test_gradients_treat_the_norm_as_a_constant():
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.interop
 def test_a_lora_jax_dora_adapter_in_peft(twins, tmp_path):
     model, params, x, twin, torch, peft = twins
     trained = _trained(params)
@@ -111,6 +112,7 @@ def test_a_lora_jax_dora_adapter_in_peft(twins, tmp_path):
                                    atol=1e-5)  # fmt: skip
 
 
+@pytest.mark.interop
 def test_a_peft_dora_adapter_in_lora_jax_and_its_merge(twins, tmp_path):
     model, params, x, twin, torch, peft = twins
     torch.manual_seed(0)
@@ -178,18 +180,6 @@ def test_bad_input(tmp_path):
     save_file(tensors, tmp_path / "dora" / "adapter_model.safetensors")
     with pytest.raises(ValueError, match=r"lora_magnitude_vector is float32\[5\], expected a float vector of shape \(3,\)"):
         lj.from_peft(tmp_path / "dora", params)
-
-
-class Scanned(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        class Block(nn.Module):
-            @nn.compact
-            def __call__(self, h, _):
-                return h + jnp.tanh(nn.Dense(8, name="mix")(h)), None
-
-        scan = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-        return scan(name="blocks")(x, None)[0]
 
 
 def test_scanned_layers_and_nnx():

@@ -23,6 +23,7 @@ def test_seed_example_runs():
     assert losses[-1] < 0.01 * losses[0]
 
 
+@pytest.mark.interop
 def test_peft_interop_example_runs():
     pytest.importorskip("torch")
     pytest.importorskip("peft")

@@ -31,6 +31,7 @@ def quick_run(tmp_path_factory):
     return out, _run("--quick", "--check-peft", "--out", str(out))
 
 
+@pytest.mark.interop
 def test_outputs_metrics_and_peft_equivalence(quick_run):
     out, proc = quick_run
     assert sorted(os.listdir(out)) == [

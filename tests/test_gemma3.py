@@ -28,6 +28,7 @@ def tiny(tmp_path_factory):
     return path, g.load(path)
 
 
+@pytest.mark.interop
 def test_logits_equal_transformers_on_the_same_gguf(tiny):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -161,6 +162,7 @@ def test_the_real_vocabulary_when_the_270m_file_is_cached():
     assert tok.decode(tok.encode("naïve café, 日本")) == "naïve café, 日本"
 
 
+@pytest.mark.interop
 def test_a_tied_embedding_adapter_exports_to_peft_with_weight_tying(tiny, tmp_path):
     """Gemma's head is its embedding table: one lora_jax adapter serves the lookup and the head,
     and PEFT's ensure_weight_tying gives the head the same adapter (transposed)."""

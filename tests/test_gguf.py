@@ -92,6 +92,7 @@ def test_adapter_file_has_llama_cpp_metadata_names_and_layouts(tiny):
     assert tensors["blk.1.ffn_down.weight.lora_b"].shape == (64, 2)
 
 
+@pytest.mark.interop
 def test_adapter_file_applied_as_llama_cpp_does_equals_peft(tiny):
     """Folding: rsLoRA and per-kernel ranks and alphas reach a single-alpha reader exactly."""
     root, base, _, lora = tiny
@@ -108,6 +109,7 @@ def test_adapter_file_applied_as_llama_cpp_does_equals_peft(tiny):
     assert max(np.abs(want[n] - base_weights[n]).max() for n in adapted) > 1e-2  # the adapter does something
 
 
+@pytest.mark.interop
 def test_merged_gguf_gives_peft_logits_and_keeps_the_base(tiny):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -174,6 +176,7 @@ def test_quantized_base_tensors_are_copied_byte_for_byte(tiny, tmp_path):
     np.testing.assert_array_equal(np.asarray(new["token_embd.weight"].data), np.asarray(old["token_embd.weight"].data))
 
 
+@pytest.mark.interop
 def test_dora_merges_into_the_gguf_but_has_no_adapter_file(tiny, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -259,6 +262,7 @@ def test_stacked_layers_export_per_layer(tmp_path):
         np.testing.assert_allclose(merged[f"blk.{i}.attn_q.weight"], want[i].T, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.interop
 @pytest.mark.slow
 def test_llama_cpp_runs_the_adapter_and_the_merged_model(tiny):
     """The real llama.cpp (llama-cpp-python), where installed: its logits with the adapter file

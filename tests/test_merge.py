@@ -1,3 +1,4 @@
+import chex
 import flax.linen as nn
 import hypothesis.strategies as st
 import jax
@@ -97,14 +98,14 @@ def test_untargeted_leaves_are_passed_through_and_inputs_untouched():
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("jit", [False, True])
-def test_unmerge_inverts_apply(jit):
-    params = _params()
-    ad = _trained(params, CONFIGS["patterns"])
-    unmerge = jax.jit(lj.unmerge) if jit else lj.unmerge
-    back = unmerge(lj.apply_lora(params, ad), ad)
-    for x, y in leaf_pairs(back, params):
-        np.testing.assert_allclose(x, y, rtol=0, atol=4 * np.finfo(np.float32).eps * (1 + np.abs(y).max()))
+class UnmergeTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_unmerge_inverts_apply(self):
+        params = _params()
+        ad = _trained(params, CONFIGS["patterns"])
+        back = self.variant(lj.unmerge)(self.variant(lj.apply_lora)(params, ad), ad)
+        for x, y in leaf_pairs(back, params):
+            np.testing.assert_allclose(x, y, rtol=0, atol=4 * np.finfo(np.float32).eps * (1 + np.abs(y).max()))
 
 
 def test_bf16_base_stays_bf16_within_one_rounding():

@@ -16,6 +16,7 @@ import pytest
 from conftest import randomize
 
 import lora_jax as lj
+from lora_jax._files import peft as _peft
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
@@ -196,6 +197,7 @@ def _name(path):
     return f"model.layers.{i}.mlp.router" if keys[1] == "router" else f"model.layers.{i}.mlp.experts.{keys[1]}"
 
 
+@pytest.mark.interop
 def test_gpt_oss_expert_adapters_both_ways_with_peft(tmp_path):
     """A PEFT adapter on GPT-OSS's experts (target_parameters) read by from_peft gives PEFT's
     MoE block outputs and gradients on the Flax twin; to_peft writes it back as PEFT wrote it."""
@@ -230,7 +232,7 @@ def test_gpt_oss_expert_adapters_both_ways_with_peft(tmp_path):
     grads = jax.grad(lambda lora: jnp.sum(jnp.sin(run(lora))))(lora["layers_0"])
     experts = peft_model.base_model.model.model.layers[0].mlp.experts
     for param, wrapper in (("gate_up_proj", experts.base_layer), ("down_proj", experts)):
-        g_a, g_b = lj._peft.expert_factors(grads[param])
+        g_a, g_b = _peft.expert_factors(grads[param])
         np.testing.assert_allclose(g_a, wrapper.lora_A["default"].weight.grad.numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(g_b, wrapper.lora_B["default"].weight.grad.numpy(), rtol=1e-4, atol=1e-5)
 
@@ -320,6 +322,7 @@ def _flax_gpt_oss(model):
     return twin, jax.tree_util.tree_map_with_path(load, shapes)
 
 
+@pytest.mark.interop
 def test_gpt_oss_logits_with_a_peft_adapter_both_ways(tmp_path):
     """The whole GPT-OSS: a PEFT adapter on the experts (target_parameters) and on the attention
     projections, read by from_peft into the Flax twin, gives PEFT's logits; to_peft writes it

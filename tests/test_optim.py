@@ -117,6 +117,7 @@ def test_trainable_keyword_moved_to_the_config():
         lj.optimizer(optax.sgd(0.1), trainable="head/.*")
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("dora", [False, True])
 def test_loraplus_groups_the_arrays_as_peft_does(dora):
     """Each array's learning rate (read off adam's first step, -lr per entry for a gradient of

@@ -14,6 +14,7 @@ import safetensors.numpy
 from conftest import leaf_pairs, randomize
 
 import lora_jax as lj
+from lora_jax._core import paths as _paths
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -75,12 +76,14 @@ def _flax_out(params, lora):
     return lj.wrap(FlaxNet().apply, compute="factored")({"params": params, "lora": lora}, IDS, IMG)
 
 
+@pytest.mark.interop
 def test_twins_agree_without_adapters():
     net, params = _twins()
     for u, v in zip(_torch_out(net), FlaxNet().apply({"params": params}, IDS, IMG)):
         np.testing.assert_allclose(u, v, atol=1e-5)
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("rslora", [False, True])
 def test_lora_jax_adapter_loads_in_peft_with_the_same_outputs(tmp_path, rslora):
     net, params = _twins()
@@ -106,6 +109,7 @@ def test_lora_jax_adapter_loads_in_peft_with_the_same_outputs(tmp_path, rslora):
         np.testing.assert_allclose(u, v, atol=1e-4)
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("rslora", [False, True])
 def test_peft_adapter_loads_in_lora_jax_with_the_same_outputs(tmp_path, rslora):
     net, params = _twins()
@@ -132,6 +136,7 @@ def test_peft_adapter_loads_in_lora_jax_with_the_same_outputs(tmp_path, rslora):
         np.testing.assert_allclose(u, v, atol=1e-4)
 
 
+@pytest.mark.interop
 def test_round_trip_is_bit_exact(tmp_path):
     _, params = _twins()
     cfg = lj.LoraConfig(rank=3, alpha=5, targets=r"(embed/embedding|.*/kernel)", rank_pattern={"conv/kernel": 2})
@@ -260,6 +265,7 @@ def test_mixed_rslora_cannot_export(tmp_path):
     assert not os.listdir(tmp_path)  # nothing half-written
 
 
+@pytest.mark.interop
 def test_merged_export_with_torch_names_loads_into_pytorch(tmp_path):
     from safetensors.torch import load_file
 
@@ -275,6 +281,7 @@ def test_merged_export_with_torch_names_loads_into_pytorch(tmp_path):
         np.testing.assert_allclose(u, v, atol=1e-5)
 
 
+@pytest.mark.interop
 def test_torch_names_need_roles_for_nd_kernels(tmp_path):
     _, params = _twins()
     with pytest.raises(
@@ -315,6 +322,7 @@ def _classifier_twins(seed=0):
     return net, params
 
 
+@pytest.mark.interop
 def test_modules_to_save_exported_to_peft(tmp_path):
     net, params = _classifier_twins()
     cfg = lj.LoraConfig(rank=2, alpha=4, targets="body/kernel", trainable="classifier/.*")
@@ -330,6 +338,7 @@ def test_modules_to_save_exported_to_peft(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.interop
 def test_modules_to_save_imported_from_peft(tmp_path):
     net, params = _classifier_twins()
     torch.manual_seed(3)
@@ -352,6 +361,7 @@ def test_modules_to_save_imported_from_peft(tmp_path):
     np.testing.assert_allclose(ours["body"]["kernel"], merged["body.weight"].T, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.interop
 def test_to_peft_never_leaves_a_mixed_pair(tmp_path, monkeypatch):
     """An exception midway leaves the previous pair; a crash between the two renames is detected."""
     net, params = _classifier_twins()
@@ -398,6 +408,7 @@ def test_pattern_keys_match_their_module_only_under_peft(names):
         assert matching == [_peft.pattern_key(name)], (name, matching)
 
 
+@pytest.mark.interop
 def test_overlapping_module_names_keep_their_own_ranks_in_peft(tmp_path):
     """'proj' must not hit 'enc.proj'; 'a.b' must not hit 'a_b' (PEFT's regex matching)."""
 
@@ -477,6 +488,7 @@ def _nnx_twins(seed=0):
     return net, model
 
 
+@pytest.mark.interop
 def test_nnx_adapters_both_ways_with_peft(tmp_path):
     net, model = _nnx_twins()
     graphdef, state = nnx.split(model)
@@ -513,6 +525,7 @@ def test_nnx_adapters_both_ways_with_peft(tmp_path):
         np.testing.assert_allclose(merged[k], reference[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.interop
 def test_hugging_face_flax_gpt2_trains_factored_and_exports_to_pytorch_gpt2(tmp_path):
     """transformers' own Flax GPT-2 (its Conv1D kernels are stored (out, in) and used as x @ W.T):
     no registration, no roles by hand; PEFT's GPT-2 (fan_in_fan_out) gives the same logits."""
@@ -535,7 +548,7 @@ def test_hugging_face_flax_gpt2_trains_factored_and_exports_to_pytorch_gpt2(tmp_
 
     torch_model = transformers.GPT2LMHeadModel(cfg).eval()
     state = {}
-    for path, leaf in lj._paths.leaves_with_paths(params):  # Flax names -> PyTorch names (kernels transposed)
+    for path, leaf in _paths.leaves_with_paths(params):  # Flax names -> PyTorch names (kernels transposed)
         *module, name = map(str, path)
         leaf = np.asarray(leaf).T if name == "kernel" else np.asarray(leaf)
         state[".".join(module + ["bias" if name == "bias" else "weight"])] = torch.tensor(leaf)

@@ -30,6 +30,7 @@ def _merged(root, base, directory) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.interop
 def test_portable_export_has_one_rank_one_alpha_and_the_same_delta(tmp_path):
     base = gemma3.write_tiny_gguf(tmp_path / "base.gguf", TINY, seed=0)
     _, model, _ = gemma3.load(base)

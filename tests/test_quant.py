@@ -4,12 +4,11 @@ against bitsandbytes' NF4, the factored forward over a quantized base, files, sh
 import json
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import MLP, leaf_pairs
+from conftest import MLP, Scanned, leaf_pairs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -55,6 +54,7 @@ def test_leading_axes_too_small_for_a_block_are_flattened():
     np.testing.assert_allclose(lj.dequantize(q), want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.interop
 def test_nf4_equals_bitsandbytes():
     torch = pytest.importorskip("torch")
     bnb = pytest.importorskip("bitsandbytes.functional")
@@ -108,6 +108,7 @@ def test_an_outlier_block_leaves_the_other_blocks_as_accurate_as_without_double_
     assert error[True] < 1.25 * error[False]
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("factor", [250, 1000])
 def test_an_outlier_block_against_bitsandbytes(factor):
     torch = pytest.importorskip("torch")
@@ -161,27 +162,14 @@ def test_qlora_forward_and_gradients_equal_the_float_model_on_the_dequantized_ba
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
 
-class _ScanLayer(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-        return jnp.tanh(nn.Dense(x.shape[-1], use_bias=False)(x)), None
-
-
-class _Scanned(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        layer = nn.scan(_ScanLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-        return layer(name="layers")(x, None)[0]
-
-
 @pytest.mark.parametrize("width, sliced", [(256, True), (64, False)])
 def test_a_stacked_quantized_kernel_is_dequantized_per_layer_inside_the_scan(width, sliced):
     """Each step of the scan dequantizes its own layer's blocks (when blocks and double
     quantization's groups stay within a layer; else the whole kernel, before the loop)."""
-    model, x = _Scanned(), jax.random.normal(jax.random.key(1), (4, width))
+    model, x = Scanned(use_bias=False), jax.random.normal(jax.random.key(1), (4, width))
     params = model.init(jax.random.key(0), x)["params"]
     quantized = lj.quantize(params, method="nf4")
-    q = quantized["layers"]["Dense_0"]["kernel"]
+    q = quantized["blocks"]["mix"]["kernel"]
     stacked = _quantize.leading_slices(q)
     assert (stacked is not None) == sliced
     if stacked is not None:

@@ -18,6 +18,7 @@ def _aligned(ours, theirs, axis):
     return np.asarray(ours) * np.where(dots < 0, -1.0, 1.0)
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_factors_and_residual_equal_peft(twins, init):
     model, params, x, twin, torch, peft = twins
@@ -78,6 +79,7 @@ def test_stacked_and_nd_kernels_per_slice():
         np.testing.assert_allclose(lj.apply_lora(residual, lora)["layers"]["kernel"], kernel, atol=1e-5)
 
 
+@pytest.mark.interop
 def test_conversion_to_plain_lora_equals_peft(twins, tmp_path):
     model, params, x, twin, torch, peft = twins
     config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=["fc1", "fc2"], init_lora_weights="pissa")

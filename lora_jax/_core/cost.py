@@ -116,8 +116,8 @@ def mergeable(adapter: Any) -> bool:
     """Whether merging can be the cheaper computation for ``adapter`` at any number of tokens:
     compared at a token count so large that the one-off cost of the merge does not count."""
     roles = _kind.static(adapter).get("roles")
-    if roles is None or "shared" in roles:  # one adapter for many matrices: merging copies it into each
-        return False
+    if _kind.kind_of(adapter).costs is None or roles is None or "shared" in roles:
+        return False  # no cost model: always factored; shared: merging copies one adapter into each matrix
     shape = _kind.full_shape(adapter)
     fan_in, fan_out = _kind.fan_in_out(shape, roles)
     stack = math.prod(n for n, r in zip(shape, roles) if r == "stack")

@@ -111,7 +111,6 @@ def _reshape(view: View, old: tuple[int, ...], new: tuple[int, ...]) -> View | N
     groups: list[Group] = []
     i = j = 0
     while i < len(old) or j < len(new):
-        olds, news = [], []
         # Size-1 axes of the program's own (no atoms) go and come freely.
         while i < len(old) and old[i] == 1 and not view.groups[i]:
             i += 1
@@ -122,20 +121,11 @@ def _reshape(view: View, old: tuple[int, ...], new: tuple[int, ...]) -> View | N
             break
         if i >= len(old) or j >= len(new):
             return None
-        olds.append(i)
-        news.append(j)
-        i, j = i + 1, j + 1
-        while math.prod(old[o] for o in olds) != math.prod(new[n] for n in news):
-            if math.prod(old[o] for o in olds) < math.prod(new[n] for n in news):
-                if i >= len(old):
-                    return None
-                olds.append(i)
-                i += 1
-            else:
-                if j >= len(new):
-                    return None
-                news.append(j)
-                j += 1
+        matched = _matching_axes(old, new, i, j)
+        if matched is None:
+            return None
+        olds, news = matched
+        i, j = olds[-1] + 1, news[-1] + 1
         atoms = tuple(a for o in olds for a in view.groups[o])
         if len(news) == 1:
             groups.append(atoms)
@@ -150,6 +140,22 @@ def _reshape(view: View, old: tuple[int, ...], new: tuple[int, ...]) -> View | N
             cut = [((k, t),) for t in range(len(news))]
         groups.extend(cut)
     return View(tuple(groups), tuple(tuple(p) for p in pieces))
+
+
+def _matching_axes(old: tuple[int, ...], new: tuple[int, ...], i: int, j: int) -> tuple[list[int], list[int]] | None:
+    """The fewest axes of ``old`` from ``i`` and of ``new`` from ``j`` whose sizes have one
+    product, or ``None`` if the shapes end first."""
+    olds, news = [i], [j]
+    while math.prod(old[o] for o in olds) != math.prod(new[n] for n in news):
+        if math.prod(old[o] for o in olds) < math.prod(new[n] for n in news):
+            if olds[-1] + 1 >= len(old):
+                return None
+            olds.append(olds[-1] + 1)
+        else:
+            if news[-1] + 1 >= len(new):
+                return None
+            news.append(news[-1] + 1)
+    return olds, news
 
 
 def _split_atoms(atoms: Group, sizes_wanted: list[int], sizes: dict[Atom, int]) -> list[Group] | None:

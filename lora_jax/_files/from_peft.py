@@ -1,4 +1,4 @@
-"""``from_peft``: read a PEFT LoRA adapter directory (the format is described in ``_peft``).
+"""``from_peft``: read a PEFT LoRA adapter directory (the format is described in ``peft``).
 
 Everything is validated before anything is returned: the config (only LoRA, no feature that
 changes the math unless lora_jax imports it), the weights' keys, each module's shapes against
@@ -90,26 +90,9 @@ def from_peft(
         hint = " (a pickled adapter_model.bin is never read: save with safe_serialization=True)" if pickled else ""
         raise FileNotFoundError(f"lora_jax.from_peft: no {WEIGHTS} in {directory!r}{hint}.")
     name_of = name_map or _torch_names.default_name
-    saved = _saved_modules(config)
     with _safetensors.reading(weights_path, "lora_jax.from_peft", WEIGHTS) as f:
-        where = f.where
-        paired = f.metadata.get(PAIRED)
-        lora_keys, whole_keys, unknown = [], [], []  # every key is classified before any tensor is read
-        for key in f.names:
-            m, w = LORA_KEY.fullmatch(key), WHOLE_KEY.fullmatch(key)
-            if m is not None:
-                lora_keys.append((key, m["module"], m["part"]))
-            elif w is not None and any(w["module"] == s or w["module"].endswith("." + s) for s in saved):
-                whole_keys.append((key, w["name"]))
-            else:
-                unknown.append(key)
-        if unknown:
-            raise ValueError(f"{where} holds keys that are not LoRA A/B weights (nor parameters of the config's "
-                             f"modules_to_save {saved}): {sorted(unknown)[:5]}")  # fmt: skip
-        parts: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-        for key, module, part in lora_keys:
-            parts[module][part] = f.get(key)
-        whole = {name: f.get(key) for key, name in whole_keys}
+        where, paired = f.where, f.metadata.get(PAIRED)
+        parts, whole = _read_tensors(f, _saved_modules(config))
     kernels = _kernels_by_module(params, name_of)
     problems: list[str] = []
     leaves: list[tuple[str, Any]] = []
@@ -128,20 +111,7 @@ def from_peft(
             leaves.append((module, _from_torch(module, part, kernels[module], config, roles, dtype)))
         except (_Mismatch, ValueError, TypeError) as e:
             problems.append(f"module {module!r} -> {kernels[module][0]!r}: {e}")
-    full = []
-    if whole:
-        names = _torch_names.param_names(params, name_of, roles, None)
-        for name, value in sorted(whole.items()):
-            if name not in names:
-                near = difflib.get_close_matches(name, list(names), n=3, cutoff=0.3)
-                problems.append(f"{name!r} (modules_to_save) matches no parameter of params (nearest: {near})")
-                continue
-            keys, shape, inverse = names[name]
-            if value.size != math.prod(shape):
-                problems.append(f"{name!r} (modules_to_save) has shape {value.shape}, {_paths.join(keys)!r} is {shape}")
-                continue
-            cast = value if dtype is None else value.astype(dtype)
-            full.append((keys, FullWeight(jnp.asarray(inverse(cast)))))
+    full = _whole_weights(whole, params, name_of, roles, dtype, problems) if whole else []
     if problems:
         raise ValueError(f"{where} does not fit params:" + "".join(f"\n  {p}" for p in problems)
                          + "\nPass name_map (path -> module name) if the names differ from the default.")  # fmt: skip
@@ -170,6 +140,45 @@ def _saved_modules(config: dict) -> list[str]:
     if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
         raise ValueError(f"lora_jax.from_peft: modules_to_save {saved!r} is not a list of module names.")
     return saved
+
+
+def _read_tensors(f: Any, saved: list[str]) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """``({module: {part: tensor}}, {name: whole tensor})`` of an open weights file, every key
+    classified before any tensor is read."""
+    lora_keys, whole_keys, unknown = [], [], []
+    for key in f.names:
+        m, w = LORA_KEY.fullmatch(key), WHOLE_KEY.fullmatch(key)
+        if m is not None:
+            lora_keys.append((key, m["module"], m["part"]))
+        elif w is not None and any(w["module"] == s or w["module"].endswith("." + s) for s in saved):
+            whole_keys.append((key, w["name"]))
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{f.where} holds keys that are not LoRA A/B weights (nor parameters of the config's "
+                         f"modules_to_save {saved}): {sorted(unknown)[:5]}")  # fmt: skip
+    parts: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+    for key, module, part in lora_keys:
+        parts[module][part] = f.get(key)
+    return parts, {name: f.get(key) for key, name in whole_keys}
+
+
+def _whole_weights(whole: dict, params: Any, name_of: Callable, roles: Any, dtype: Any, problems: list) -> list:
+    """``[(keys, FullWeight)]`` of the ``modules_to_save`` tensors, in the Flax layout."""
+    names = _torch_names.param_names(params, name_of, roles, None)
+    full = []
+    for name, value in sorted(whole.items()):
+        if name not in names:
+            near = difflib.get_close_matches(name, list(names), n=3, cutoff=0.3)
+            problems.append(f"{name!r} (modules_to_save) matches no parameter of params (nearest: {near})")
+            continue
+        keys, shape, inverse = names[name]
+        if value.size != math.prod(shape):
+            problems.append(f"{name!r} (modules_to_save) has shape {value.shape}, {_paths.join(keys)!r} is {shape}")
+            continue
+        cast = value if dtype is None else value.astype(dtype)
+        full.append((keys, FullWeight(jnp.asarray(inverse(cast)))))
+    return full
 
 
 class _Mismatch(Exception):

@@ -111,13 +111,10 @@ def targets(adapters: Any, base: Base, name_map: Callable[[str], str] | None, wh
     problems: list[str] = []
     taken: dict[str, str] = {}
     for path, adapter in by_path.items():
-        kind = _kind.kind_of(adapter)
         if plain:  # the adapter file holds plain LoRA factors: the kind must have that form
-            try:
-                adapter = None if isinstance(adapter, FullWeight) or kind.as_lora is None else kind.as_lora(adapter)
-            except ValueError:  # a bank: many adapters, no one LoRA
-                adapter = None
+            adapter = _plain(adapter)
             if adapter is None:
+                kind = _kind.kind_of(by_path[path])
                 what = "a fully trained parameter (PEFT's modules_to_save)" if kind.name == "full" else (
                     f"a {type(by_path[path]).__name__} ({kind.name})")  # fmt: skip
                 problems.append(f"{path!r}: {what} has no llama.cpp LoRA form; export the merged model with "
@@ -152,6 +149,17 @@ def targets(adapters: Any, base: Base, name_map: Callable[[str], str] | None, wh
     if problems:
         raise ValueError(f"{where}: cannot export:" + "".join(f"\n  {p}" for p in problems))
     return found
+
+
+def _plain(adapter: Any) -> Any:
+    """The adapter's plain LoRA form, or ``None`` if its kind has none."""
+    kind = _kind.kind_of(adapter)
+    if isinstance(adapter, FullWeight) or kind.as_lora is None:
+        return None
+    try:
+        return kind.as_lora(adapter)
+    except ValueError:  # a bank: many adapters, no one LoRA
+        return None
 
 
 def factors(path: str, adapter: Any, index: int | None) -> tuple[np.ndarray, np.ndarray, float, bool]:

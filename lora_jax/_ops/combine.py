@@ -80,27 +80,7 @@ def combine(
       >>> both["dense"]["kernel"].rank
       4
     """
-    if method not in METHODS:
-        raise ValueError(f"{_WHERE}: method must be one of {METHODS}, found {method!r}.")
-    if not isinstance(adapters, (list, tuple)) or not adapters:
-        raise TypeError(f"{_WHERE}: adapters must be a non-empty list of adapter trees.")
-    if not isinstance(weights, (list, tuple)) or len(weights) != len(adapters):
-        found = len(weights) if isinstance(weights, (list, tuple)) else type(weights).__name__
-        raise ValueError(f"{_WHERE}: weights must be a list of {len(adapters)} numbers (one per tree), found {found}.")
-    if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
-        raise TypeError(f"{_WHERE}: weights must be finite numbers, found {list(weights)!r}.")
-    pruned = any(m in method for m in ("ties", "dare", "magnitude_prune"))
-    if pruned and not (isinstance(density, numbers.Real) and 0 < density <= 1):
-        raise ValueError(f"{_WHERE}: method {method!r} needs density in (0, 1], found {density!r}.")
-    if majority_sign_method not in ("total", "frequency"):
-        found = repr(majority_sign_method)
-        raise ValueError(f"{_WHERE}: majority_sign_method must be 'total' or 'frequency', found {found}.")
-    if "dare" in method and key is None:
-        raise ValueError(f"{_WHERE}: method {method!r} draws random masks: pass key=jax.random.key(...).")
-    if key is not None:
-        check_key(key, _WHERE)
-    if rank is not None:
-        rank = _lora.check_rank(rank, f"{_WHERE}: rank")
+    rank = _check_arguments(adapters, weights, method, rank, density, majority_sign_method, key)
     trees = [_lora_forms(_tree.adapters_by_path(tree, _WHERE)) for tree in adapters]
     paths = sorted(set().union(*trees))
     in_place = method in ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -110,13 +90,7 @@ def combine(
     out = []
     for path, k in zip(paths, keys):
         present = [(tree[path], w) for tree, w in zip(trees, weights) if path in tree]
-        roles = {ad.roles for ad, _ in present}
-        if len(roles) > 1:
-            raise ValueError(f"{_WHERE}: the adapters of {path!r} disagree on its axis roles: {sorted(roles)}.")
-        shapes = {ad.kernel_shape for ad, _ in present}
-        if len(shapes) > 1:
-            raise ValueError(f"{_WHERE}: the adapters of {path!r} fit kernels of different shapes {sorted(shapes)}; "
-                             "they adapt different models.")  # fmt: skip
+        _check_one_kernel(path, [ad for ad, _ in present])
         rule = method.removesuffix("_svd")
         if method == "cat":
             combined = _cat(present)
@@ -132,6 +106,44 @@ def combine(
             "in float32); scale the weights down."
         )
     return _paths.nest(out, _WHERE)
+
+
+def _check_arguments(adapters: Any, weights: Any, method: str, rank: Any, density: Any, majority_sign_method: str,
+                     key: Any) -> int | None:  # fmt: skip
+    """Every argument of :func:`combine` checked; the rank normalised."""
+    if method not in METHODS:
+        raise ValueError(f"{_WHERE}: method must be one of {METHODS}, found {method!r}.")
+    if not isinstance(adapters, (list, tuple)) or not adapters:
+        raise TypeError(f"{_WHERE}: adapters must be a non-empty list of adapter trees.")
+    if not isinstance(weights, (list, tuple)) or len(weights) != len(adapters):
+        found = len(weights) if isinstance(weights, (list, tuple)) else type(weights).__name__
+        raise ValueError(f"{_WHERE}: weights must be a list of {len(adapters)} numbers (one per tree), found {found}.")
+    if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise TypeError(f"{_WHERE}: weights must be finite numbers, found {list(weights)!r}.")
+    pruned = any(m in method for m in ("ties", "dare", "magnitude_prune"))
+    if pruned and not (isinstance(density, numbers.Real) and 0 < float(density) <= 1):
+        raise ValueError(f"{_WHERE}: method {method!r} needs density in (0, 1], found {density!r}.")
+    if majority_sign_method not in ("total", "frequency"):
+        found = repr(majority_sign_method)
+        raise ValueError(f"{_WHERE}: majority_sign_method must be 'total' or 'frequency', found {found}.")
+    if "dare" in method and key is None:
+        raise ValueError(f"{_WHERE}: method {method!r} draws random masks: pass key=jax.random.key(...).")
+    if key is not None:
+        check_key(key, _WHERE)
+    if rank is not None:
+        rank = _lora.check_rank(rank, f"{_WHERE}: rank")
+    return rank
+
+
+def _check_one_kernel(path: str, ads: list) -> None:
+    """The adapters of one kernel agree on its roles and shape."""
+    roles = {ad.roles for ad in ads}
+    if len(roles) > 1:
+        raise ValueError(f"{_WHERE}: the adapters of {path!r} disagree on its axis roles: {sorted(roles)}.")
+    shapes = {ad.kernel_shape for ad in ads}
+    if len(shapes) > 1:
+        raise ValueError(f"{_WHERE}: the adapters of {path!r} fit kernels of different shapes {sorted(shapes)}; "
+                         "they adapt different models.")  # fmt: skip
 
 
 def _finite(adapter: Any) -> bool:

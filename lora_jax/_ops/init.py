@@ -125,41 +125,8 @@ def plan_targets(params: Any, config: LoraConfig, roles: Mapping | None, where: 
             f"{examples}. Check the pattern (it must match the whole path)."
         )
     problems: dict[str, list[str]] = {}
-    plan = []
-    for keys, path, leaf in targets:
-        shape = tuple(getattr(leaf, "shape", ()))
-        dtype = getattr(leaf, "dtype", None)
-        if len(shape) < 2 or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-            problems.setdefault("not_kernel", []).append(f"{path!r} ({_describe(leaf)})")
-            continue
-        kernel_roles = _kind.roles_for(path, shape, roles, where)
-        if kernel_roles is None:
-            problems.setdefault("no_roles", []).append(f"{path!r} {shape}")
-            continue
-        why = _kind.roles_problem(kernel_roles, shape)
-        if why:
-            problems.setdefault("bad_roles", []).append(f"{path!r}: {why}")
-            continue
-        kernel_roles = tuple(kernel_roles)
-        rank = config.rank_for(path)
-        fan_in, fan_out = _kind.fan_in_out(shape, kernel_roles)
-        if rank > min(fan_in, fan_out):
-            problems.setdefault("rank", []).append(f"{path!r}: rank {rank} > min(in={fan_in}, out={fan_out})")
-            continue
-        plan.append((keys, path, shape, kernel_roles))
-    trainable = []
-    if is_trainable is not None:
-        chosen = [(k, p, leaf) for k, p, leaf in leaves if is_trainable(p, leaf)]
-        if not chosen:
-            problems.setdefault("trainable_none", []).append(f"{len(leaves)} parameters exist, e.g. {leaves[0][1]!r}")
-        for keys, path, leaf in chosen:
-            dtype = getattr(leaf, "dtype", None)
-            if any(p == path for _, p, _ in targets):
-                problems.setdefault("trainable_target", []).append(repr(path))
-            elif dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-                problems.setdefault("trainable_dtype", []).append(f"{path!r} ({_describe(leaf)})")
-            else:
-                trainable.append((keys, leaf))
+    plan = [p for k, path, leaf in targets if (p := _planned(k, path, leaf, config, roles, where, problems))]
+    trainable = _trainable(leaves, targets, is_trainable, problems) if is_trainable is not None else []
     target_paths = [p for _, p, _ in targets]
     for name, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
         for pattern in dict(patterns):
@@ -168,6 +135,48 @@ def plan_targets(params: Any, config: LoraConfig, roles: Mapping | None, where: 
     if problems:
         raise ValueError(_problem_message(where, problems))
     return plan, trainable
+
+
+def _planned(keys: Any, path: str, leaf: Any, config: LoraConfig, roles: Mapping | None, where: str,
+             problems: dict[str, list[str]]) -> tuple | None:  # fmt: skip
+    """``(keys, path, shape, roles)`` of a targeted kernel, or ``None`` with its problem recorded."""
+    shape = tuple(getattr(leaf, "shape", ()))
+    dtype = getattr(leaf, "dtype", None)
+    if len(shape) < 2 or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        problems.setdefault("not_kernel", []).append(f"{path!r} ({_describe(leaf)})")
+        return None
+    kernel_roles = _kind.roles_for(path, shape, roles, where)
+    if kernel_roles is None:
+        problems.setdefault("no_roles", []).append(f"{path!r} {shape}")
+        return None
+    why = _kind.roles_problem(kernel_roles, shape)
+    if why:
+        problems.setdefault("bad_roles", []).append(f"{path!r}: {why}")
+        return None
+    rank = config.rank_for(path)
+    fan_in, fan_out = _kind.fan_in_out(shape, tuple(kernel_roles))
+    if rank > min(fan_in, fan_out):
+        problems.setdefault("rank", []).append(f"{path!r}: rank {rank} > min(in={fan_in}, out={fan_out})")
+        return None
+    return keys, path, shape, tuple(kernel_roles)
+
+
+def _trainable(leaves: list, targets: list, is_trainable: Any, problems: dict[str, list[str]]) -> list:
+    """``[(keys, leaf)]`` of the parameters ``trainable`` names, with their problems recorded."""
+    chosen = [(k, p, leaf) for k, p, leaf in leaves if is_trainable(p, leaf)]
+    if not chosen:
+        problems.setdefault("trainable_none", []).append(f"{len(leaves)} parameters exist, e.g. {leaves[0][1]!r}")
+    target_paths = {p for _, p, _ in targets}
+    trainable = []
+    for keys, path, leaf in chosen:
+        dtype = getattr(leaf, "dtype", None)
+        if path in target_paths:
+            problems.setdefault("trainable_target", []).append(repr(path))
+        elif dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            problems.setdefault("trainable_dtype", []).append(f"{path!r} ({_describe(leaf)})")
+        else:
+            trainable.append((keys, leaf))
+    return trainable
 
 
 _FIXES = {
