@@ -13,7 +13,7 @@ On one CPU, simulate 8 devices:
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/sharded_finetune.py --mesh data=2,fsdp=2,tensor=2
 
 Across hosts, start the same command on every host after `jax.distributed.initialize()`
-(see the README); the mesh then spans all hosts' devices.
+(see docs/sharding.md); the mesh then spans all hosts' devices.
 """
 
 from __future__ import annotations

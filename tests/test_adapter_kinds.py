@@ -183,6 +183,7 @@ lj.extend.register_kind(
 )
 
 
+@pytest.mark.slow
 def test_a_kind_defined_outside_lora_jax_from_config_to_export(tmp_path):
     """The IA³-like kind above, registered here only: made by init from the config, trained
     factored under jit, merged, saved, loaded and exported as merged parameters."""

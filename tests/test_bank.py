@@ -45,6 +45,7 @@ def setup():
 INDEX = [0, 2, -1, 1, 0, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True])
 def test_each_example_gets_its_own_adapter(setup, jit):
     model, params, x, trees = setup
@@ -58,6 +59,7 @@ def test_each_example_gets_its_own_adapter(setup, jit):
     np.testing.assert_array_equal(np.asarray(got[2:3]), base_rows)  # lj.BASE: the base model, bit for bit
 
 
+@pytest.mark.slow
 def test_adapters_of_different_kernels_and_rslora(setup):
     model, params, x, _ = setup
     only_fc1 = _adapters(params, ranks=(3,), seed=7, targets="fc1/kernel")[0]
@@ -86,6 +88,7 @@ class Scanned(nn.Module):
         return nn.Conv(4, (3,), name="conv")(h)
 
 
+@pytest.mark.slow
 def test_scanned_embedding_and_conv_layers():
     model = Scanned()
     ids = jax.random.randint(jax.random.key(2), (5, 7), 0, 11)
@@ -108,6 +111,7 @@ class NnxMLP(nnx.Module):
         return self.fc2(nnx.relu(self.fc1(x)))
 
 
+@pytest.mark.slow
 def test_nnx_functional_and_attached():
     model = NnxMLP(nnx.Rngs(0))
     graphdef, state = nnx.split(model)
@@ -129,6 +133,7 @@ def _loss(model):
     return lambda v, x, i: jnp.sum(apply(v, x, lora_index=i) ** 2)
 
 
+@pytest.mark.slow
 def test_each_slot_is_trained_by_its_own_examples_only(setup):
     model, params, x, trees = setup
     b = lj.bank(trees, rank=5)
@@ -149,6 +154,7 @@ def test_each_slot_is_trained_by_its_own_examples_only(setup):
         assert not np.asarray(grads["fc1"]["kernel"].scales).any()  # scales are not trained
 
 
+@pytest.mark.slow
 def test_optimizer_keeps_unused_slots_and_their_state_exactly(setup):
     model, params, x, trees = setup
     tx = lj.optimizer(optax.adamw(1e-2, weight_decay=0.1))
@@ -176,6 +182,7 @@ def test_optimizer_keeps_unused_slots_and_their_state_exactly(setup):
     assert any((x != y).any() for x, y in zip(leaves(v1, 0), leaves(v3, 0)))
 
 
+@pytest.mark.slow
 def test_swapping_adapters_does_not_retrace(setup):
     model, params, x, trees = setup
     apply = lj.wrap(model.apply)
@@ -197,6 +204,7 @@ def test_swapping_adapters_does_not_retrace(setup):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_read_back_exactly_and_edit(setup):
     _, params, _, trees = setup
     b = lj.bank(trees, rank=6)
@@ -303,6 +311,7 @@ def test_bad_input(setup):
         lj.bank([{}, {}])
 
 
+@pytest.mark.slow
 def test_slots_and_indices_are_checked_wherever_they_are_used(setup):
     """-1 is lj.BASE in an index and no slot; a slot or index outside the bank is an error where
     it can be checked and NaN under jit (never a silent no-op); lora_index needs a bank."""
@@ -330,6 +339,7 @@ def test_slots_and_indices_are_checked_wherever_they_are_used(setup):
         lj.wrap(model.apply)({"params": params, "lora": trees[0]}, x, lora_index=jnp.zeros(6, int))
 
 
+@pytest.mark.slow
 def test_a_bank_keeps_its_adapters_dropout(setup):
     """One LoRA dropout rate per kernel: in training each example's branch sees the same dropout
     as its adapter alone; bank_get returns it; adapters of other rates are refused."""
@@ -380,6 +390,7 @@ def test_a_bank_export_replaces_the_earlier_one_whole(setup, tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_a_bank_trained_by_any_optax_transform_is_never_silently_rescaled(setup, tmp_path):
     """A bank's scales are data but frozen: lj.optimizer and lj.loraplus leave them exactly; a plain
     optax transform that moves them (weight decay) breaks the seal kept beside them, so the

@@ -51,6 +51,7 @@ def _flat(tree):
     return _tree.adapters_by_path(tree, "test")
 
 
+@pytest.mark.slow
 def test_help_shows_examples():
     proc = cli("--help")
     assert proc.returncode == 0 and "examples:" in proc.stdout and "lora-jax merge --base" in proc.stdout
@@ -58,6 +59,7 @@ def test_help_shows_examples():
     assert proc.returncode == 0 and "--to {lora_jax,peft,gguf}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_inspect_every_format(files):
     root, base, lora = files
     lj.to_gguf_lora(root / "adapter.gguf", lora, base)
@@ -75,6 +77,7 @@ def test_inspect_every_format(files):
         assert table.returncode == 0 and first in table.stdout and f"format {fmt}" in table.stdout
 
 
+@pytest.mark.slow
 def test_convert_round_trips(files, tmp_path):
     root, base, lora = files
     assert cli("convert", root / "peft", tmp_path / "a.gguf", "--to", "gguf", "--base", base).returncode == 0
@@ -92,6 +95,7 @@ def test_convert_round_trips(files, tmp_path):
     _same_adapters(lj.load(tmp_path / "c.safetensors"), lora)
 
 
+@pytest.mark.slow
 def test_portable_conversion_and_its_report(files, tmp_path):
     root, base, _ = files
     _, model, _ = gemma3.load(base)
@@ -106,6 +110,7 @@ def test_portable_conversion_and_its_report(files, tmp_path):
     assert info["portable"] == "yes" and {r["rank"] for r in info["adapters"]} == {4}
 
 
+@pytest.mark.slow
 def test_merge_into_gguf_and_safetensors(files, tmp_path):
     root, base, lora = files
     proc = cli("merge", "--base", base, "--adapter", root / "adapter.safetensors", "--out", tmp_path / "m.gguf")
@@ -132,6 +137,7 @@ def test_merge_into_gguf_and_safetensors(files, tmp_path):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_with_a_message(files, tmp_path):
     root, base, lora = files
     proc = cli("inspect", tmp_path / "absent")

@@ -69,6 +69,7 @@ PEFT_CASES = [
 pytestmark = pytest.mark.filterwarnings("ignore:The density 1.0 is greater than or equal to 1")
 
 
+@pytest.mark.slow
 @pytest.mark.interop
 @pytest.mark.parametrize("method, options", PEFT_CASES)
 def test_the_combined_delta_equals_peft(peft_model, method, options):
@@ -87,6 +88,7 @@ def test_the_combined_delta_equals_peft(peft_model, method, options):
         np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.slow
 def test_cat_is_exact_and_ranks_add():
     trees = _trees(ranks=(2, 3, 5))
     both = lj.combine(trees, [1.0, 2.0, -1.0], "cat")
@@ -95,6 +97,7 @@ def test_cat_is_exact_and_ranks_add():
     np.testing.assert_allclose(_delta(both)["fc1"], want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_svd_of_one_adapter_at_its_rank_is_exact_and_stacks_are_per_layer():
     params = {"layers": {"kernel": jnp.zeros((3, 8, 6))}}
     tree = randomize(
@@ -111,6 +114,7 @@ def test_svd_of_one_adapter_at_its_rank_is_exact_and_stacks_are_per_layer():
     assert [(a[i] != 0).sum() for i in range(3)] == [8, 8, 8]  # half of each layer's 8 x 2 entries, per layer
 
 
+@pytest.mark.slow
 def test_dare_keeps_about_density_and_is_deterministic_given_the_key():
     params = {"big": {"kernel": jnp.zeros((64, 48))}}
     tree = randomize(lj.init(jax.random.key(0), params, lj.LoraConfig(rank=16)), jax.random.key(1))

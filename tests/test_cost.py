@@ -53,6 +53,7 @@ def _step_flops(model, x, params, lora, compute):
         (96, 16, "factored"),  # the same rank on a few tokens (generation): the merge does not pay
     ],
 )
+@pytest.mark.slow
 def test_auto_compiles_the_step_xla_counts_cheaper(rank, tokens, cheaper):
     setup = _setup(128, 128, rank, tokens)
     flops = {mode: _step_flops(*setup, mode) for mode in MODES}
@@ -60,6 +61,7 @@ def test_auto_compiles_the_step_xla_counts_cheaper(rank, tokens, cheaper):
     assert flops["auto"] == flops[cheaper]
 
 
+@pytest.mark.slow
 def test_auto_mixes_the_forms_per_kernel_and_beats_both():
     # GPT at width 128, rank 32, 512 tokens: the square attention kernels are cheaper merged,
     # the 128 x 512 MLP kernels factored, so auto is below both uniform forms.
@@ -117,6 +119,7 @@ def test_usage_of_each_layer_spec():
     assert _cost.usage(lj.extend.Lookup(jnp.zeros((4, 7), jnp.int32)), (50, 6)) == lj.extend.Usage(28, 50, 6, lookup=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compute", MODES)
 def test_every_mode_computes_the_merged_model_and_trains_the_adapters_only(compute):
     model, x, params, lora = _setup(64, 96, 48, 256)
@@ -148,6 +151,7 @@ def test_merged_form_computes_the_weight_gradient_factored_does_not():
     assert not weight_grad.search(hlos["factored"])
 
 
+@pytest.mark.slow
 def test_active_dropout_stays_factored_and_merged_refuses_it():
     model, x, params, _ = _setup(64, 64, 48, 512)
     lora = lj.init(jax.random.key(2), params, lj.LoraConfig(rank=48, dropout=0.5))
@@ -162,6 +166,7 @@ def test_active_dropout_stays_factored_and_merged_refuses_it():
     lj.wrap(model.apply, compute="merged")(variables, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["fast", None, 1])
 def test_a_bad_compute_mode_is_refused(bad):
     model, x, params, lora = _setup(8, 8, 2, 4)

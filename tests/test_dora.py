@@ -42,6 +42,7 @@ class Mixed(nn.Module):
         return nn.Conv(5, (3,), name="conv")(jnp.tanh(nn.Dense(6, name="fc")(h)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True])
 def test_factored_equals_merged_and_the_reference(jit):
     model = Mixed()
@@ -63,6 +64,7 @@ def test_factored_equals_merged_and_the_reference(jit):
                                rtol=1e-4, atol=1e-5)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_gradients_treat_the_norm_as_a_constant():
     """Factored and merged-in-step give the same gradients, and the norm's is not among them: the
     gradient equals that of m·V/c with c = ‖V‖ computed outside the differentiation."""
@@ -148,6 +150,7 @@ def test_files_summary_and_shardings(tmp_path):
     assert (spec.a, spec.b, spec.m) == (P("fsdp", None), P(None, "tp"), P("tp"))
 
 
+@pytest.mark.slow
 def test_bad_input(tmp_path):
     class WithEmbed(nn.Module):
         @nn.compact
@@ -182,6 +185,7 @@ def test_bad_input(tmp_path):
         lj.from_peft(tmp_path / "dora", params)
 
 
+@pytest.mark.slow
 def test_scanned_layers_and_nnx():
     from flax import nnx
 
@@ -220,6 +224,7 @@ def test_bfloat16_base_keeps_the_rescaling_in_float32():
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=2e-2 * np.abs(want).max())
 
 
+@pytest.mark.slow
 def test_a_zero_column_is_the_limit_not_nan():
     """A column of V = W + s·a⋅b that is exactly zero (a pruned or zero-initialised output): its
     output is the bias, it passes no gradient, and every other column is as if it were absent."""

@@ -87,6 +87,7 @@ def test_axis_roles_of_custom_layers():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True])
 def test_custom_layers_train_factored_with_values_and_gradients_of_the_merged_path(jit):
     lora = _lora()
@@ -155,6 +156,7 @@ class TiedLM(nn.Module):
         return nn.Dense(16, use_bias=False, name="lm_head").apply({"params": {"kernel": embed.embedding.T}}, h)
 
 
+@pytest.mark.slow
 def test_tied_head_kernel_outside_the_params_is_skipped():
     ids = jnp.array([[1, 2, 3]])
     model = TiedLM()
@@ -225,6 +227,7 @@ def _flops(fn, *args):
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True])
 def test_tunix_attention_without_registration_or_roles(jit):
     model = TunixAttention(nnx.Rngs(0))
@@ -249,6 +252,7 @@ def test_tunix_attention_without_registration_or_roles(jit):
     chex.assert_trees_all_close(grads, want_grads, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tunix_stacked_kv_kernel_with_a_stack_axis_by_hand():
     """Roles given by hand override the traced ones: k and v get separate adapters (PEFT can name them)."""
     model = TunixAttention(nnx.Rngs(0))
@@ -266,6 +270,7 @@ def test_tunix_stacked_kv_kernel_with_a_stack_axis_by_hand():
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_factored_step_flops_are_below_the_merged_steps():
     """A wide attention block: the factored step computes no weight gradient of the base."""
     model = TunixAttention(nnx.Rngs(0), features=256, heads=4, head_dim=64)
@@ -291,6 +296,7 @@ class TiedEmbedding(nn.Module):
         return embed.attend(h)
 
 
+@pytest.mark.slow
 def test_a_tied_embedding_adapter_changes_the_lookup_and_the_head_factored():
     model, ids = TiedEmbedding(), jnp.array([[1, 2, 3, 39], [0, 5, 5, 7]])
     params = model.init(jax.random.key(0), ids)["params"]
@@ -330,6 +336,7 @@ def _program(params, x, flag):
     return jax.lax.dot_general(h, params["head"], (((1,), (1,)), ((), ())))  # head stored (out, in)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", [True, False])
 def test_a_plain_function_through_checkpoint_cond_and_while(flag):
     params = {"w": jax.random.normal(jax.random.key(0), (D, D)) / 3, "head": jax.random.normal(jax.random.key(1), (5, D))}
@@ -364,6 +371,7 @@ class VmappedBlocks(nnx.Module):
         return step(x, self.blocks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True])
 def test_nnx_vmap_and_scan_blocks_eagerly_and_jitted(jit):
     model = VmappedBlocks(nnx.Rngs(0))

@@ -25,6 +25,7 @@ def _bits(x):
     return np.atleast_1d(np.asarray(x)).view(np.uint8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_round_trip_and_merged_export_are_bit_exact(tmp_path, dtype):
     params = _params(dtype)

@@ -13,6 +13,8 @@ from conftest import leaf_pairs
 
 import lora_jax as lj
 
+pytestmark = pytest.mark.slow  # examples and real models: minutes in all
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "finetune.py")
 

@@ -28,6 +28,7 @@ def tiny(tmp_path_factory):
     return path, g.load(path)
 
 
+@pytest.mark.slow
 @pytest.mark.interop
 def test_logits_equal_transformers_on_the_same_gguf(tiny):
     torch = pytest.importorskip("torch")
@@ -46,6 +47,7 @@ def test_logits_equal_transformers_on_the_same_gguf(tiny):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
 
 
+@pytest.mark.slow
 def test_logits_at_positions_and_left_padding(tiny):
     _, (_, model, _) = tiny
     full = model(jnp.asarray(IDS))
@@ -113,6 +115,7 @@ def test_a_gguf_of_another_architecture_or_truncated_is_refused(tmp_path, tiny):
         g.load(tmp_path / "junk.gguf")
 
 
+@pytest.mark.slow
 def test_the_model_trains_with_lora_factored(tiny):
     from flax import nnx
 
@@ -129,6 +132,7 @@ def test_the_model_trains_with_lora_factored(tiny):
     assert any(np.any(np.asarray(x)) for x in jax.tree.leaves(grads))
 
 
+@pytest.mark.slow
 def test_a_bank_serves_a_mixed_batch(tiny):
     from conftest import randomize
     from flax import nnx
@@ -147,6 +151,7 @@ def test_a_bank_serves_a_mixed_batch(tiny):
         np.testing.assert_allclose(got[row : row + 1], want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_real_vocabulary_when_the_270m_file_is_cached():
     """Gemma 3 270M's own pieces: ``The``, ``▁capital``, ``▁of``, ``▁France``, ``▁is`` are single
     pieces of its vocabulary. Runs where the assembled file is cached (the main example makes it)."""
@@ -162,6 +167,7 @@ def test_the_real_vocabulary_when_the_270m_file_is_cached():
     assert tok.decode(tok.encode("naïve café, 日本")) == "naïve café, 日本"
 
 
+@pytest.mark.slow
 @pytest.mark.interop
 def test_a_tied_embedding_adapter_exports_to_peft_with_weight_tying(tiny, tmp_path):
     """Gemma's head is its embedding table: one lora_jax adapter serves the lookup and the head,
@@ -256,6 +262,7 @@ _VALUES = st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_n
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_gguf_metadata_gives_a_model_config_or_a_gguf_error(tiny, data):

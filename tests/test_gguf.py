@@ -92,6 +92,7 @@ def test_adapter_file_has_llama_cpp_metadata_names_and_layouts(tiny):
     assert tensors["blk.1.ffn_down.weight.lora_b"].shape == (64, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.interop
 def test_adapter_file_applied_as_llama_cpp_does_equals_peft(tiny):
     """Folding: rsLoRA and per-kernel ranks and alphas reach a single-alpha reader exactly."""
@@ -176,6 +177,7 @@ def test_quantized_base_tensors_are_copied_byte_for_byte(tiny, tmp_path):
     np.testing.assert_array_equal(np.asarray(new["token_embd.weight"].data), np.asarray(old["token_embd.weight"].data))
 
 
+@pytest.mark.slow
 @pytest.mark.interop
 def test_dora_merges_into_the_gguf_but_has_no_adapter_file(tiny, tmp_path):
     torch = pytest.importorskip("torch")
@@ -241,6 +243,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tiny, tmp_path):
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_stacked_layers_export_per_layer(tmp_path):
     """A kernel stacked by nn.scan (roles ('stack', 'in', 'out')) with '{}' in its module name."""
     root = tmp_path

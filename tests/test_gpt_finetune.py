@@ -12,6 +12,8 @@ from conftest import leaf_pairs
 
 import lora_jax as lj
 
+pytestmark = pytest.mark.slow  # examples and real models: minutes in all
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "gpt_finetune.py")
 

@@ -141,18 +141,27 @@ def test_damaged_peft_directory(files, tmp_path_factory, damage, in_config, conf
             config = json.loads(path.read_text())
             key = sorted(config)[damage[1] % len(config)]
             config[key] = config_value
-            if key == "lora_dropout" and isinstance(config_value, float) and 0 <= config_value < 1:
-                # Another valid dropout rate is an edit, not damage (training only: the weights do
-                # not record it): the adapters come back with it.
-                want = jax.tree.map(lambda ad: dataclasses.replace(ad, dropout=config_value), want,
-                                    is_leaf=lambda x: isinstance(x, lj.Adapter))  # fmt: skip
             path.write_text(json.dumps(config))
         else:
             path.write_bytes(_damage(path.read_bytes(), damage))
+        want = _with_edited_dropout(want, path)
     else:
         path = directory / "adapter_model.safetensors"
         path.write_bytes(_damage(path.read_bytes(), damage))
     _check(lambda: lj.from_peft(directory, PARAMS), want)
+
+
+def _with_edited_dropout(want, path):
+    """Another valid dropout rate in the config (a replaced value, or a flipped digit: "0.0" to
+    "0.1") is an edit, not damage: training only, so the weights do not record it, and the
+    adapters come back with it."""
+    try:
+        rate = json.loads(path.read_bytes()).get("lora_dropout")
+    except (ValueError, AttributeError):
+        return want
+    if not (isinstance(rate, float) and 0 <= rate < 1):
+        return want
+    return jax.tree.map(lambda ad: dataclasses.replace(ad, dropout=rate), want, is_leaf=lambda x: isinstance(x, lj.Adapter))
 
 
 def test_valid_files_load_exactly(files):

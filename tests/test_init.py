@@ -23,6 +23,7 @@ def _params():
 STACK_ROLES = {"stack/kernel": ("stack", "in", "out")}
 
 
+@pytest.mark.slow
 def test_structure_shapes_dtypes():
     cfg = lj.LoraConfig(rank=4, alpha=8, targets=r"(enc/.*|stack)/kernel")
     ad = lj.init(jax.random.key(1), _params(), cfg, roles=STACK_ROLES)

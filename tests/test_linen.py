@@ -62,6 +62,7 @@ def test_axis_roles_of_a_transformer():
     assert "block_0/ln1/scale" not in ROLES
 
 
+@pytest.mark.slow
 def test_grads_wrt_whole_dict_reach_adapters_only():
     lora = _lora()
     apply = lj.wrap(MODEL.apply, compute="factored")
@@ -70,6 +71,7 @@ def test_grads_wrt_whole_dict_reach_adapters_only():
     assert all(np.any(np.asarray(g)) for g in jax.tree.leaves(grads["lora"]))
 
 
+@pytest.mark.slow
 def test_trainable_base_subtree_gets_gradients():
     apply = lj.wrap(MODEL.apply, compute="factored")
     lora = _lora(trainable=r"head/.*")
@@ -81,14 +83,13 @@ def test_trainable_base_subtree_gets_gradients():
     moved = dict(lora, head={"kernel": lj.FullWeight(lora["head"]["kernel"].value + 1.0), "bias": lora["head"]["bias"]})
     merged = MODEL.apply({"params": lj.apply_lora(PARAMS, moved)}, IDS)
     np.testing.assert_allclose(apply({"params": PARAMS, "lora": moved}, IDS), merged, rtol=1e-5, atol=1e-5)
-    with pytest.raises(TypeError, match=r"lora_jax\.wrap: trainable= moved to LoraConfig"):
-        lj.wrap(MODEL.apply, trainable=r"head/.*", compute="factored")
 
 
 def _flops(fn, *args):
     return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
 
 
+@pytest.mark.slow
 def test_lora_step_costs_less_than_full_finetuning_and_computes_no_weight_gradient():
     """Structural, not timed: XLA's own FLOP count, and no dot producing a frozen kernel's gradient."""
     lora = _lora()
@@ -110,6 +111,7 @@ def test_lora_step_costs_less_than_full_finetuning_and_computes_no_weight_gradie
     assert kernel_grad.search(hlo_full) and not kernel_grad.search(hlo_fact)
 
 
+@pytest.mark.slow
 def test_optimizer_path_trains_and_keeps_base_bit_identical():
     apply = lj.wrap(MODEL.apply, compute="factored")
     variables = {"params": PARAMS, "lora": lj.init(jax.random.key(0), PARAMS, CONFIG, roles=ROLES)}
@@ -131,6 +133,7 @@ def test_optimizer_path_trains_and_keeps_base_bit_identical():
         np.testing.assert_array_equal(u, v)
 
 
+@pytest.mark.slow
 def test_dropout_only_when_training_with_an_rng():
     lora = _lora(dropout=0.5)
     apply = lj.wrap(MODEL.apply, compute="factored")
@@ -177,6 +180,7 @@ def test_dropout_matches_peft_semantics_on_a_dense_layer():
         assert min(errs) < 1e-4
 
 
+@pytest.mark.slow
 def test_remat_and_scan_under_jit_grad():
     class Scanned(nn.Module):
         @nn.compact
@@ -282,6 +286,7 @@ def test_axis_roles_rejects_what_it_cannot_trace():
         lj.axis_roles(lambda p, x: x)
 
 
+@pytest.mark.slow
 def test_a_kernel_stacked_along_a_non_leading_axis():
     class Odd(nn.Module):
         @nn.compact

@@ -53,6 +53,7 @@ CONFIGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("jit", [False, True])
 def test_merge_matches_float64_reference(name, jit):
@@ -98,6 +99,7 @@ def test_untargeted_leaves_are_passed_through_and_inputs_untouched():
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 class UnmergeTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_unmerge_inverts_apply(self):
@@ -108,6 +110,7 @@ class UnmergeTest(chex.TestCase):
             np.testing.assert_allclose(x, y, rtol=0, atol=4 * np.finfo(np.float32).eps * (1 + np.abs(y).max()))
 
 
+@pytest.mark.slow
 def test_bf16_base_stays_bf16_within_one_rounding():
     params = _params(jnp.bfloat16)
     ad = _trained(params, CONFIGS["plain"])
@@ -122,6 +125,7 @@ def test_bf16_base_stays_bf16_within_one_rounding():
         np.testing.assert_array_equal(got, exact.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64))
 
 
+@pytest.mark.slow
 def test_bf16_adapters_accumulate_in_float32():
     params = _params()
     ad = _trained(params, lj.LoraConfig(rank=3, alpha=6, dtype=jnp.bfloat16))
@@ -220,6 +224,7 @@ def _kernel_case(draw):
     return roles, shape, rank, alpha, draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(case=_kernel_case())
 def test_property_merge_and_unmerge(case):

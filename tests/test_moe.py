@@ -83,6 +83,7 @@ def test_gradients_reach_each_expert_through_its_tokens_only():
     assert (E, D, F) not in shapes
 
 
+@pytest.mark.slow
 def test_the_branch_costs_grow_with_routed_tokens_not_experts():
     """The program's FLOPs of the factored forward: the branch adds 2·r·(in + out) per routed
     token, whatever the number of experts."""
@@ -123,6 +124,7 @@ class _Layers(nn.Module):
         return block(GptOssMoE(experts=4, top_k=2, hidden=D, ffn=F), x, None)[0]
 
 
+@pytest.mark.slow
 def test_moe_blocks_under_scan_dora_qlora_and_auto():
     model, x = _Layers(), jax.random.normal(jax.random.key(5), (2, 5, D))
     params = model.init(jax.random.key(0), x)["params"]
@@ -197,6 +199,7 @@ def _name(path):
     return f"model.layers.{i}.mlp.router" if keys[1] == "router" else f"model.layers.{i}.mlp.experts.{keys[1]}"
 
 
+@pytest.mark.slow
 @pytest.mark.interop
 def test_gpt_oss_expert_adapters_both_ways_with_peft(tmp_path):
     """A PEFT adapter on GPT-OSS's experts (target_parameters) read by from_peft gives PEFT's
@@ -252,6 +255,7 @@ def test_gpt_oss_expert_adapters_both_ways_with_peft(tmp_path):
         lj.to_peft(tmp_path / "unnamed", lora, name_map=_name)  # without parameters=, a 3-D kernel is no module
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["ragged_dot", "einsum", "scan"])
 def test_one_adapter_shared_by_every_expert(form):
     """The expert axis given the role 'shared': one a (in, r), b (r, out) for all experts,
@@ -322,6 +326,7 @@ def _flax_gpt_oss(model):
     return twin, jax.tree_util.tree_map_with_path(load, shapes)
 
 
+@pytest.mark.slow
 @pytest.mark.interop
 def test_gpt_oss_logits_with_a_peft_adapter_both_ways(tmp_path):
     """The whole GPT-OSS: a PEFT adapter on the experts (target_parameters) and on the attention

@@ -67,11 +67,13 @@ def test_axis_roles_of_every_layer_type():
     }
 
 
+@pytest.mark.slow
 def test_fresh_adapter_is_a_no_op():
     fresh = lj.init(jax.random.key(0), STATE, CONFIG, roles=ROLES)
     np.testing.assert_array_equal(lj.wrap(MODEL, compute="factored")(STATE, fresh, IDS), MODEL(IDS))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True])
 def test_factored_equals_merged_values_and_gradients(jit):
     lora = _lora()
@@ -89,6 +91,7 @@ def test_factored_equals_merged_values_and_gradients(jit):
     assert type(MODEL.layers[0]) is nnx.Linear  # the caller's model is untouched
 
 
+@pytest.mark.slow
 def test_no_base_weight_gradient_in_the_compiled_step():
     lora = _lora()
     apply = lj.wrap(MODEL, compute="factored")
@@ -105,6 +108,7 @@ def test_no_base_weight_gradient_in_the_compiled_step():
         assert not kernel_grad.search(hlo_fact), shape
 
 
+@pytest.mark.slow
 def test_step_flops_below_full_finetuning_and_merged_at_a_realistic_width():
     """XLA's own FLOP count (not timed): rank 8 on width 256, 512 tokens."""
     mlp = nnx.Sequential(nnx.Linear(256, 1024, rngs=nnx.Rngs(0)), nnx.gelu, nnx.Linear(1024, 256, rngs=nnx.Rngs(1)))
@@ -119,6 +123,7 @@ def test_step_flops_below_full_finetuning_and_merged_at_a_realistic_width():
     assert factored < 0.75 * full and factored < merged
 
 
+@pytest.mark.slow
 def test_functional_training_step():
     apply = lj.wrap(MODEL, compute="factored")
     target = jnp.linspace(-1, 1, 10).reshape(2, 5)
@@ -139,6 +144,7 @@ def test_functional_training_step():
     np.testing.assert_allclose(apply(STATE, lora, IDS), _merged(lora), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dropout_needs_a_key_and_acts_on_the_branch_only():
     lora = randomize(lj.init(jax.random.key(0), STATE, lj.LoraConfig(rank=2, targets=".*/kernel", dropout=0.5), roles=ROLES), jax.random.key(1))
     apply = lj.wrap(MODEL, compute="factored")
@@ -180,6 +186,7 @@ class Scanned(nnx.Module):
         return self.head(body(x, self.blocks))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", [False, True])
 def test_layers_stacked_by_vmap_and_called_in_scan_and_remat_are_factored(remat):
     model = Scanned(nnx.Rngs(0), remat=remat)
@@ -238,6 +245,7 @@ def test_bad_input():
         lj.wrap(MODEL, compute="factored")(STATE, {"ghost": {"kernel": lora["layers"][0]["kernel"]}}, IDS)
 
 
+@pytest.mark.slow
 def test_stateful_style_trains_the_same_adapters_as_the_functional_style():
     target = jnp.linspace(-1, 1, 10).reshape(2, 5)
     tx = optax.adam(3e-2)
@@ -293,6 +301,7 @@ def test_attach_bad_input():
     assert type(model.layers[0]) is nnx.Linear  # nothing half-attached
 
 
+@pytest.mark.slow
 def test_scanned_layers_do_not_copy_the_stacked_base():
     """MaxText once copied a stacked base per scan step; XLA's own memory analysis says the
     factored step needs about what the forward pass needs, far less than the stack."""

@@ -34,6 +34,7 @@ def test_state_only_for_adapters(mlp):
     assert sum(x.size for x in jax.tree.leaves(state)) == 2 * sum(x.size for x in adapter_arrays) + 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True])
 def test_training_lowers_loss_and_leaves_base_bit_identical(mlp, jit):
     model, variables, x, tx = _setup(mlp)
@@ -111,12 +112,8 @@ def test_bad_trainable_pattern():
         lj.LoraConfig(trainable="(")
 
 
-def test_trainable_keyword_moved_to_the_config():
-    """One source of truth: the optimizer and wrap no longer take their own list."""
-    with pytest.raises(TypeError, match=r"lora_jax\.optimizer: trainable= moved to LoraConfig\(trainable=\.\.\.\)"):
-        lj.optimizer(optax.sgd(0.1), trainable="head/.*")
 
-
+@pytest.mark.slow
 @pytest.mark.interop
 @pytest.mark.parametrize("dora", [False, True])
 def test_loraplus_groups_the_arrays_as_peft_does(dora):

@@ -83,6 +83,7 @@ def test_twins_agree_without_adapters():
         np.testing.assert_allclose(u, v, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.interop
 @pytest.mark.parametrize("rslora", [False, True])
 def test_lora_jax_adapter_loads_in_peft_with_the_same_outputs(tmp_path, rslora):
@@ -136,6 +137,7 @@ def test_peft_adapter_loads_in_lora_jax_with_the_same_outputs(tmp_path, rslora):
         np.testing.assert_allclose(u, v, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.interop
 def test_round_trip_is_bit_exact(tmp_path):
     _, params = _twins()
@@ -265,6 +267,7 @@ def test_mixed_rslora_cannot_export(tmp_path):
     assert not os.listdir(tmp_path)  # nothing half-written
 
 
+@pytest.mark.slow
 @pytest.mark.interop
 def test_merged_export_with_torch_names_loads_into_pytorch(tmp_path):
     from safetensors.torch import load_file
@@ -525,6 +528,7 @@ def test_nnx_adapters_both_ways_with_peft(tmp_path):
         np.testing.assert_allclose(merged[k], reference[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.interop
 def test_hugging_face_flax_gpt2_trains_factored_and_exports_to_pytorch_gpt2(tmp_path):
     """transformers' own Flax GPT-2 (its Conv1D kernels are stored (out, in) and used as x @ W.T):

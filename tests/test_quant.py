@@ -31,6 +31,7 @@ def _reference(w, method, block, nf4=NF4):
     return (q * absmax).reshape(w.shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, block", [("nf4", 64), ("int8", 64), ("int4", 32), ("nf4", 16)])
 def test_round_trip_equals_the_reference(method, block):
     w = jax.random.normal(jax.random.key(0), (256, 48))
@@ -45,6 +46,7 @@ def test_round_trip_equals_the_reference(method, block):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_leading_axes_too_small_for_a_block_are_flattened():
     """An attention output (heads 4, head_dim 32, features 16): blocks run along heads·head_dim."""
     w = jax.random.normal(jax.random.key(0), (4, 32, 16))
@@ -54,6 +56,7 @@ def test_leading_axes_too_small_for_a_block_are_flattened():
     np.testing.assert_allclose(lj.dequantize(q), want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.interop
 def test_nf4_equals_bitsandbytes():
     torch = pytest.importorskip("torch")
@@ -95,6 +98,7 @@ def _outlier_kernel(factor):
     return w, others
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factor", [250, 1000])
 def test_an_outlier_block_leaves_the_other_blocks_as_accurate_as_without_double_quantization(factor):
     """One weight 250× (1000×) the others: its block's scale must not wipe out the scales of the
@@ -142,6 +146,7 @@ def test_non_finite_kernels_are_refused_and_huge_ones_stay_finite():
     np.testing.assert_allclose(got / 3e38, unit, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 def test_qlora_forward_and_gradients_equal_the_float_model_on_the_dequantized_base(method):
     model = MLP(hidden=64, out=32)
@@ -162,6 +167,7 @@ def test_qlora_forward_and_gradients_equal_the_float_model_on_the_dequantized_ba
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("width, sliced", [(256, True), (64, False)])
 def test_a_stacked_quantized_kernel_is_dequantized_per_layer_inside_the_scan(width, sliced):
     """Each step of the scan dequantizes its own layer's blocks (when blocks and double
@@ -206,6 +212,7 @@ def test_merge_for_serving_float_or_requantized():
     assert 0.05 < errors["d/kernel"] < 0.15  # NF4's error on a Gaussian matrix, about 10% RMS
 
 
+@pytest.mark.slow
 def test_nnx_functional_over_a_quantized_state():
     from flax import nnx
 
@@ -219,6 +226,7 @@ def test_nnx_functional_over_a_quantized_state():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_files_and_shardings(tmp_path, monkeypatch):
     params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (128, 32)), "bias": jnp.zeros(32)}}
     for options in ({}, {"method": "int4", "block_size": 32}):
@@ -243,6 +251,7 @@ def test_files_and_shardings(tmp_path, monkeypatch):
         lj.load_params(tmp_path / "other.safetensors")
 
 
+@pytest.mark.slow
 def test_bad_input(tmp_path):
     params = {"a": {"kernel": jnp.ones((96, 8))}, "b": {"kernel": jnp.ones((64, 8), jnp.int32)}, "c": {"bias": jnp.ones(64)}}
     with pytest.raises(ValueError, match=r"'a/kernel': no leading axes of \(96, 8\) hold a multiple of the block "

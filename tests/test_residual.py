@@ -18,6 +18,7 @@ def _aligned(ours, theirs, axis):
     return np.asarray(ours) * np.where(dots < 0, -1.0, 1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.interop
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_factors_and_residual_equal_peft(twins, init):
@@ -40,6 +41,7 @@ def test_factors_and_residual_equal_peft(twins, init):
     np.testing.assert_allclose(got, model.apply({"params": params}, x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_randomized_pissa_finds_the_top_singular_directions():
     rng = np.random.default_rng(0)
     u, _ = np.linalg.qr(rng.normal(size=(40, 40)))
@@ -57,6 +59,7 @@ def test_randomized_pissa_finds_the_top_singular_directions():
     np.testing.assert_allclose(residual["dense"]["kernel"], kernel - top, atol=3e-4)
 
 
+@pytest.mark.slow
 def test_stacked_and_nd_kernels_per_slice():
     """OLoRA/PiSSA of a (stack, in, out1, out2) kernel: each stack slice's (in, out1·out2) matrix."""
     kernel = jax.random.normal(jax.random.key(0), (2, 6, 2, 4))
@@ -106,6 +109,7 @@ def test_conversion_to_plain_lora_equals_peft(twins, tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bad_input():
     params = {"dense": {"kernel": jnp.ones((4, 3))}}
     with pytest.raises(ValueError, match="init='pissa' moves part of each kernel.*lj.init_residual"):
@@ -125,6 +129,7 @@ def test_bad_input():
         lj.init_residual(jax.random.key(0), lj.quantize(big), lj.LoraConfig(rank=2, init="pissa"))
 
 
+@pytest.mark.slow
 def test_dora_with_pissa_converts_to_dora_of_the_original_base():
     model = MLP(out=6)
     x = jax.random.normal(jax.random.key(0), (5, 8))

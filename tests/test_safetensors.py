@@ -129,6 +129,7 @@ def _equal(u, v):
     )
 
 
+@pytest.mark.slow
 def test_writer_killed_at_random_moments_leaves_old_or_new(tmp_path):
     import random
     import signal

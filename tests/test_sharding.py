@@ -6,11 +6,14 @@ import subprocess
 import sys
 
 import jax
+import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
+
+pytestmark = pytest.mark.slow  # examples and real models: minutes in all
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

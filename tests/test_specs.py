@@ -109,6 +109,7 @@ def test_axis_roles_are_the_documented_ones(name):
     assert lj.axis_roles(model, *inputs) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_factored_equals_merged_values_and_gradients(name):
     model, inputs, params, _, lora = _setup(name)
@@ -130,6 +131,7 @@ def test_factored_equals_merged_values_and_gradients(name):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5 * (1 + np.abs(v).max()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dense", "attention", "scan_remat", "conv2d", "embed_attend"])
 def test_fresh_adapter_is_a_noop(name):
     model, inputs, params, fresh, _ = _setup(name)
@@ -165,6 +167,7 @@ def test_conv_transpose_is_a_dilated_conv_and_factored():
     chex.assert_trees_all_close(g, g_m, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_grouped_conv_falls_back_to_merge():
     model = nn.Conv(6, (3, 3), feature_group_count=3)
     img = jnp.ones((1, 5, 5, 3))

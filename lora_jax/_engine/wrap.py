@@ -15,10 +15,9 @@ from lora_jax._engine import interpret as _interpret
 from lora_jax._engine import linen as _linen
 from lora_jax._engine import nnx as _nnx
 from lora_jax._engine import transform as _transform
-from lora_jax._kinds import full as _full
 
 
-def wrap(fn: Any, *, strict: bool = True, compute: str = "auto", trainable: Any = None) -> Callable:
+def wrap(fn: Any, *, strict: bool = True, compute: str = "auto") -> Callable:
     """LoRA for any JAX function of parameters, computed factored: every use of an adapted
     kernel ``W`` computes ``x⋅W + scale·(x⋅a)⋅b`` (or the adapter kind's own output) without
     forming ``W + scale·a⋅b``.
@@ -61,7 +60,6 @@ def wrap(fn: Any, *, strict: bool = True, compute: str = "auto", trainable: Any 
       strict: if true (the default), an adapter of a kernel that the call never reads is an
         error; pass ``False`` to call one part of a model with the adapters of the whole.
       compute: ``"auto"`` (the default), ``"factored"`` or ``"merged"``.
-      trainable: no longer taken here (see ``LoraConfig(trainable=...)``).
 
     Returns:
       The adapted function, as above.
@@ -80,7 +78,6 @@ def wrap(fn: Any, *, strict: bool = True, compute: str = "auto", trainable: Any 
       >>> lj.wrap(mlp)(params, lora, jnp.ones((2, 8))).shape
       (2, 3)
     """
-    _full.refuse_trainable(trainable, "lora_jax.wrap")
     _cost.check_mode(compute, "lora_jax.wrap")
     if _nnx.is_nnx(fn):
         return _nnx.wrap(fn, strict=strict, compute=compute)

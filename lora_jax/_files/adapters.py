@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import zlib
 from typing import Any
 
 import jax.numpy as jnp
@@ -153,19 +152,11 @@ def _entries(metadata: dict, where: str) -> dict:
         version, entries = doc["version"], doc["adapters"]
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise ValueError(f"{where}: its lora_jax metadata is not valid ({type(e).__name__}).") from None
-    if version not in (1, FORMAT_VERSION):
-        raise ValueError(f"{where}: format version {version!r}, this lora_jax reads versions 1 and {FORMAT_VERSION}.")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{where}: format version {version!r}, this lora_jax reads version {FORMAT_VERSION}.")
     if not isinstance(entries, dict) or not entries:
         raise ValueError(f"{where}: its metadata lists no adapters.")
-    if version == 1:  # plain LoRA, its fields at the top of each entry
-        lora = ("rank", "alpha", "roles", "rslora", "dropout")
-        entries = {
-            p: {**e, "kind": "lora", "static": {k: e[k] for k in lora if k in e}, "arrays": ["a", "b"]}
-            if isinstance(e, dict)
-            else e
-            for p, e in entries.items()
-        }
-    elif _safetensors.CHECKSUMS not in metadata:
+    if _safetensors.CHECKSUMS not in metadata:
         raise ValueError(f"{where}: its checksums are missing (the file is corrupt or was altered).")
     return entries
 
@@ -191,22 +182,17 @@ def _parse_entry(path_str: str, entry: Any) -> tuple:
                        "register it with lj.extend.register_kind before loading")  # fmt: skip
     if not isinstance(static, dict) or set(static) - set(_kind.field_names(cls, static=True)):
         raise _Invalid(f"static fields {static!r} are not those of a {cls.__name__}")
-    crc = entry.get("crc32")  # version 1: a checksum per array in the entry
     if not isinstance(names, list) or set(names) != set(_kind.field_names(cls, static=False)):
         raise _Invalid(f"arrays {names!r} are not those of a {cls.__name__}")
-    if crc is not None and (not isinstance(crc, dict) or set(crc) != set(names)):
-        raise _Invalid(f"crc32 {crc!r} does not name the arrays of a {cls.__name__}")
-    return tuple(keys), cls, {k: _tuples(v) for k, v in static.items()}, crc or dict.fromkeys(names)
+    return tuple(keys), cls, {k: _tuples(v) for k, v in static.items()}, names
 
 
-def _build(cls: type, static: dict, crc: dict, path_str: str, get) -> Any:
+def _build(cls: type, static: dict, names: list[str], path_str: str, get) -> Any:
     arrays = {}
-    for name in crc:
+    for name in names:
         arr = get(f"{path_str}/{name}")
         if not jnp.issubdtype(arr.dtype, jnp.floating):
             raise _Invalid(f"array {name!r} has dtype {arr.dtype}, expected a floating dtype")
-        if crc[name] is not None and zlib.crc32(np.ascontiguousarray(arr).tobytes()) != crc[name]:
-            raise _Invalid(f"array {name!r} fails its checksum (the file is corrupt)")
         arrays[name] = jnp.asarray(arr)
     try:
         adapter = cls(**arrays, **static)

@@ -50,13 +50,3 @@ _kind.register_kind(
         unmerge=None,  # the base value is gone: unmerge refuses
     ),
 )
-
-
-def refuse_trainable(trainable: Any, where: str) -> None:
-    """The ``trainable=`` keyword that ``wrap`` and ``optimizer`` took before it moved to the config."""
-    if trainable is not None:
-        raise TypeError(
-            f"{where}: trainable= moved to LoraConfig(trainable=...): lj.init then puts those base "
-            "parameters into the adapter tree (as lj.FullWeight), so that wrap, optimizer, save and to_peft "
-            "all agree on what trains."
-        )

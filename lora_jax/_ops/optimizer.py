@@ -15,12 +15,11 @@ import optax
 from lora_jax._core import kind as _kind
 from lora_jax._core import paths as _paths
 from lora_jax._kinds import bank as _bank
-from lora_jax._kinds import full as _full
 
 _TRAIN, _FREEZE = "train", "freeze"
 
 
-def optimizer(tx: optax.GradientTransformation, *, trainable: Any = None) -> optax.GradientTransformation:
+def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """Wrap ``tx`` to update only ``'lora'`` in a ``{'params': ..., 'lora': ...}`` tree.
 
     Base parameters (and adapter arrays that are data but not trained, such as a bank's
@@ -38,7 +37,6 @@ def optimizer(tx: optax.GradientTransformation, *, trainable: Any = None) -> opt
 
     Args:
       tx: the optax transformation for the adapters, e.g. ``optax.adamw(1e-3)``.
-      trainable: no longer taken here; use ``LoraConfig(trainable=...)``.
 
     Returns:
       An ``optax.GradientTransformation`` over the ``{'params', 'lora'}`` dict.
@@ -57,7 +55,6 @@ def optimizer(tx: optax.GradientTransformation, *, trainable: Any = None) -> opt
       >>> len(jax.tree.leaves(state))  # adam's count, mu and nu of a and b; nothing for the base
       5
     """
-    _full.refuse_trainable(trainable, "lora_jax.optimizer")
 
     def labels(tree: Any) -> dict:
         if not isinstance(tree, Mapping) or "lora" not in tree:

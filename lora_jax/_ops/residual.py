@@ -82,29 +82,29 @@ def init_residual(
             "the float params and quantize the residual base it returns (lj.quantize(residual)), as QLoRA with "
             "PiSSA does."
         )
-    keys = {path: k for path, (k, _) in _paths.by_path(plain, _WHERE, is_leaf=_kind.is_adapter).items()}
     bad = [p for p in _tree.adapters_by_path(plain, _WHERE) if not _finite(kernels[p])]
     if bad:
         raise ValueError(
             f"{_WHERE}: init={config.init!r} factors each kernel, and these hold inf or NaN, which would spread to the "
             f"whole adapter and residual: {bad}. Repair or exclude them."
         )
-    adapters, residual = [], {}
-    for path, adapter in _tree.adapters_by_path(plain, _WHERE).items():
+    residual = {}
+
+    def factored(path: str, adapter: Any) -> Any:
         if "roles" not in _kind.static(adapter):
-            adapters.append((keys[path], adapter))  # a FullWeight
-            continue
+            return adapter  # a FullWeight
         kernel = kernels[path]
         a, b = _factors(method, kernel, adapter, jax.random.fold_in(key, zlib.crc32(path.encode())))
         new = _kind.replace(adapter, a=a.astype(adapter.a.dtype), b=b.astype(adapter.b.dtype))
-        adapters.append((keys[path], new))
-        moved = _lora.delta(new)
-        residual[path] = (jnp.asarray(kernel, jnp.float32) - moved).astype(kernel.dtype)
+        residual[path] = (jnp.asarray(kernel, jnp.float32) - _lora.delta(new)).astype(kernel.dtype)
+        return new
+
+    adapters = _tree.map_adapters(factored, plain, _WHERE)
 
     def swap(keypath: Any, leaf: Any) -> Any:
         return residual.get(_paths.join(_paths.keys_of(keypath)), leaf)
 
-    return _paths.nest(adapters, _WHERE), jax.tree_util.tree_map_with_path(swap, params)
+    return adapters, jax.tree_util.tree_map_with_path(swap, params)
 
 
 def convert_to_lora(trained: Any, initial: Any) -> dict:
@@ -127,9 +127,7 @@ def convert_to_lora(trained: Any, initial: Any) -> dict:
     then = _tree.adapters_by_path(initial, where)
     if sorted(now) != sorted(then):
         raise ValueError(f"{where}: trained and initial adapt different kernels: {sorted(set(now) ^ set(then))}.")
-    keys = {path: k for path, (k, _) in _paths.by_path(trained, where, is_leaf=_kind.is_adapter).items()}
-    out = []
-    for path, full in now.items():
+    def converted(path: str, full: Any) -> Any:
         full0 = then[path]
         if type(full) is not type(full0) or not isinstance(full, _lora.Adapter):
             found = f"{type(full).__name__} (initially {type(full0).__name__})"
@@ -144,8 +142,9 @@ def convert_to_lora(trained: Any, initial: Any) -> dict:
         b = jnp.concatenate([ad.b, -ad0.b.astype(ad.b.dtype)], axis=n)
         alpha = ad.alpha * (2**0.5 if ad.rslora else 2)
         # W_res + s·a⋅b = W + s·(a⋅b - a₀⋅b₀): what a kind extending Adapter sees is unchanged.
-        out.append((keys[path], _kind.replace(full, a=a, b=b, rank=2 * ad.rank, alpha=alpha)))
-    return _paths.nest(out, where)
+        return _kind.replace(full, a=a, b=b, rank=2 * ad.rank, alpha=alpha)
+
+    return _tree.map_adapters(converted, trained, where)
 
 
 def _method(init: str) -> tuple[str, int] | None:
