@@ -79,16 +79,12 @@ class Tokenizer:
             if prv[left] >= 0:
                 push(prv[left])
             push(left)
-        out = []
-        for k, symbol in enumerate(symbols):
-            if not alive[k]:
-                continue
-            piece = self.ids.get(symbol)
-            if piece is not None:
-                out.append(piece)
-            else:  # byte fallback
-                out += [self.bytes.get(b, self.unk) for b in symbol.encode("utf-8")]
-        return out
+        return [i for k, symbol in enumerate(symbols) if alive[k] for i in self._ids_of(symbol)]
+
+    def _ids_of(self, symbol: str) -> list[int]:
+        """A merged symbol's piece, or its bytes' pieces (byte fallback)."""
+        piece = self.ids.get(symbol)
+        return [piece] if piece is not None else [self.bytes.get(b, self.unk) for b in symbol.encode("utf-8")]
 
     def decode(self, ids) -> str:
         data = bytearray()

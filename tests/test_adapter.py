@@ -45,6 +45,7 @@ def test_scale(rslora, expected):
         (("out", "stack", "in"), (5, 3, 6)),  # roles in any order
     ],
 )
+@pytest.mark.slow
 def test_kernel_shape_and_delta_against_reference(roles, kernel_shape):
     r = 2
     a_shape, b_shape = _kind.factor_shapes(kernel_shape, roles, r)

@@ -247,6 +247,7 @@ def _arrays(b):
             for name in ("a", "b", "scales")]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.interop
 def test_mixed_batch_equals_peft(setup, tmp_path):
     torch = pytest.importorskip("torch")

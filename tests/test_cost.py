@@ -139,6 +139,7 @@ def test_every_mode_computes_the_merged_model_and_trains_the_adapters_only(compu
     assert all(not np.any(g) for g in jax.tree.leaves(g_base))  # the base stays frozen, merged or not
 
 
+@pytest.mark.slow
 def test_merged_form_computes_the_weight_gradient_factored_does_not():
     model, x, params, lora = _setup(64, 96, 48, 256)
     hlos = {}
@@ -182,6 +183,7 @@ def test_merged_keeps_strictness_about_unused_adapters():
         lj.wrap(model.apply, compute="merged")({"params": params, "lora": lora}, x, method=lambda m, x: x)
 
 
+@pytest.mark.slow
 def test_a_layer_traced_twice_by_nn_scan_counts_once(monkeypatch):
     seen = []
     choose = _cost.choose
@@ -220,6 +222,7 @@ def test_nnx_functional_auto_compiles_the_cheaper_step(rank, tokens, cheaper):
     assert flops["auto"] == flops[cheaper] == min(flops["factored"], flops["merged"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compute", MODES)
 def test_nnx_stateful_attach_trains_in_every_mode(compute):
     x = jax.random.normal(jax.random.key(1), (1024, 64))

@@ -94,6 +94,7 @@ def test_gradients_treat_the_norm_as_a_constant():
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.interop
 def test_a_lora_jax_dora_adapter_in_peft(twins, tmp_path):
     model, params, x, twin, torch, peft = twins

@@ -104,6 +104,7 @@ def test_custom_layers_train_factored_with_values_and_gradients_of_the_merged_pa
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_no_base_weight_gradient_in_the_compiled_step():
     lora = _lora()
     apply = lj.wrap(MODEL.apply, compute="factored")

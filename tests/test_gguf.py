@@ -74,6 +74,7 @@ def _gguf_names(state_dict: dict) -> dict[str, np.ndarray]:
     return out
 
 
+@pytest.mark.slow
 def test_adapter_file_has_llama_cpp_metadata_names_and_layouts(tiny):
     root, base, _, lora = tiny
     alpha = lj.to_gguf_lora(root / "lora.gguf", lora, base)

@@ -158,6 +158,7 @@ def test_dropout_only_when_training_with_an_rng():
     )
 
 
+@pytest.mark.slow
 def test_dropout_matches_peft_semantics_on_a_dense_layer():
     """y = x W + bias + scale · (dropout(x) a) b, with the mask drawn from the layer's dropout rng."""
     model = nn.Dense(5)
@@ -228,6 +229,7 @@ def test_wrap_rejects_near_misses_of_a_linen_apply(fn):
         lj.wrap(fn, compute="factored")
 
 
+@pytest.mark.slow
 def test_wrap_accepts_partial_of_apply():
     apply = lj.wrap(functools.partial(MODEL.apply, head=False), compute="factored")
     assert apply({"params": PARAMS, "lora": _lora()}, IDS).shape == (2, T, D)

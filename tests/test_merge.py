@@ -73,6 +73,7 @@ def test_merge_matches_float64_reference(name, jit):
         assert ad["qkv"]["kernel"].rank == 4 and ad["stacked"]["kernel"].scale == 11.0 / 2
 
 
+@pytest.mark.slow
 def test_jit_and_eager_agree_bitwise():
     params = _params()
     ad = _trained(params, CONFIGS["plain"])
@@ -168,6 +169,7 @@ def test_linen_model_output_uses_merged_kernel(mlp):
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_inside_scan_compatible_stacked_model():
     """A model built with nn.scan gets (L, in, out) kernels; merging the stack matches per-layer merges."""
 

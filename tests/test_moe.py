@@ -48,6 +48,7 @@ def _lora(roles=None, seed=2, **config):
                      jax.random.key(seed + 1))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_the_expert_axis_is_a_stack_role_found_from_use():
     assert lj.axis_roles(ragged, PARAMS, X, GROUPS) == {"experts/kernel": ("stack", "in", "out")}
     ad = _lora()["experts"]["kernel"]

@@ -383,6 +383,7 @@ def test_init_reads_roles_off_an_nnx_models_layers():
     assert lj.axis_roles(scanned, jnp.ones((2, 4)))["blocks/lin/kernel"] == ("stack", "in", "out")
 
 
+@pytest.mark.slow
 def test_an_attached_model_under_wrap_with_another_adapter_tree():
     """An attached model (its base frozen by stop_gradient inside) called through a wrap of
     its graphdef with a second adapter tree: both adapters apply, the second factored, and

@@ -399,6 +399,7 @@ from lora_jax._files import peft as _peft  # noqa: E402
 _NAME = st.lists(st.text("abpq_()[]+*?.0", min_size=1, max_size=4).filter(lambda s: s.strip(".") == s and ".." not in s), min_size=1, max_size=3).map(".".join)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_NAME, min_size=2, max_size=6, unique=True))
 def test_pattern_keys_match_their_module_only_under_peft(names):

@@ -112,6 +112,7 @@ def test_an_outlier_block_leaves_the_other_blocks_as_accurate_as_without_double_
     assert error[True] < 1.25 * error[False]
 
 
+@pytest.mark.slow
 @pytest.mark.interop
 @pytest.mark.parametrize("factor", [250, 1000])
 def test_an_outlier_block_against_bitsandbytes(factor):
@@ -396,6 +397,7 @@ _JSON = st.recursive(
 _FIELDS = ("shape", "dtype", "method", "block", "codebook", "absmax_codebook")
 
 
+@pytest.mark.slow
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(method=st.sampled_from(sorted(_GOOD)), data=st.data())
 def test_fuzzed_quantized_files_load_exactly_or_raise_a_clear_error(tmp_path, method, data):

@@ -139,6 +139,7 @@ def test_fresh_adapter_is_a_noop(name):
     np.testing.assert_array_equal(y, model.apply({"params": params}, *inputs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dense", "attention", "einsum", "conv2d", "embed_attend"])
 def test_bf16_base_keeps_its_dtype(name):
     model, inputs, params, _, lora = _setup(name, dtype=jnp.bfloat16)
@@ -150,6 +151,7 @@ def test_bf16_base_keeps_its_dtype(name):
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_m, np.float32), rtol=0.05, atol=0.05)
 
 
+@pytest.mark.slow
 def test_conv_transpose_is_a_dilated_conv_and_factored():
     """Nobody registered nn.ConvTranspose: it is a conv_general_dilated with input dilation."""
     model = nn.ConvTranspose(4, (3, 3), strides=(2, 2))
