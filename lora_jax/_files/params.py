@@ -123,11 +123,11 @@ def load_params(path: str | os.PathLike) -> dict:
       ValueError: if the file is truncated, corrupt or not written by :func:`save_params`.
 
     Example:
-      >>> import lora_jax as lj
-      >>> lj.load_params("missing.safetensors")
-      Traceback (most recent call last):
-      ...
-      FileNotFoundError: lora_jax.load_params: no parameter file at 'missing.safetensors'.
+      >>> import os, tempfile, jax.numpy as jnp, lora_jax as lj
+      >>> path = os.path.join(tempfile.mkdtemp(), "params.safetensors")
+      >>> lj.save_params(path, {"dense": {"kernel": jnp.ones((2, 3))}})
+      >>> lj.load_params(path)["dense"]["kernel"].shape
+      (2, 3)
     """
     with _safetensors.reading(path, "lora_jax.load_params", "parameter file") as f:
         try:
