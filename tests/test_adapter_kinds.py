@@ -125,7 +125,7 @@ def test_a_kind_without_a_plain_lora_form_is_not_exported_to_peft(tmp_path):
 
 
 def test_register_kind_bad_input():
-    with pytest.raises(TypeError, match=r"lora_jax\.register_kind: cls must be a dataclass type"):
+    with pytest.raises(TypeError, match=r"lora_jax\.extend\.register_kind: cls must be a dataclass type"):
         lj.extend.register_kind(int, lj.extend.kind_of(GainLoRA))
     with pytest.raises(ValueError, match=r"the name 'lora' is taken by Adapter"):
         lj.extend.register_kind(GainLoRA, lj.extend.kind_of(lj.Adapter))

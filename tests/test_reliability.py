@@ -276,7 +276,7 @@ def test_raw_exceptions_of_the_new_surface_are_clear_errors(tmp_path):
     class Gain:
         g: jax.Array
 
-    with pytest.raises(TypeError, match=r"lora_jax\.register_kind: the kind's name .* must be a non-empty str, found 3"):
+    with pytest.raises(TypeError, match=r"lora_jax\.extend\.register_kind: the kind's name .* must be a non-empty str, found 3"):
         lj.extend.register_kind(Gain, lj.extend.Kind(name=3, axes=lambda ad: {"g": (1,)}, merge=lambda w, ad: w, unmerge=None))
     lj.to_peft(tmp_path, lora)
     with pytest.raises(TypeError, match=r"lora_jax\.from_peft: name_map must return a non-empty str for 'd/kernel'"):

@@ -60,7 +60,7 @@ class Kind(NamedTuple):
         zero, the config's rank, alpha and roles) and the kernel (floating point, as the layer
         computes with it). A ``ValueError`` it raises is reported with the kernel's path.
         ``None``: ``init`` does not make this kind.
-      peft: how the kind is written in PEFT's LoRA format (a :class:`PeftForm`), for a kind
+      peft: how the kind is written in PEFT's LoRA format (an ``lj.extend.PeftForm``), for a kind
         that is an ``lj.Adapter`` with more; ``None``: written as its ``as_lora`` form.
     """
 
@@ -121,18 +121,18 @@ def register_kind(cls: type, kind: Kind) -> type:
       'lora'
     """
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-        raise TypeError(f"lora_jax.register_kind: cls must be a dataclass type, found {cls!r}.")
+        raise TypeError(f"lora_jax.extend.register_kind: cls must be a dataclass type, found {cls!r}.")
     if not _is_pytree_node(cls):
-        raise TypeError(f"lora_jax.register_kind: {cls.__qualname__} is not a pytree node; decorate it with "
+        raise TypeError(f"lora_jax.extend.register_kind: {cls.__qualname__} is not a pytree node; decorate it with "
                         "@jax.tree_util.register_dataclass (its arrays data fields, its hyper-parameters static).")
     if not isinstance(kind, Kind):
-        raise TypeError(f"lora_jax.register_kind: kind must be a lora_jax.Kind, found {type(kind).__name__}.")
+        raise TypeError(f"lora_jax.extend.register_kind: kind must be a lora_jax.extend.Kind, found {type(kind).__name__}.")
     if not isinstance(kind.name, str) or not kind.name:
-        raise TypeError(f"lora_jax.register_kind: the kind's name (recorded in files) must be a non-empty str, found "
+        raise TypeError(f"lora_jax.extend.register_kind: the kind's name (recorded in files) must be a non-empty str, found "
                         f"{kind.name!r}.")  # fmt: skip
     taken = [c for c, k in _KINDS.items() if k.name == kind.name and c is not cls]
     if taken:
-        raise ValueError(f"lora_jax.register_kind: the name {kind.name!r} is taken by {taken[0].__qualname__}.")
+        raise ValueError(f"lora_jax.extend.register_kind: the name {kind.name!r} is taken by {taken[0].__qualname__}.")
     _KINDS[cls] = kind
     return cls
 
@@ -156,7 +156,7 @@ def kind_of(adapter_or_cls: Any) -> Kind:
     for base in cls.__mro__:
         if base in _KINDS:
             return _KINDS[base]
-    raise TypeError(f"lora_jax: {cls.__qualname__} is not an adapter kind (see lora_jax.register_kind).")
+    raise TypeError(f"lora_jax: {cls.__qualname__} is not an adapter kind (see lora_jax.extend.register_kind).")
 
 
 def is_adapter(x: Any) -> bool:
