@@ -126,10 +126,12 @@ def register_kind(cls: type, kind: Kind) -> type:
         raise TypeError(f"lora_jax.extend.register_kind: {cls.__qualname__} is not a pytree node; decorate it with "
                         "@jax.tree_util.register_dataclass (its arrays data fields, its hyper-parameters static).")
     if not isinstance(kind, Kind):
-        raise TypeError(f"lora_jax.extend.register_kind: kind must be a lora_jax.extend.Kind, found {type(kind).__name__}.")
+        raise TypeError(
+            f"lora_jax.extend.register_kind: kind must be a lora_jax.extend.Kind, found {type(kind).__name__}."
+        )
     if not isinstance(kind.name, str) or not kind.name:
-        raise TypeError(f"lora_jax.extend.register_kind: the kind's name (recorded in files) must be a non-empty str, found "
-                        f"{kind.name!r}.")  # fmt: skip
+        raise TypeError(f"lora_jax.extend.register_kind: the kind's name (recorded in files) must be a non-empty "
+                        f"str, found {kind.name!r}.")  # fmt: skip
     taken = [c for c, k in _KINDS.items() if k.name == kind.name and c is not cls]
     if taken:
         raise ValueError(f"lora_jax.extend.register_kind: the name {kind.name!r} is taken by {taken[0].__qualname__}.")

@@ -19,9 +19,10 @@ def describe(adapter: Any) -> str:
     return ", ".join(parts + ([f"roles {roles}"] if roles is not None else []))
 
 
-def adapters_by_path(adapters: Any, where: str) -> dict[str, Any]:
-    """``{path: adapter}`` of an adapter tree, checking every leaf is an adapter whose arrays
-    are (possibly abstract) floating-point arrays."""
+def flatten(adapters: Any, where: str) -> dict[str, tuple[_paths.Keys, Any]]:
+    """``{path: (keys, adapter)}`` of an adapter tree, in tree order, checking that every leaf is
+    an adapter whose arrays are (possibly abstract) floating-point arrays and that no two
+    leaves share a path. :func:`lora_jax._core.paths.nest` is the inverse."""
     flat = _paths.by_path(adapters, where, is_leaf=_kind.is_adapter)
     wrong = [f"{path!r} ({type(leaf).__name__})" for path, (_, leaf) in flat.items() if not _kind.is_adapter(leaf)]
     if wrong:
@@ -41,7 +42,12 @@ def adapters_by_path(adapters: Any, where: str) -> dict[str, Any]:
             f"{where}: adapter arrays must be floating-point arrays (jax.Array, np.ndarray):"
             + "".join(f"\n  {p}" for p in not_arrays)
         )
-    return {path: leaf for path, (_, leaf) in flat.items()}
+    return flat
+
+
+def adapters_by_path(adapters: Any, where: str) -> dict[str, Any]:
+    """``{path: adapter}`` of an adapter tree, validated as by :func:`flatten`."""
+    return {path: leaf for path, (_, leaf) in flatten(adapters, where).items()}
 
 
 def check_fit(params: Any, by_path: dict[str, Any], where: str) -> None:
@@ -68,7 +74,5 @@ def check_fit(params: Any, by_path: dict[str, Any], where: str) -> None:
 
 def map_adapters(f: Any, tree: Any, where: str) -> dict:
     """A new adapter tree, nested as ``tree``: ``f(path, adapter)`` for each of its adapters
-    (validated as by :func:`adapters_by_path`)."""
-    by_path = adapters_by_path(tree, where)
-    keys = {path: k for path, (k, _) in _paths.by_path(tree, where, is_leaf=_kind.is_adapter).items()}
-    return _paths.nest([(keys[path], f(path, adapter)) for path, adapter in by_path.items()], where)
+    (validated as by :func:`flatten`)."""
+    return _paths.nest([(keys, f(path, adapter)) for path, (keys, adapter) in flatten(tree, where).items()], where)

@@ -53,12 +53,11 @@ def save(path: str | os.PathLike, adapters: Any) -> None:
       >>> bool((lj.load(file)["dense"]["kernel"].a == ad["dense"]["kernel"].a).all())
       True
     """
-    _tree.adapters_by_path(adapters, "lora_jax.save")  # type-checks the leaves
-    by_keys = _paths.leaves_with_paths(adapters, is_leaf=_kind.is_adapter)
-    if not by_keys:
+    flat = _tree.flatten(adapters, "lora_jax.save")
+    if not flat:
         raise ValueError("lora_jax.save: the adapter tree is empty; there is nothing to save.")
     tensors, entries = [], {}
-    for keys, ad in by_keys:
+    for keys, ad in flat.values():
         bad = [k for k in keys if not isinstance(k, (str, int)) or isinstance(k, bool)]
         if bad or any("/" in str(k) for k in keys):
             raise (TypeError if bad else ValueError)(

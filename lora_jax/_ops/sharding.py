@@ -57,13 +57,12 @@ def adapter_shardings(param_shardings: Any, adapters: Any, *, mesh: Mesh | None 
             "lora_jax.adapter_shardings: the first argument holds adapters; the order is "
             "adapter_shardings(param_shardings, adapters), params before adapters as everywhere in lora_jax."
         )
-    by_path = _tree.adapters_by_path(adapters, "lora_jax.adapter_shardings")  # type-checks the leaves
+    flat_adapters = _tree.flatten(adapters, "lora_jax.adapter_shardings")
     flat = _paths.leaves_with_paths(param_shardings, is_leaf=lambda x: isinstance(x, (NamedSharding, PartitionSpec)))
     given = {_paths.join(keys): s for keys, s in flat}
     problems, leaves = [], []
-    for keys, ad in _paths.leaves_with_paths(adapters, is_leaf=_kind.is_adapter):
-        path = _paths.join(keys)
-        n_axes = len(_kind.kernel_shape(by_path[path]))
+    for path, (keys, ad) in flat_adapters.items():
+        n_axes = len(_kind.kernel_shape(ad))
         sharding = given.get(path)
         if not isinstance(sharding, (NamedSharding, PartitionSpec)):
             problems.append(f"{path!r}: no NamedSharding or PartitionSpec in param_shardings (found {sharding!r})")

@@ -179,10 +179,8 @@ def bank_remove(banks: Any, i: int) -> dict:
 
 def _entry(tree: Any, where: str) -> dict[str, tuple[tuple, _lora.Adapter]]:
     """``{path: (keys, adapter)}`` of one tree, each adapter in its plain LoRA form."""
-    adapters = _tree.adapters_by_path(tree, where)  # every leaf an adapter of float arrays
-    keys = {path: k for path, (k, _) in _paths.by_path(tree, where, is_leaf=_kind.is_adapter).items()}
     out = {}
-    for path, adapter in adapters.items():
+    for path, (keys, adapter) in _tree.flatten(tree, where).items():
         as_lora = _kind.kind_of(adapter).as_lora
         if as_lora is None or isinstance(adapter, Bank):
             raise TypeError(f"{where}: {path!r} is a {type(adapter).__name__}, which has no LoRA form for a bank.")
@@ -190,7 +188,7 @@ def _entry(tree: Any, where: str) -> dict[str, tuple[tuple, _lora.Adapter]]:
         if "shared" in lora.roles:
             raise ValueError(f"{where}: {path!r} is an adapter shared along a kernel axis (roles {lora.roles}); a "
                              "bank holds adapters with one entry per kernel matrix (give that axis the role 'stack').")
-        out[path] = (keys[path], lora)
+        out[path] = (keys, lora)
     return out
 
 
