@@ -153,12 +153,7 @@ class Gain:
 
 
 def _gain_in_kernel_layout(ad):
-    return ad.g.reshape(tuple(n if r == "out" else 1 for n, r in zip(_out_sizes(ad), ad.roles)))
-
-
-def _out_sizes(ad):
-    sizes = iter(ad.g.shape)
-    return [next(sizes) if r == "out" else 1 for r in ad.roles]
+    return jnp.expand_dims(ad.g, tuple(i for i, r in enumerate(ad.roles) if r == "in"))
 
 
 def _gain_output(layer, base, kernel, ad, dropout):

@@ -228,11 +228,13 @@ def fits(shape: Sequence[int], adapter: Any) -> bool:
 
 
 def stack_entry(adapter: Any, i: int) -> Any:
-    """The adapter of entry ``i`` along its kernel's first axis, a ``"stack"`` axis (one layer of
-    a kernel stacked by ``nn.scan``): the arrays that follow that axis indexed, the rest kept."""
+    """The adapter of entry ``i`` along its kernel's first axis (one layer of a kernel stacked by
+    ``nn.scan``): the arrays that follow that axis indexed, the rest kept, and that axis's role
+    dropped (for a kind with roles)."""
     axes = kind_of(adapter).axes(adapter)
     indexed = {name: x[i] for name, x in arrays(adapter).items() if axes[name][:1] == (0,)}
-    return replace(adapter, **indexed, roles=adapter.roles[1:])
+    roles = static(adapter).get("roles")
+    return replace(adapter, **indexed, **({} if roles is None else {"roles": roles[1:]}))
 
 
 def array_specs(adapter: Any, kernel_spec: Sequence[Any]) -> dict[str, tuple]:

@@ -137,8 +137,7 @@ def merge_into(path: str, adapter: Any, weight: np.ndarray, module: str, *, inde
     """
     kind = _kind.kind_of(adapter)
     if index is not None:  # one layer of a kernel stacked by nn.scan
-        slice_ = lambda ad: jax.tree.map(lambda x: x[index], ad)  # a kind without roles: every array's first axis
-        adapter = _kind.stack_entry(adapter, index) if hasattr(adapter, "roles") else slice_(adapter)
+        adapter = _kind.stack_entry(adapter, index)
     if hasattr(adapter, "roles"):
         shape, roles = _kind.full_shape(adapter), {path: adapter.roles}
     else:  # a kind without roles (a fully trained parameter) holds the whole value

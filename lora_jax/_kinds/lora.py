@@ -112,11 +112,9 @@ class Adapter:
         return _kind.full_shape(self)
 
     def __repr__(self) -> str:
-        shape = lambda x: getattr(x, "shape", x)
-        return (
-            f"Adapter(a={shape(self.a)}, b={shape(self.b)}, rank={self.rank}, alpha={self.alpha}, "
-            f"roles={self.roles}, rslora={self.rslora}, dropout={self.dropout})"
-        )
+        """Array shapes, then the hyper-parameters (also for kinds extending it: their arrays too)."""
+        arrays = [f"{n}={getattr(x, 'shape', x)}" for n, x in _kind.arrays(self).items()]
+        return f"{type(self).__name__}({', '.join(arrays + [f'{k}={v}' for k, v in _kind.static(self).items()])})"
 
 
 def check_rank(value: Any, where: str) -> int:
